@@ -1,0 +1,51 @@
+# kiln: the two commands of the README are `make image` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+KILN := $(VENV)/bin/kiln
+HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk xorriso \
+	cloud-image-utils grub-common grub-pc-bin grub-efi-amd64-bin e2fsprogs zstd util-linux fdisk \
+	debian-archive-keyring ca-certificates
+SPEC ?= images/debian-12.yaml
+
+.PHONY: image test deps venv test-deps lint unit slow server-stop clean
+
+## make image: host packages + .venv, then build and boot-test the default image into ./output
+image: deps venv
+	$(KILN) build $(SPEC)
+
+## make test: everything the tests need, then lint, type checks and the whole suite
+test: deps test-deps
+	$(MAKE) lint
+	$(VENV)/bin/pytest -v --durations=15 tests; rc=$$?; $(KILN) server stop >/dev/null 2>&1 || true; exit $$rc
+
+deps:
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing host packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+
+venv: $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -e .
+
+test-deps: $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -e '.[test]'
+
+lint:
+	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks
+	$(VENV)/bin/mypy
+
+unit:
+	$(VENV)/bin/pytest -q -m 'not slow' tests
+
+server-stop:
+	$(KILN) server stop
+
+clean:
+	rm -rf output

@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline, read top to bottom."""

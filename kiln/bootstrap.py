@@ -1,0 +1,69 @@
+"""The base root tree of a Debian-family image, bootstrapped with mmdebstrap from a mirror.
+
+Downloaded .debs are shared through a package cache directory (hard-linked in before and out after),
+so a changed package set downloads only what is new. The result is the bottom layer of the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.run import run
+
+log = logging.getLogger("kiln.bootstrap")
+
+BOOTSTRAP_VERSION = "1"  # bump when the bootstrap's command line changes what it produces
+VARIANT = "minbase"
+COMPONENTS = ("main",)
+
+
+@dataclass(frozen=True)
+class BootstrapRequest:
+    distro: str
+    release: str
+    arch: str
+    mirror: str
+    include: tuple[str, ...] = ()
+
+    def key_fields(self) -> dict[str, object]:
+        return {
+            "stage": "bootstrap",
+            "version": BOOTSTRAP_VERSION,
+            "distro": self.distro,
+            "release": self.release,
+            "arch": self.arch,
+            "mirror": self.mirror,
+            "variant": VARIANT,
+            "components": list(COMPONENTS),
+            "include": sorted(self.include),
+        }
+
+
+def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> list[str]:
+    cache = shlex.quote(str(deb_cache))
+    argv = [
+        "mmdebstrap",
+        f"--variant={VARIANT}",
+        f"--architectures={req.arch}",
+        f"--components={','.join(COMPONENTS)}",
+        "--aptopt=Acquire::Retries 3",
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives",
+        f"--setup-hook=find {cache} -maxdepth 1 -name '*.deb' -exec cp -l -t \"$1\"/var/cache/apt/archives/ {{}} + 2>/dev/null || true",
+        f"--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' "
+        f"-exec cp -l -n -t {cache}/ {{}} + 2>/dev/null || true",
+    ]
+    if req.include:
+        argv.append("--include=" + ",".join(sorted(req.include)))
+    argv += [req.release, str(target), req.mirror]
+    return argv
+
+
+def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: float = 1800) -> None:
+    """Bootstrap `req` into the empty directory `target`."""
+    deb_cache.mkdir(parents=True, exist_ok=True)
+    log.info("bootstrapping %s %s %s from %s", req.distro, req.release, req.arch, req.mirror)
+    run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout,
+        what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")

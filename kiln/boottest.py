@@ -1,0 +1,92 @@
+"""The local boot test of a finished image, with its result cached by the image's checksum.
+
+An unchanged image is not booted twice: a passed boot is stored under a key made of the image's
+sha256, the firmware and the boot settings. A failed boot is never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln import qemu, seed
+from kiln.plan import digest
+from kiln.spec import BootTestSpec
+from kiln.store import Store
+
+BOOT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BootOutcome:
+    firmware: str
+    passed: bool
+    seconds: float
+    accel: str
+    root_bytes: int | None
+    disk_bytes: int | None
+    login_ok: bool | None
+    serial_log: str
+    cached: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec) -> str:
+    return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
+                   "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
+                   "root_login": settings.root_login})
+
+
+def user_data(marker: str, *, root_password: str | None) -> str:
+    """The boot test's cloud-config; with a password, it goes to cloud-init's default user (`password:`),
+    which is root in an image with the cloud-init-cfg element."""
+    text = seed.boot_test_user_data(marker)
+    if root_password is None:
+        return text
+    config = yaml.safe_load(text)
+    config.update({"password": root_password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
+                 settings: BootTestSpec, workdir: Path, state_dir: Path, kernel: Path | None,
+                 rebuild: bool = False) -> BootOutcome:
+    key = boot_key(image_sha256, firmware, arch, settings)
+    with store.lock(key):
+        if store.has(key) and not rebuild:
+            store.touch(key)
+            data = store.data(key)
+            result = json.loads((data / "boot.json").read_text())
+            return BootOutcome(**{**result, "cached": True, "serial_log": str(data / "serial.log")})
+        accel = qemu.probe_accel(kernel, state_dir=state_dir)
+        marker = "KILN-BOOT-" + secrets.token_hex(8)
+        password = secrets.token_urlsafe(12) if settings.root_login else None
+        boot_dir = workdir / f"boot-{firmware}"
+        iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
+                                     meta_data=seed.boot_test_meta_data())
+        result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
+                                workdir=boot_dir, accel=accel, memory_mib=settings.memory, cpus=settings.cpus,
+                                timeout=settings.timeout,
+                                extra_login=("root", password) if password else None)
+        outcome = BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
+                              accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
+                              login_ok=result.login_ok, serial_log=str(result.serial_log))
+        if settings.root_login and not result.login_ok:
+            from kiln.errors import BootTestError
+
+            raise BootTestError(f"boot test ({firmware}): cloud-init finished, but root could not log in with "
+                                f"the password set through user-data; console log: {result.serial_log}")
+        with store.new_entry(key, kind="boot", description=f"boot test {firmware} of {image.name}") as tmp:
+            shutil.copyfile(result.serial_log, tmp / "data" / "serial.log")
+            record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
+            (tmp / "data" / "boot.json").write_text(json.dumps(record))
+        shutil.rmtree(boot_dir / "seed.iso", ignore_errors=True)
+        return outcome

@@ -1,0 +1,118 @@
+"""Running commands inside a root tree: the mounts a chroot needs, and their teardown.
+
+The API file systems are mounted for the duration of one `ChrootSession`; /sys is read-only, the hooks
+directory is bound read-only at /tmp/in_target.d, the host's resolv.conf is made visible so that apt
+can resolve the mirror, and a policy-rc.d keeps package scripts from starting services. Everything is
+removed again on exit so that none of it ends up in a cached layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from kiln.mounts import MountStack
+from kiln.run import Completed, run
+
+log = logging.getLogger("kiln.chroot")
+
+IN_TARGET = "/tmp/in_target.d"
+CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" + IN_TARGET + "/bin"
+POLICY_RC_D = "#!/bin/sh\n# kiln: no service starts during image builds\nexit 101\n"
+
+
+class ChrootSession:
+    """The chroot's mounts and helper files, set up on enter and removed on exit."""
+
+    def __init__(self, root: Path, journal_dir: Path, *, hooks_dir: Path | None = None,
+                 apt_cache: Path | None = None) -> None:
+        self.root = root
+        self.hooks_dir = hooks_dir
+        self.apt_cache = apt_cache
+        self.mounts = MountStack(journal_dir)
+        self._created: list[Path] = []
+        self._moved: list[tuple[Path, Path]] = []
+
+    def _mkdir(self, path: Path) -> None:
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        self._created.extend(reversed(missing))
+
+    def _place_file(self, rel: str, content: bytes, mode: int) -> None:
+        """Put a temporary file in the root, moving aside whatever is there (restored on exit)."""
+        target = self.root / rel.lstrip("/")
+        if target.exists() or target.is_symlink():
+            aside = target.with_name(target.name + ".kiln-aside")
+            os.rename(target, aside)
+            self._moved.append((aside, target))
+        else:
+            self._created.append(target)
+        self._mkdir(target.parent)
+        target.write_bytes(content)
+        target.chmod(mode)
+
+    def __enter__(self) -> ChrootSession:
+        try:
+            r = self.root
+            for d in ("proc", "sys", "dev", "dev/pts"):
+                self._mkdir(r / d)
+            self.mounts.mount(["-t", "proc", "proc"], r / "proc", what="mount /proc in the chroot")
+            self.mounts.mount(["-t", "sysfs", "-o", "ro", "sysfs"], r / "sys", what="mount /sys in the chroot")
+            self.mounts.bind(Path("/dev"), r / "dev")
+            self.mounts.mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts"],
+                              r / "dev/pts", what="mount /dev/pts in the chroot")
+            resolv = Path("/etc/resolv.conf")
+            self._place_file("/etc/resolv.conf", resolv.read_bytes() if resolv.exists() else b"", 0o644)
+            self._place_file("/usr/sbin/policy-rc.d", POLICY_RC_D.encode(), 0o755)
+            if self.hooks_dir is not None:
+                self._mkdir(r / IN_TARGET.lstrip("/"))
+                self.mounts.bind(self.hooks_dir, r / IN_TARGET.lstrip("/"), readonly=True)
+            if self.apt_cache is not None:
+                archives = r / "var/cache/apt/archives"
+                self._mkdir(archives)
+                self.apt_cache.mkdir(parents=True, exist_ok=True)
+                (self.apt_cache / "partial").mkdir(exist_ok=True)
+                self.mounts.bind(self.apt_cache, archives)
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        try:
+            self.mounts.unmount_all()
+        finally:
+            for path in reversed(self._created):
+                try:
+                    if path.is_dir() and not path.is_symlink():
+                        path.rmdir()
+                    else:
+                        path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.debug("left %s in place: %s", path, exc)
+            self._created.clear()
+            for aside, target in reversed(self._moved):
+                if target.exists() or target.is_symlink():
+                    target.unlink()
+                os.rename(aside, target)
+            self._moved.clear()
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str], timeout: float | None = None,
+            what: str | None = None, check: bool = True, quiet: bool = False) -> Completed:
+        """Run argv inside the chroot with exactly `env` (nothing of the host's environment)."""
+        env_args = [f"{k}={v}" for k, v in sorted(env.items())]
+        return run(["chroot", str(self.root), "/usr/bin/env", "-i", *env_args, *argv],
+                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=timeout, what=what, check=check,
+                   quiet=quiet)

@@ -1,0 +1,237 @@
+"""The `kiln` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__
+from kiln.errors import KilnError
+from kiln.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
+
+log = logging.getLogger("kiln.cli")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--env takes NAME=VALUE, not {value!r}")
+    return key, val
+
+
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", type=Path, help="image spec file (YAML); flags add to it or override it")
+    p.add_argument("--name")
+    p.add_argument("--distro")
+    p.add_argument("--release")
+    p.add_argument("--arch")
+    p.add_argument("-e", "--element", action="append", default=[], dest="elements", metavar="NAME",
+                   help="add an element (repeatable)")
+    p.add_argument("-p", "--package", action="append", default=[], dest="packages", metavar="NAME",
+                   help="add a package (repeatable)")
+    p.add_argument("--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
+                   help="a variable for the element hooks (repeatable)")
+    p.add_argument("--size", help="disk size, e.g. 4G")
+    p.add_argument("--format", type=_csv, help="output formats, e.g. qcow2,raw")
+    p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
+    p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
+    p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
+    p.add_argument("--elements-path", action="append", default=[], metavar="DIR",
+                   help="element directory searched before kiln's own (repeatable; also ELEMENTS_PATH)")
+
+
+def spec_from_args(args: argparse.Namespace) -> ImageSpec:
+    overrides: dict[str, Any] = {
+        "name": args.name, "distro": args.distro, "release": args.release, "arch": args.arch,
+        "size": args.size, "formats": args.format, "compress": args.compress, "mirror": args.mirror,
+        "add_elements": args.elements or None, "add_packages": args.packages or None,
+        "env": dict(args.env) if args.env else None,
+        "boot_test": {"firmware": args.firmware} if args.firmware else None,
+    }
+    if args.spec is not None:
+        return load_spec(args.spec, overrides)
+    return spec_from_dict(merge_overrides({}, overrides), "command line")
+
+
+def _start_prefect() -> None:
+    from kiln import prefect_server
+
+    state = prefect_server.state_dir()
+    url = prefect_server.ensure_server(state)
+    prefect_server.configure_environment(url, state)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from kiln.options import BuildOptions
+
+    spec = spec_from_args(args)
+    options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
+                           no_cache=args.no_cache, boot_test=not args.no_boot_test)
+    # fail fast on bad elements before starting anything
+    from kiln.plan import make_plan
+
+    make_plan(spec, elements_path=args.elements_path)
+    _reclaim(args.cache)
+    _start_prefect()
+    from flows.build import build_image
+
+    start = time.monotonic()
+    report = build_image(spec, options)
+    print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
+    for path in report["images"]:
+        print(f"  image:    {path}")
+    print(f"  manifest: {report['manifest']}")
+    for b in report["boot_test"]:
+        print(f"  boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} "
+              f"({b['seconds']:.0f} s, {b['accel']}{', cached' if b.get('cached') else ''})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kiln.plan import make_plan
+
+    spec = spec_from_args(args)
+    plan = make_plan(spec, elements_path=args.elements_path)
+    if args.json:
+        print(json.dumps({"spec": spec.model_dump(mode="json"), "mirror": plan.mirror,
+                          "elements": [e.__dict__ for e in plan.elements],
+                          "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "kind": s.kind,
+                                     "key": s.key, "packages": list(s.packages)} for s in plan.steps]}, indent=2))
+        return 0
+    print(f"{spec.name}: {spec.distro.value} {spec.release} {spec.arch.value} from {plan.mirror}")
+    print("elements: " + ", ".join(e.name for e in plan.elements))
+    for s in plan.steps:
+        extra = f" [{' '.join(s.packages)}]" if s.packages else ""
+        print(f"  {s.key[:12]}  {s.phase:<15} {s.name:<30} {s.element}{extra}")
+    return 0
+
+
+def _store(cache: str | None) -> Any:
+    from kiln.store import Store
+
+    return Store(Path(cache) if cache else None)
+
+
+def _reclaim(cache: str | None) -> None:
+    from kiln.gc import reclaim_dead_builds
+
+    for line in reclaim_dead_builds(_store(cache)):
+        log.warning("%s", line)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    store = _store(args.cache)
+    if args.cache_cmd == "ls":
+        entries = sorted(store.entries(), key=lambda e: e.last_use, reverse=True)
+        total = 0
+        print(f"{'key':<14} {'kind':<6} {'size':>9}  {'last use':<19}  description")
+        for e in entries:
+            total += e.size
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_use))
+            print(f"{e.key[:12]:<14} {e.kind:<6} {e.size / 1024**2:>7.1f}M  {when}  {e.description}")
+        print(f"{len(entries)} entries, {total / 1024**2:.1f} MiB in {store.root}")
+    elif args.cache_cmd == "gc":
+        removed = store.gc(parse_size(args.max_size))
+        freed = sum(e.size for e in removed)
+        print(f"removed {len(removed)} entries, {freed / 1024**2:.1f} MiB freed")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from kiln.gc import reclaim_dead_builds
+
+    lines = reclaim_dead_builds(_store(args.cache))
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing to reclaim")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from kiln import prefect_server
+
+    if args.server_cmd == "start":
+        print(prefect_server.ensure_server(prefect_server.state_dir()))
+    elif args.server_cmd == "stop":
+        print("stopped" if prefect_server.stop_server(prefect_server.state_dir()) else "not running")
+    else:
+        status = prefect_server.server_status(prefect_server.state_dir())
+        print(json.dumps(status, indent=2) if status else "not running")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Build OpenStack cloud images as Prefect flows.")
+    p.add_argument("--version", action="version", version=f"kiln {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build (and boot-test) an image")
+    add_spec_flags(b)
+    b.add_argument("-o", "--output", default="output", help="output directory (default: ./output)")
+    b.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    b.add_argument("--no-cache", action="store_true", help="rebuild every step")
+    b.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot test")
+    b.set_defaults(func=cmd_build)
+
+    pl = sub.add_parser("plan", help="show the resolved elements and every step with its cache key")
+    add_spec_flags(pl)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
+    c.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    csub.add_parser("ls", help="entries with size and last use")
+    gc = csub.add_parser("gc", help="remove least recently used entries")
+    gc.add_argument("--max-size", required=True, help="keep at most this much, e.g. 20G")
+    c.set_defaults(func=cmd_cache)
+
+    g = sub.add_parser("gc", help="reclaim mounts and temporary entries left by killed builds")
+    g.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    g.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
+    s.add_argument("server_cmd", choices=["start", "stop", "status"])
+    s.set_defaults(func=cmd_server)
+    return p
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    from kiln.run import terminate_all
+
+    terminate_all()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except KilnError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted; mounts and processes were torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

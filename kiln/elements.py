@@ -1,0 +1,245 @@
+"""DIB-compatible elements: discovery on a search path, dependency resolution, hooks per phase.
+
+An element is a directory named after it. `element-deps` (one name a line) expands the set
+transitively, `element-provides` satisfies a name. Hooks of all elements are merged per phase and run in
+name order (C locale); two elements shipping the same hook name in one phase is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import ElementError
+
+log = logging.getLogger("kiln.elements")
+
+KILN_ELEMENTS = Path(__file__).resolve().parent.parent / "elements"
+
+PHASES: tuple[str, ...] = (
+    "root.d",
+    "extra-data.d",
+    "pre-install.d",
+    "install.d",
+    "post-install.d",
+    "post-root.d",
+    "block-device.d",
+    "pre-finalise.d",
+    "finalise.d",
+    "cleanup.d",
+)
+IN_CHROOT_PHASES = frozenset({"pre-install.d", "install.d", "post-install.d", "finalise.d"})
+# dib-run-parts runs only names like this; other files in a phase dir are data (patches, templates)
+HOOK_NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
+ELEMENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class Element:
+    name: str
+    path: Path
+    deps: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+
+    @property
+    def content_hash(self) -> str:
+        return tree_hash(self.path)
+
+
+@dataclass(frozen=True)
+class Hook:
+    element: str
+    phase: str
+    name: str
+    path: Path
+
+    @property
+    def in_chroot(self) -> bool:
+        return self.phase in IN_CHROOT_PHASES
+
+
+@dataclass
+class ResolvedElements:
+    elements: list[Element]
+    requested: list[str]
+    provided: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.elements]
+
+    def get(self, name: str) -> Element:
+        for e in self.elements:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+def tree_hash(root: Path) -> str:
+    """Hash of a directory: every entry's relative path, type, permission bits and bytes or link target.
+
+    Timestamps and ownership are left out on purpose: touching a file must not change the key.
+    """
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            h.update(rel.encode() + b"\0")
+            h.update(f"{stat.S_IFMT(st.st_mode):o}:{stat.S_IMODE(st.st_mode):o}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(full).encode())
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    with open(full, "rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(chunk)
+                except OSError as exc:
+                    raise ElementError(f"cannot read {full}: {exc.strerror}") from None
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_names(path: Path, element: str) -> tuple[str, ...]:
+    if not path.is_file():
+        return ()
+    names = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        word = line.split("#", 1)[0].strip()
+        if not word:
+            continue
+        if not ELEMENT_NAME_RE.match(word) or ".." in word:
+            raise ElementError(f"element {element!r}: {path.name} line {n}: {word!r} is not a valid element name")
+        names.append(word)
+    return tuple(names)
+
+
+def search_path(extra: Sequence[str | Path] = (), env: str | None = None) -> list[Path]:
+    """The element search path: --elements-path entries, then ELEMENTS_PATH, then kiln's own elements.
+
+    The user's directories come first so an operator's element of the same name (e.g. their own
+    cloud-init-cfg) wins over the one kiln ships, as in diskimage-builder.
+    """
+    env = os.environ.get("ELEMENTS_PATH", "") if env is None else env
+    paths: list[Path] = []
+    for entry in [*[str(p) for p in extra], *env.split(":")]:
+        if not entry:
+            continue
+        p = Path(entry).expanduser().resolve()
+        if not p.is_dir():
+            raise ElementError(f"element path {entry!r} is not a directory")
+        if p not in paths:
+            paths.append(p)
+    if KILN_ELEMENTS not in paths:
+        paths.append(KILN_ELEMENTS)
+    return paths
+
+
+def find_element(name: str, path: Sequence[Path]) -> Element | None:
+    for directory in path:
+        candidate = directory / name
+        if candidate.is_dir():
+            return Element(
+                name=name,
+                path=candidate,
+                deps=_read_names(candidate / "element-deps", name),
+                provides=_read_names(candidate / "element-provides", name),
+            )
+    return None
+
+
+def resolve(requested: Iterable[str], path: Sequence[Path]) -> ResolvedElements:
+    """Expand `requested` through element-deps; names may be satisfied by element-provides.
+
+    A name nobody ships or provides is an error naming who asked for it.
+    """
+    wanted = list(dict.fromkeys(requested))
+    for name in wanted:
+        if not ELEMENT_NAME_RE.match(name) or ".." in name:
+            raise ElementError(f"{name!r} is not a valid element name")
+    included: dict[str, Element] = {}
+    asked_by: dict[str, str] = {name: "the image spec" for name in wanted}
+    queue = list(wanted)
+    unresolved: list[str] = []
+    while queue:
+        name = queue.pop(0)
+        if name in included:
+            continue
+        element = find_element(name, path)
+        if element is None:
+            unresolved.append(name)
+            continue
+        included[name] = element
+        for dep in element.deps:
+            asked_by.setdefault(dep, f"element {name!r} (element-deps)")
+            queue.append(dep)
+    provided: dict[str, str] = {}
+    for element in included.values():
+        for p in element.provides:
+            if p in provided:
+                raise ElementError(
+                    f"{p!r} is provided by both {provided[p]!r} and {element.name!r}; use only one of them"
+                )
+            provided[p] = element.name
+    for p, by in provided.items():
+        if p in included:
+            raise ElementError(f"element {p!r} is included, but {by!r} also provides it; use only one of them")
+    missing = [n for n in dict.fromkeys(unresolved) if n not in provided]
+    if missing:
+        where = ", ".join(str(p) for p in path)
+        lines = [f"element {n!r} (asked for by {asked_by.get(n, '?')}) not found on the search path" for n in missing]
+        raise ElementError("\n".join(lines) + f"\n  search path: {where}")
+    elements = sorted(included.values(), key=lambda e: e.name)
+    return ResolvedElements(elements=elements, requested=wanted, provided=provided)
+
+
+def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
+    """All hooks, per phase, merged across elements and sorted by name in C-locale order."""
+    phases: dict[str, list[Hook]] = {}
+    for phase in PHASES:
+        seen: dict[str, str] = {}
+        hooks: list[Hook] = []
+        for element in resolved.elements:
+            phase_dir = element.path / phase
+            if not phase_dir.is_dir():
+                continue
+            for entry in sorted(phase_dir.iterdir()):
+                if not HOOK_NAME_RE.match(entry.name) or entry.is_dir():
+                    continue
+                if entry.name in seen:
+                    raise ElementError(
+                        f"hook {phase}/{entry.name} is shipped by both {seen[entry.name]!r} and "
+                        f"{element.name!r}; rename one of them"
+                    )
+                if not os.access(entry, os.R_OK):
+                    raise ElementError(f"element {element.name!r}: hook {phase}/{entry.name} is not readable")
+                if not entry.stat().st_mode & stat.S_IXUSR:
+                    raise ElementError(
+                        f"element {element.name!r}: hook {phase}/{entry.name} is not executable "
+                        f"(chmod +x {entry})"
+                    )
+                seen[entry.name] = element.name
+                hooks.append(Hook(element=element.name, phase=phase, name=entry.name, path=entry))
+        hooks.sort(key=lambda h: h.name.encode())
+        phases[phase] = hooks
+    return phases
+
+
+def environment_files(resolved: ResolvedElements) -> list[Path]:
+    """environment.d files of all elements, in name order (sourced before every hook)."""
+    files: list[Path] = []
+    for element in resolved.elements:
+        env_dir = element.path / "environment.d"
+        if env_dir.is_dir():
+            files += [f for f in env_dir.iterdir() if f.is_file() and not f.name.startswith(".")]
+    return sorted(files, key=lambda f: (f.name.encode(), str(f)))

@@ -1,0 +1,15 @@
+"""How a build runs (as opposed to what it builds, which is the ImageSpec)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: str = Field(default="output", description="directory for the images, manifest.json and SHA256SUMS")
+    elements_path: list[str] = Field(default_factory=list, description="extra element directories, searched first")
+    cache: str | None = Field(default=None, description="the layer and artifact store (default: KILN_CACHE)")
+    no_cache: bool = Field(default=False, description="rebuild every step, replacing cached entries")
+    boot_test: bool = Field(default=True, description="boot the image under QEMU before calling it done")

@@ -1,0 +1,98 @@
+"""Pack: flatten the finished layer stack into a bootable raw disk, cached in the store.
+
+The disk's file system UUIDs are derived from the tree's key, so the same tree always packs to a
+disk with the same identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln import disk
+from kiln.customize import BuildContext, layer_stack
+from kiln.mounts import MountStack
+from kiln.plan import digest
+from kiln.run import output
+
+log = logging.getLogger("kiln.pack")
+
+PACK_VERSION = "1"
+UUID_NAMESPACE = uuid.UUID("6f1c6b1e-3d0a-4c55-9d6e-6b696c6e0001")
+
+
+@dataclass(frozen=True)
+class PackOutput:
+    key: str
+    raw: Path
+    kernel: Path | None
+    packages: list[dict[str, str]]
+    root_uuid: str
+    esp_serial: str
+    cmdline: str
+
+
+def pack_key(ctx: BuildContext) -> str:
+    spec = ctx.plan.spec
+    return digest({"stage": "pack", "version": PACK_VERSION, "tree": ctx.plan.tree_key, "size": spec.size,
+                   "arch": spec.arch.value})
+
+
+def list_packages(root: Path) -> list[dict[str, str]]:
+    """Installed packages of a Debian-family tree, read from its dpkg database without chrooting."""
+    admindir = root / "var/lib/dpkg"
+    if not admindir.is_dir():
+        return []
+    text = output(["dpkg-query", f"--admindir={admindir}", "-W",
+                   "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\n"])
+    packages = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0].startswith("ii"):
+            packages.append({"name": parts[1], "version": parts[2], "arch": parts[3]})
+    return packages
+
+
+def _load(ctx: BuildContext, key: str) -> PackOutput:
+    data = ctx.store.data(key)
+    info = json.loads((data / "pack.json").read_text())
+    kernel = data / "vmlinuz"
+    return PackOutput(key=key, raw=data / "disk.raw", kernel=kernel if kernel.exists() else None,
+                      packages=info["packages"], root_uuid=info["root_uuid"], esp_serial=info["esp_serial"],
+                      cmdline=info["cmdline"])
+
+
+def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
+    """The raw disk of the plan's finished tree; (output, whether it came from the store)."""
+    key = pack_key(ctx)
+    store = ctx.store
+    with store.lock(key):
+        if store.has(key) and not ctx.rebuild and (store.data(key) / "disk.raw").exists():
+            store.touch(key)
+            return _load(ctx, key), True
+        root_uuid = str(uuid.uuid5(UUID_NAMESPACE, key))
+        esp_serial = f"{key[:4]}-{key[4:8]}".upper()
+        layout = disk.plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,
+                                  esp_serial=esp_serial)
+        lowers = layer_stack(ctx, len(ctx.plan.steps))
+        with store.new_entry(key, kind="disk", description=f"{ctx.plan.spec.name} raw disk") as tmp, \
+                MountStack(ctx.workdir) as mounts:
+            tree = mounts.overlay(lowers, ctx.workdir / "tree")
+            pack_layer = tmp / "pack-layer"
+            pack_layer.mkdir()
+            disk.write_boot_files(pack_layer, tree, layout)
+            merged = mounts.overlay([pack_layer, *lowers], ctx.workdir / "merged")
+            packages = list_packages(merged)
+            result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
+            kernel = merged / str(result.kernel).lstrip("/")
+            if kernel.exists():
+                shutil.copyfile(kernel, tmp / "data" / "vmlinuz")
+            (tmp / "data" / "pack.json").write_text(json.dumps({
+                "packages": packages, "root_uuid": root_uuid, "esp_serial": esp_serial, "cmdline": result.cmdline,
+            }, indent=1))
+            mounts.unmount_all()
+    return _load(ctx, key), False

@@ -1,0 +1,167 @@
+"""The build plan: resolved elements, the environment hooks see, and every step with its content key.
+
+A step's key hashes everything the step reads: its parent's key, the environment every hook sources
+(element environment.d files, DIB variables, the spec's env), and the step's own input (the bytes
+and modes of its element's files, or its package list). Paths that differ from build to build
+(work directories, mount points) are not part of any key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln import bootstrap, elements, packages
+from kiln.errors import ElementError
+from kiln.mirror import resolve_mirror
+from kiln.spec import ImageSpec
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+LAYER_FORMAT = "1"  # bump when the way steps are run changes what they produce
+PACKAGE_STEP = "01-package-installs"
+UNINSTALL_STEP = "99-package-uninstalls"
+IMAGE_PACKAGES_STEP = "zz-image-packages"
+KILN_OWNER = "kiln"
+# environment names from the host that reach hooks: the DIB_* family, as diskimage-builder does
+HOST_ENV_PREFIXES = ("DIB_",)
+HOST_ENV_SKIP = {"DIB_DISTRIBUTION_MIRROR"}  # resolved into the plan's mirror instead
+
+
+def digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    phase: str
+    name: str
+    element: str
+    kind: str  # "hook", "packages", "uninstall"
+    key: str
+    packages: tuple[str, ...] = ()
+
+    @property
+    def in_chroot(self) -> bool:
+        return self.kind != "hook" or self.phase in elements.IN_CHROOT_PHASES
+
+    @property
+    def label(self) -> str:
+        return f"{self.phase}/{self.name} ({self.element})"
+
+
+@dataclass(frozen=True)
+class ElementInfo:
+    name: str
+    path: str
+    hash: str
+
+
+@dataclass
+class BuildPlan:
+    spec: ImageSpec
+    mirror: str
+    search_path: list[str]
+    elements: list[ElementInfo]
+    env: dict[str, str]
+    env_files: list[str]
+    env_key: str
+    bootstrap: bootstrap.BootstrapRequest
+    base_key: str
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def tree_key(self) -> str:
+        """The key of the finished root tree (the last step, or the base)."""
+        return self.steps[-1].key if self.steps else self.base_key
+
+    def phase_steps(self, phase: str) -> list[Step]:
+        return [s for s in self.steps if s.phase == phase]
+
+    def element_path(self, name: str) -> Path:
+        for e in self.elements:
+            if e.name == name:
+                return Path(e.path)
+        raise KeyError(name)
+
+
+def hook_env(spec: ImageSpec, mirror: str, element_names: Sequence[str],
+             host_env: Mapping[str, str]) -> dict[str, str]:
+    """The variables every hook sees (besides per-build paths), as diskimage-builder sets them."""
+    env = {k: v for k, v in host_env.items() if k.startswith(HOST_ENV_PREFIXES) and k not in HOST_ENV_SKIP}
+    env.update({
+        "DIB_RELEASE": spec.release,
+        "DISTRO_NAME": spec.distro.value,
+        "ARCH": spec.arch.value,
+        "DIB_DISTRIBUTION_MIRROR": mirror,
+        "IMAGE_ELEMENT": " ".join(element_names),
+        "IMAGE_NAME": spec.name,
+        "DIB_INIT_SYSTEM": "systemd",
+        "DIB_PYTHON_VERSION": "3",
+        "DIB_PYTHON": "python3",
+        "DIB_IMAGE_SIZE": str(spec.size // 1024**3),
+    })
+    env.update(spec.env)
+    return env
+
+
+def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (),
+              host_env: Mapping[str, str] | None = None) -> BuildPlan:
+    host_env = dict(os.environ) if host_env is None else dict(host_env)
+    mirror = resolve_mirror(spec.mirror, host_env)
+    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""))
+    requested = [spec.distro.value, *spec.elements]
+    resolved = elements.resolve(requested, path)
+    infos = [ElementInfo(e.name, str(e.path), e.content_hash) for e in resolved.elements]
+    hashes = {i.name: i.hash for i in infos}
+    env = hook_env(spec, mirror, resolved.names, host_env)
+    env_files = elements.environment_files(resolved)
+    env_key = digest({
+        "helpers": elements.tree_hash(HELPERS),
+        "env": env,
+        "env_files": [[f.name, _file_hash(f)] for f in env_files],
+    })
+    req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror)
+    base_key = digest(req.key_fields())
+    plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
+                     env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key)
+
+    actions = packages.package_actions(resolved, distro=spec.distro.value, release=spec.release,
+                                       arch=spec.arch.value, env=env)
+    hooks = elements.hooks_by_phase(resolved)
+    parent = base_key
+    for phase in elements.PHASES:
+        entries: list[tuple[str, str, str, tuple[str, ...]]] = []  # name, element, kind, packages
+        for hook in hooks[phase]:
+            entries.append((hook.name, hook.element, "hook", ()))
+        if phase in packages.PACKAGE_PHASES:
+            installs = packages.for_phase(actions, phase, uninstall=False)
+            removals = packages.for_phase(actions, phase, uninstall=True)
+            if installs:
+                entries.append((PACKAGE_STEP, KILN_OWNER, "packages", tuple(installs)))
+            if removals:
+                entries.append((UNINSTALL_STEP, KILN_OWNER, "uninstall", tuple(removals)))
+            if phase == "install.d" and spec.packages:
+                entries.append((IMAGE_PACKAGES_STEP, KILN_OWNER, "packages", tuple(spec.packages)))
+        names = [e[0] for e in entries]
+        for name in names:
+            if names.count(name) > 1:
+                raise ElementError(f"hook {phase}/{name} is reserved by kiln for package installs")
+        entries.sort(key=lambda e: e[0].encode())
+        for name, owner, kind, pkgs in entries:
+            content = hashes[owner] if kind == "hook" else list(pkgs)
+            key = digest({"format": LAYER_FORMAT, "parent": parent, "env": env_key, "phase": phase,
+                          "name": name, "kind": kind, "content": content})
+            plan.steps.append(Step(len(plan.steps), phase, name, owner, kind, key, pkgs))
+            parent = key
+    return plan
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256(path.read_bytes())
+    h.update(f"{path.stat().st_mode & 0o7777:o}".encode())
+    return h.hexdigest()

@@ -1,0 +1,169 @@
+"""The one place kiln runs subprocesses.
+
+Every child is started in its own process group so that a timeout kills it with all its descendants,
+and is registered so that a SIGTERM/SIGINT to kiln (a cancelled Prefect run, Ctrl-C) takes the
+children down too. Output is streamed line by line into the `kiln.run` logger (which Prefect forwards
+into the run's logs) and the last lines are kept for the error message.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import CommandError
+
+log = logging.getLogger("kiln.run")
+
+TAIL_LINES = 25
+_active: set[int] = set()
+_active_lock = threading.Lock()
+
+
+@dataclass
+class Completed:
+    args: list[str]
+    returncode: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def describe(args: Sequence[str]) -> str:
+    return shlex.join(str(a) for a in args)
+
+
+def _register(pgid: int) -> None:
+    with _active_lock:
+        _active.add(pgid)
+
+
+def _unregister(pgid: int) -> None:
+    with _active_lock:
+        _active.discard(pgid)
+
+
+def kill_group(pgid: int, *, grace: float = 5.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def terminate_all() -> None:
+    """Kill every child kiln started and that still runs (signal handlers call this)."""
+    with _active_lock:
+        groups = list(_active)
+    for pgid in groups:
+        kill_group(pgid, grace=2.0)
+
+
+def run(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+    quiet: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    what: str | None = None,
+) -> Completed:
+    """Run a command, stream its merged output, return its lines; raise CommandError on failure.
+
+    `what` names the step for the error message (default: the command line). `quiet` logs the output
+    at DEBUG instead of INFO. `timeout` kills the whole process group.
+    """
+    argv = [os.fspath(a) for a in args]
+    label = what or describe(argv)
+    log.debug("running: %s", describe(argv))
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    lines: list[str] = []
+    level = logging.DEBUG if quiet else logging.INFO
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            process_group=0,
+        )
+    except OSError as exc:
+        raise CommandError(f"{label}: cannot start {argv[0]}: {exc.strerror}", returncode=None, tail=[]) from exc
+    _register(proc.pid)
+    timed_out = threading.Event()
+
+    def on_timeout() -> None:
+        timed_out.set()
+        kill_group(proc.pid)
+
+    timer = threading.Timer(timeout, on_timeout) if timeout else None
+    try:
+        if timer:
+            timer.daemon = True
+            timer.start()
+        if input is not None and proc.stdin is not None:
+            try:
+                proc.stdin.write(input)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            lines.append(line)
+            tail.append(line)
+            log.log(level, "%s", line)
+            if on_line:
+                on_line(line)
+        returncode = proc.wait()
+    except BaseException:
+        kill_group(proc.pid, grace=2.0)
+        proc.wait()
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+        # the leader is gone; make sure nothing it left in its group survives
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _unregister(proc.pid)
+    if timed_out.is_set():
+        raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=list(tail))
+    if check and returncode != 0:
+        raise CommandError(f"{label}: exited with {returncode}", returncode=returncode, tail=list(tail))
+    return Completed(argv, returncode, lines)
+
+
+def output(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
+    """Run quietly and return stdout+stderr as one stripped string."""
+    kwargs.setdefault("quiet", True)
+    return run(args, **kwargs).output.strip()  # type: ignore[arg-type]

@@ -1,0 +1,207 @@
+"""The ImageSpec: what to build, from a YAML file, command-line flags or the Prefect UI form."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kiln.errors import SpecError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class Distro(StrEnum):
+    debian = "debian"
+
+
+class Arch(StrEnum):
+    amd64 = "amd64"
+    arm64 = "arm64"
+
+
+class ImageFormat(StrEnum):
+    qcow2 = "qcow2"
+    raw = "raw"
+
+
+class Firmware(StrEnum):
+    bios = "bios"
+    uefi = "uefi"
+
+
+def parse_size(value: str | int) -> int:
+    """'8G', '512M', '2.5GiB' or a byte count -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 4G, 512M)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} may only contain letters, digits, '.', '_', '+', '-'")
+    return value
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class BootTestSpec(StrictModel):
+    """How the local QEMU boot test runs."""
+
+    enabled: bool = True
+    firmware: list[Firmware] = Field(default_factory=lambda: [Firmware.bios, Firmware.uefi], min_length=1)
+    timeout: int = Field(default=900, ge=30, le=7200, description="seconds until cloud-init must have finished")
+    memory: int = Field(default=1024, ge=256, le=16384, description="guest memory in MiB")
+    cpus: int = Field(default=2, ge=1, le=16)
+    root_login: bool = Field(
+        default=False,
+        description="also set a random root password through user-data (`password:`, which goes to cloud-init's "
+        "default user) and log in as root on the serial console; for images with cloud-init-cfg",
+    )
+
+
+class ImageSpec(StrictModel):
+    """One image to build. Unknown fields are errors."""
+
+    name: str = ""
+    distro: Distro = Distro.debian
+    release: str = "bookworm"
+    arch: Arch = Arch.amd64
+    elements: list[str] = Field(default_factory=list)
+    packages: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="variables passed to every element hook")
+    size: int = Field(default=parse_size("4G"), description="disk size; accepts 4G, 512M, …")
+    formats: list[ImageFormat] = Field(default_factory=lambda: [ImageFormat.qcow2], min_length=1)
+    compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
+    mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources")
+    boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        size = parse_size(v)
+        if size < parse_size("1G"):
+            raise ValueError(f"{size} bytes is too small for a bootable image (at least 1G)")
+        return size
+
+    @field_validator("release")
+    @classmethod
+    def _release(cls, v: str) -> str:
+        return check_name(v, "release")
+
+    @field_validator("elements")
+    @classmethod
+    def _elements(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in v:
+            check_name(name, "element name")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[a-z0-9][a-z0-9+.:~=-]*$", name):
+                raise ValueError(f"package name {name!r} is not a valid package name")
+        return sorted(set(v))
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"environment variable name {key!r} is not valid")
+        return v
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(https?|file)://\S+$", v):
+            raise ValueError(f"mirror {v!r} must be an http(s):// or file:// URL")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ImageSpec:
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.distro.value}-{self.release}-{self.arch.value}")
+        check_name(self.name, "image name")
+        return self
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{source}: field '{loc}': {msg}")
+    return "\n".join(parts)
+
+
+def spec_from_dict(data: dict[str, Any], source: str) -> ImageSpec:
+    try:
+        return ImageSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, source)) from None
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a spec file; YAML errors name the file and line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}{where}: malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec must be a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def load_spec(path: Path, overrides: dict[str, Any] | None = None) -> ImageSpec:
+    """Load a spec file, apply command-line overrides (see `merge_overrides`), validate."""
+    data = read_spec_file(path)
+    if overrides:
+        data = merge_overrides(data, overrides)
+    return spec_from_dict(data, str(path))
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Flags on top of a spec: list fields named `add_<field>` are appended, others replace."""
+    merged = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("add_"):
+            field = key.removeprefix("add_")
+            current = list(merged.get(field) or [])
+            merged[field] = current + [v for v in value if v not in current]
+        elif key == "env":
+            merged["env"] = {**(merged.get("env") or {}), **value}
+        elif key == "boot_test":
+            merged["boot_test"] = {**(merged.get("boot_test") or {}), **value}
+        else:
+            merged[key] = value
+    return merged

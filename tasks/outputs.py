@@ -1,0 +1,57 @@
+"""outputs: the images, manifest.json and SHA256SUMS in the output directory."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from kiln.boottest import BootOutcome
+from kiln.convert import ImageOutput
+from kiln.customize import BuildContext
+from kiln.manifest import base_manifest, install_file, markdown_summary, write_checksums, write_manifest
+from kiln.options import BuildOptions
+from kiln.pack import PackOutput
+
+
+@task(name="outputs")
+def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packed: PackOutput,
+                  images: list[ImageOutput], boots: list[BootOutcome],
+                  stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    logger = get_run_logger()
+    plan = ctx.plan
+    out = Path(options.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for image in images:
+        dest = install_file(image.path, out / image.path.name)
+        files.append({"file": dest.name, "path": str(dest), "format": image.format, "size": image.size,
+                      "sha256": image.sha256, "sha512": image.sha512})
+    manifest = base_manifest(build_id=build_id)
+    manifest.update({
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "spec": plan.spec.model_dump(mode="json"),
+        "mirror": plan.mirror,
+        "elements": [{"name": e.name, "path": e.path, "sha256": e.hash} for e in plan.elements],
+        "base": {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
+                 "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror},
+        "tree_key": plan.tree_key,
+        "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "key": s.key} for s in plan.steps],
+        "disk": {"size": plan.spec.size, "root_uuid": packed.root_uuid, "esp_serial": packed.esp_serial,
+                 "cmdline": packed.cmdline, "key": packed.key},
+        "packages": packed.packages,
+        "images": [{k: v for k, v in f.items() if k != "path"} for f in files],
+        "timings": stages,
+        "boot_test": [b.as_dict() for b in boots],
+        "published": [],
+    })
+    summary = markdown_summary(manifest)
+    write_manifest(out, manifest)
+    write_checksums(out, manifest["images"])
+    for f in files:
+        logger.info("image: %s", f["path"])
+    logger.info("manifest: %s", out / "manifest.json")
+    return {"output": str(out), "images": [f["path"] for f in files], "manifest": str(out / "manifest.json"),
+            "summary": summary, "boot_test": manifest["boot_test"], "timings": stages}

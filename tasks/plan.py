@@ -1,0 +1,32 @@
+"""plan: resolve elements and compute every step's content key."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from kiln.customize import BuildContext
+from kiln.gc import claim_workdir
+from kiln.options import BuildOptions
+from kiln.plan import make_plan
+from kiln.spec import ImageSpec
+from kiln.store import Store
+
+
+def new_build_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+@task(name="plan")
+def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildContext:
+    logger = get_run_logger()
+    plan = make_plan(spec, elements_path=options.elements_path)
+    store = Store(Path(options.cache) if options.cache else None)
+    workdir = store.work_root / build_id
+    claim_workdir(workdir)
+    logger.info("elements: %s", ", ".join(e.name for e in plan.elements))
+    logger.info("mirror: %s; %d steps; store %s", plan.mirror, len(plan.steps), store.root)
+    return BuildContext(plan=plan, store=store, workdir=workdir, rebuild=options.no_cache)

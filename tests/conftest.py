@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def make_element(tmp_path: Path) -> Callable[..., Path]:
+    """Create an element directory: make_element("name", deps=[...], hooks={"install.d/10-x": "script"})."""
+    root = tmp_path / "elements"
+
+    def make(name: str, *, deps: list[str] | None = None, provides: list[str] | None = None,
+             hooks: dict[str, str] | None = None, files: dict[str, str] | None = None,
+             executable: bool = True) -> Path:
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        if deps is not None:
+            (d / "element-deps").write_text("\n".join(deps) + "\n")
+        if provides is not None:
+            (d / "element-provides").write_text("\n".join(provides) + "\n")
+        for rel, text in (hooks or {}).items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text if text.startswith("#!") else "#!/bin/bash\n" + text)
+            if executable:
+                p.chmod(p.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        for rel, text in (files or {}).items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+        return d
+
+    make.root = root  # type: ignore[attr-defined]
+    root.mkdir(parents=True, exist_ok=True)
+    return make
+
+
+@pytest.fixture
+def host_env() -> dict[str, str]:
+    """A host environment with a mirror, so planning does not depend on this machine's apt sources."""
+    return {"DIB_DISTRIBUTION_MIRROR": "http://mirror.invalid/debian", "PATH": os.environ.get("PATH", "")}

@@ -1,0 +1,127 @@
+"""Content keys: they change when what a step reads changes, and only then."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kiln.errors import ElementError
+from kiln.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
+from kiln.spec import ImageSpec, spec_from_dict
+
+
+def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec: object) -> BuildPlan:
+    s: ImageSpec = spec_from_dict({"elements": ["early", "late"], **spec}, "test")
+    return make_plan(s, elements_path=[make_element.root], host_env=host_env)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def elements(make_element: Callable[..., Path]) -> Callable[..., Path]:
+    make_element("debian", files={"package-installs.yaml": "systemd-sysv:\n"})
+    make_element("early", hooks={"install.d/10-early": "echo early"})
+    make_element("late", hooks={"install.d/80-late": "echo late", "finalise.d/90-fin": "echo fin"})
+    return make_element
+
+
+def keys(plan: BuildPlan) -> dict[str, str]:
+    return {f"{s.phase}/{s.name}": s.key for s in plan.steps}
+
+
+def test_steps_in_phase_then_name_order(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    plan = plan_for(elements, host_env, packages=["htop"])
+    assert [f"{s.phase}/{s.name}" for s in plan.steps] == [
+        f"install.d/{PACKAGE_STEP}", "install.d/10-early", "install.d/80-late",
+        f"install.d/{IMAGE_PACKAGES_STEP}", "finalise.d/90-fin"]
+    assert plan.steps[0].packages == ("systemd-sysv",)
+    assert plan.steps[3].packages == ("htop",)
+
+
+def test_keys_are_stable(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    assert keys(plan_for(elements, host_env)) == keys(plan_for(elements, host_env))
+
+
+def test_editing_a_late_hook_keeps_earlier_keys(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env))
+    (elements.root / "late/install.d/80-late").write_text("#!/bin/bash\necho changed\n")  # type: ignore[attr-defined]
+    after = keys(plan_for(elements, host_env))
+    assert after["install.d/10-early"] == before["install.d/10-early"]
+    assert after[f"install.d/{PACKAGE_STEP}"] == before[f"install.d/{PACKAGE_STEP}"]
+    assert after["install.d/80-late"] != before["install.d/80-late"]
+    assert after["finalise.d/90-fin"] != before["finalise.d/90-fin"]
+
+
+def test_chmod_of_a_hook_changes_its_key(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env))
+    (elements.root / "early/install.d/10-early").chmod(0o700)  # type: ignore[attr-defined]
+    after = keys(plan_for(elements, host_env))
+    assert after["install.d/10-early"] != before["install.d/10-early"]
+
+
+def test_touching_mtime_changes_nothing(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env))
+    os.utime(elements.root / "early/install.d/10-early", (1, 1))  # type: ignore[attr-defined]
+    assert keys(plan_for(elements, host_env)) == before
+
+
+def test_env_value_changes_every_step(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env))
+    after = keys(plan_for(elements, host_env, env={"DIB_FOO": "1"}))
+    assert all(after[k] != before[k] for k in before)
+    host = keys(plan_for(elements, {**host_env, "DIB_BAR": "x"}))
+    assert all(host[k] != before[k] for k in before)
+
+
+def test_unrelated_host_variables_do_not_change_keys(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env))
+    assert keys(plan_for(elements, {**host_env, "HOME": "/elsewhere", "OLDPWD": "/x"})) == before
+
+
+def test_added_package_only_changes_steps_from_it_on(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    before = keys(plan_for(elements, host_env, packages=["htop"]))
+    after = keys(plan_for(elements, host_env, packages=["htop", "vim"]))
+    assert after["install.d/80-late"] == before["install.d/80-late"]
+    assert after[f"install.d/{IMAGE_PACKAGES_STEP}"] != before[f"install.d/{IMAGE_PACKAGES_STEP}"]
+    assert after["finalise.d/90-fin"] != before["finalise.d/90-fin"]
+
+
+def test_output_dir_is_not_in_any_key(elements: Callable[..., Path], host_env: dict[str, str],
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = keys(plan_for(elements, host_env))
+    monkeypatch.chdir(tmp_path)
+    assert keys(plan_for(elements, host_env)) == before
+
+
+def test_mirror_changes_the_base(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    a = plan_for(elements, host_env)
+    b = plan_for(elements, host_env, mirror="http://other.invalid/debian")
+    assert a.base_key != b.base_key
+    assert a.steps[0].key != b.steps[0].key
+
+
+def test_package_installs_phases_arch_and_pkg_map(make_element: Callable[..., Path], host_env: dict[str, str]) -> None:
+    make_element("debian")
+    make_element("early", files={
+        "package-installs.yaml": "pre-pkg:\n  phase: pre-install.d\nonly-arm:\n  arch: arm64\n"
+                                 "not-amd:\n  not-arch: amd64\ngone:\n  uninstall: true\n  phase: post-install.d\n"
+                                 "generic-name:\n",
+        "pkg-map": '{"family": {"debian": {"generic-name": "debian-name"}}}',
+    })
+    make_element("late")
+    plan = plan_for(make_element, host_env)
+    by_name = {f"{s.phase}/{s.name}": s for s in plan.steps}
+    assert by_name[f"pre-install.d/{PACKAGE_STEP}"].packages == ("pre-pkg",)
+    assert by_name[f"install.d/{PACKAGE_STEP}"].packages == ("debian-name",)
+    assert by_name["post-install.d/99-package-uninstalls"].packages == ("gone",)
+    arm = plan_for(make_element, host_env, arch="arm64")
+    assert {s.packages for s in arm.steps if s.phase == "install.d"} == {("debian-name", "not-amd", "only-arm")}
+
+
+def test_malformed_package_installs_names_element(make_element: Callable[..., Path], host_env: dict[str, str]) -> None:
+    make_element("debian")
+    make_element("early", files={"package-installs.yaml": "x:\n  phase: nowhere.d\n"})
+    make_element("late")
+    with pytest.raises(ElementError, match=r"element 'early': package 'x' has phase 'nowhere.d'"):
+        plan_for(make_element, host_env)

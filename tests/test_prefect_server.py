@@ -1,0 +1,392 @@
+"""kiln's embedded Prefect server: fast unit tests, and one slow test against a real server.
+
+The slow test starts `prefect server start` in a temporary state directory (6-40 s), runs a flow
+against it in a subprocess and reads the run back through the Prefect client in another subprocess,
+so this pytest process never imports prefect (its import configures logging and settings globally).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln import prefect_server as ps
+from kiln.errors import ServerError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in ("PREFECT_API_URL", ps.MANAGED_ENV, "KILN_STATE", "XDG_STATE_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def health_server() -> Iterator[str]:
+    """A stand-in API answering GET /api/health with 200: yields its API URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/api/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b"true" if ok else b"")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ fast
+
+
+def test_state_dir_from_env(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("KILN_STATE", str(tmp_path / "st"))
+    assert ps.state_dir() == tmp_path / "st"
+
+
+def test_state_dir_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setattr(os, "geteuid", lambda: 0)
+    assert ps.state_dir() == Path("/var/lib/kiln")
+    clean_env.setattr(os, "geteuid", lambda: 1000)
+    clean_env.setenv("HOME", str(tmp_path))
+    assert ps.state_dir() == tmp_path / ".local" / "state" / "kiln"
+    clean_env.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert ps.state_dir() == tmp_path / "xdg" / "kiln"
+
+
+def test_relative_state_is_made_absolute(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # the server runs with cwd = its PREFECT_HOME: a relative path would point somewhere else there
+    clean_env.chdir(tmp_path)
+    assert ps.prefect_home(Path("st")) == tmp_path / "st" / "prefect"
+    env = ps.client_environment("http://127.0.0.1:1/api", Path("st"))
+    assert env["KILN_STATE"] == str(tmp_path / "st")
+    assert env["PREFECT_LOCAL_STORAGE_PATH"] == str(tmp_path / "st" / "prefect" / "results")
+
+
+def test_pid_alive() -> None:
+    assert ps.pid_alive(os.getpid())
+    assert not ps.pid_alive(dead_pid())
+    assert not ps.pid_alive(0)
+
+
+def _write_record(state: Path, pid: int, url: str) -> None:
+    home = ps.prefect_home(state)
+    home.mkdir(parents=True)
+    (home / ps.SERVER_JSON).write_text(json.dumps({"pid": pid, "port": 1, "url": url}))
+
+
+@pytest.mark.parametrize("who", ["dead", "not-a-server"])
+def test_stale_record_is_ignored(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str, who: str) -> None:
+    # the recorded pid is gone, or is a live process that is not our server (a recycled pid): even
+    # though the recorded URL answers, a new server is started
+    pid = dead_pid() if who == "dead" else os.getpid()
+    _write_record(tmp_path, pid, health_server)
+    assert ps.server_status(tmp_path) is None
+    started: list[int] = []
+
+    def fake_start(home: Path, port: int, timeout: float) -> dict[str, Any]:
+        started.append(port)
+        assert not (home / ps.SERVER_JSON).exists(), "the stale record is removed first"
+        return {"pid": 1, "port": port, "url": ps.api_url_for(port)}
+
+    clean_env.setattr(ps, "_start", fake_start)
+    port = free_port()
+    assert ps.ensure_server(tmp_path, port=port) == ps.api_url_for(port)
+    assert started == [port]
+    assert ps.stop_server(tmp_path) is False  # nothing recorded, nothing stopped
+
+
+def test_live_record_is_reused(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:
+    _write_record(tmp_path, os.getpid(), health_server)
+    clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
+    clean_env.setattr(ps, "_start", lambda *a: pytest.fail("must reuse, not start"))
+    assert ps.ensure_server(tmp_path) == health_server
+    status = ps.server_status(tmp_path)
+    assert status is not None and status["healthy"] and status["pid"] == os.getpid()
+
+
+def test_concurrent_ensure_starts_once(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:
+    """Two callers at once (flock on server.lock): one starts, the other waits and reuses."""
+    calls: list[int] = []
+
+    def slow_start(home: Path, port: int, timeout: float) -> dict[str, Any]:
+        calls.append(port)
+        time.sleep(0.5)
+        record = {"pid": os.getpid(), "port": port, "url": health_server, "ready_after": 0.5}
+        (home / ps.SERVER_JSON).write_text(json.dumps(record))
+        return record
+
+    clean_env.setattr(ps, "_start", slow_start)
+    clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(ps.ensure_server(tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [health_server] * 3
+
+
+def test_user_api_url_closed_port(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    clean_env.setenv("PREFECT_API_URL", url)
+    with pytest.raises(ServerError, match="does not answer") as info:
+        ps.ensure_server(tmp_path)
+    assert url in str(info.value)
+    assert not (tmp_path / "prefect").exists(), "a user's server means kiln starts nothing"
+
+
+def test_user_api_url_wins(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:
+    clean_env.setenv("PREFECT_API_URL", health_server)
+    assert ps.ensure_server(tmp_path) == health_server
+    assert not (tmp_path / "prefect").exists()
+
+
+def test_managed_url_in_env_is_not_the_users(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # configure_environment marks kiln's own URL: a later ensure_server (same process or a child)
+    # manages that server (restarts it if it died) instead of failing as for a user's URL
+    url = f"http://127.0.0.1:{free_port()}/api"
+    clean_env.setenv("PREFECT_API_URL", url)
+    clean_env.setenv(ps.MANAGED_ENV, url)
+    clean_env.setattr(ps, "_start", lambda home, port, timeout: {"url": "http://127.0.0.1:9/api"})
+    assert ps.ensure_server(tmp_path) == "http://127.0.0.1:9/api"
+
+
+def test_port_in_use(clean_env: pytest.MonkeyPatch) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ServerError, match=str(port)):
+            ps._choose_port(port)
+        clean_env.setattr(ps, "DEFAULT_PORT", port)  # the default is taken by something else
+        chosen = ps._choose_port(None)
+        assert chosen != port and port < chosen < port + ps.PORT_RANGE
+
+
+def test_server_that_dies_reports_its_log(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script = "import sys; print('sqlite3.OperationalError: unable to open database file'); sys.exit(3)"
+    clean_env.setattr(ps, "_server_argv", lambda port: [sys.executable, "-c", script])
+    with pytest.raises(ServerError) as info:
+        ps.ensure_server(tmp_path, port=free_port(), timeout=30)
+    text = str(info.value)
+    assert "exited with 3" in text and "unable to open database file" in text
+    assert ps.server_status(tmp_path) is None
+    assert not (tmp_path / "prefect" / ps.SERVER_JSON).exists()
+
+
+def test_server_that_never_answers_is_killed(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script = "import time; print('migrating...', flush=True); time.sleep(600)"
+    clean_env.setattr(ps, "_server_argv", lambda port: [sys.executable, "-c", script])
+    with pytest.raises(ServerError, match=r"did not answer .* within 2 s") as info:
+        ps.ensure_server(tmp_path, port=free_port(), timeout=2)
+    assert "migrating..." in str(info.value)
+    assert not (tmp_path / "prefect" / ps.SERVER_JSON).exists()
+    # nothing of it is left: no process runs that script
+    out = subprocess.run(["pgrep", "-f", "time.sleep\\(600\\)"], capture_output=True, text=True).stdout.split()
+    assert not [pid for pid in out if ps.pid_alive(int(pid))]
+
+
+def test_configure_environment(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = ps.client_environment("http://127.0.0.1:4321/api", tmp_path)
+    for key in [*env, "PREFECT_LOGGING_EXTRA_LOGGERS", ps.MANAGED_ENV]:
+        clean_env.setenv(key, "")  # registers every key for restoring after the test
+    clean_env.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "paramiko")
+    refreshed: list[bool] = []
+    clean_env.setattr(ps, "_refresh_prefect", lambda: refreshed.append(True))
+    kiln_logger = logging.getLogger("kiln")
+    clean_env.setattr(kiln_logger, "level", logging.NOTSET)
+    ps.configure_environment("http://127.0.0.1:4321/api", tmp_path)
+    home = tmp_path / "prefect"
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4321/api"
+    assert os.environ["PREFECT_HOME"] == str(home)
+    assert os.environ["PREFECT_LOCAL_STORAGE_PATH"] == str(home / "results")
+    assert os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+    assert os.environ["DO_NOT_TRACK"] == "1"
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] == "paramiko,kiln"
+    assert os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] == "ignore"
+    assert os.environ[ps.MANAGED_ENV] == ""  # not kiln's recorded server: not marked as managed
+    assert kiln_logger.level == logging.INFO
+    assert refreshed == ([True] if "prefect" in sys.modules else [])
+
+
+# ------------------------------------------------------------------------------------------ slow
+
+FLOW_SCRIPT = """
+import json, logging, sys
+from pathlib import Path
+from kiln.prefect_server import configure_environment, ensure_server
+
+state = Path(sys.argv[1])
+url = ensure_server(state)          # another process: must reuse the running server
+configure_environment(url, state)   # before prefect is imported
+
+from prefect import flow, task
+
+@task
+def double(x: int) -> int:
+    logging.getLogger("kiln.x").info("kiln-probe-line %d", x)
+    return 2 * x
+
+@flow(name="kiln-probe")
+def probe() -> int:
+    return sum(double(i) for i in range(3))
+
+result = probe(return_state=True)
+print(json.dumps({"url": url, "flow_run_id": str(result.state_details.flow_run_id), "type": result.type.value}))
+"""
+
+QUERY_SCRIPT = """
+import asyncio, json, sys, time
+from pathlib import Path
+from uuid import UUID
+from kiln.prefect_server import configure_environment
+
+configure_environment(sys.argv[1], Path(sys.argv[2]))
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+async def main() -> None:
+    flow_run_id = UUID(sys.argv[3])
+    async with get_client() as client:
+        deadline = time.monotonic() + 30   # task runs and logs are ingested asynchronously
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            done = [t for t in tasks if t.state_type and t.state_type.value == "COMPLETED"]
+            probe_logs = [l for l in logs if l.name == "kiln.x"]
+            if (len(done) >= 3 and len(probe_logs) >= 3) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    print(json.dumps({
+        "flow": {"name": run.name, "state": run.state_type.value if run.state_type else None},
+        "tasks": [{"id": str(t.id), "name": t.name, "state": t.state_type.value if t.state_type else None}
+                  for t in tasks],
+        "logs": [{"name": l.name, "level": l.level, "message": l.message,
+                  "task_run_id": str(l.task_run_id) if l.task_run_id else None} for l in logs],
+    }))
+
+asyncio.run(main())
+"""
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != ps.MANAGED_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _python(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=_child_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    state = tmp_path_factory.mktemp("kiln-state")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("PREFECT_API_URL", ps.MANAGED_ENV):
+            mp.delenv(key, raising=False)
+        try:
+            url = ps.ensure_server(state, port=free_port(), timeout=300)
+            yield state, url
+        finally:
+            ps.stop_server(state)
+
+
+@pytest.mark.slow
+def test_local_server_end_to_end(local_server: tuple[Path, str]) -> None:
+    state, url = local_server
+    assert ps.check_health(url)
+    status = ps.server_status(state)
+    assert status is not None and status["healthy"] and status["url"] == url
+    pid = int(status["pid"])
+    home = ps.prefect_home(state)
+    assert (home / "prefect.db").exists() and (home / "server.log").exists()
+
+    # reuse, in this process and from another one
+    assert ps.ensure_server(state) == url
+    status2 = ps.server_status(state)
+    assert status2 is not None and status2["pid"] == pid
+
+    flow = _python(FLOW_SCRIPT, str(state))
+    out = json.loads(flow.stdout.strip().splitlines()[-1])
+    assert out["url"] == url
+    assert out["type"] == "COMPLETED"
+    assert "without a flow run id" not in flow.stderr
+    status3 = ps.server_status(state)
+    assert status3 is not None and status3["pid"] == pid, "the flow process reused the server"
+    assert (home / "results").is_dir() and any((home / "results").iterdir()), "results persisted"
+
+    query = _python(QUERY_SCRIPT, url, str(state), out["flow_run_id"])
+    got = json.loads(query.stdout.strip().splitlines()[-1])
+    assert got["flow"]["state"] == "COMPLETED"
+    assert len(got["tasks"]) == 3
+    assert {t["state"] for t in got["tasks"]} == {"COMPLETED"}
+    probe = [entry for entry in got["logs"] if entry["name"] == "kiln.x"]
+    assert sorted(entry["message"] for entry in probe) == [f"kiln-probe-line {i}" for i in range(3)]
+    task_ids = {t["id"] for t in got["tasks"]}
+    assert all(entry["task_run_id"] in task_ids for entry in probe), "kiln lines belong to their task run"
+    assert all(entry["level"] == logging.INFO for entry in probe)
+
+    # stop: nothing of the server is left
+    assert ps.stop_server(state) is True
+    assert not ps.pid_alive(pid)
+    assert not ps._group_members(pid)
+    assert ps.server_status(state) is None
+    assert not (home / ps.SERVER_JSON).exists()
+    assert not ps.check_health(url)
+    assert ps.stop_server(state) is False
