@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
 
 from kiln.elements import PHASES
 from kiln.gc import release_workdir
@@ -30,7 +31,7 @@ Stages = dict[str, dict[str, Any]]
 def _stage(stages: Stages, name: str, task: Task[..., Any], *args: Any) -> Any:
     """Run a stage's task, record its wall time and whether Prefect served it from the cache."""
     start = time.monotonic()
-    state = task(*args, return_state=True)
+    state: State[Any] = task(*args, return_state=True)  # type: ignore[assignment]
     result = state.result()
     stages[name] = {"seconds": round(time.monotonic() - start, 2), "cached": state.name == "Cached"}
     return result

@@ -51,7 +51,8 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         f"--components={','.join(COMPONENTS)}",
         "--aptopt=Acquire::Retries 3",
         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives",
-        f"--setup-hook=find {cache} -maxdepth 1 -name '*.deb' -exec cp -l -t \"$1\"/var/cache/apt/archives/ {{}} + 2>/dev/null || true",
+        f"--setup-hook=find {cache} -maxdepth 1 -name '*.deb' "
+        "-exec cp -l -t \"$1\"/var/cache/apt/archives/ {} + 2>/dev/null || true",
         f"--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' "
         f"-exec cp -l -n -t {cache}/ {{}} + 2>/dev/null || true",
     ]

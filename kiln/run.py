@@ -9,6 +9,7 @@ into the run's logs) and the last lines are kept for the error message.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shlex
@@ -67,10 +68,8 @@ def kill_group(pgid: int, *, grace: float = 5.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def terminate_all() -> None:
@@ -151,10 +150,8 @@ def run(
         if timer:
             timer.cancel()
         # the leader is gone; make sure nothing it left in its group survives
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         _unregister(proc.pid)
     if timed_out.is_set():
         raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=list(tail))

@@ -1,0 +1,54 @@
+"""Helpers for the end-to-end tests: run the real `kiln` command, look for leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+KILN = [sys.executable, "-m", "kiln.cli"]
+
+
+def test_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("KILN_CACHE", os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache"))
+    env.setdefault("KILN_STATE", os.environ.get("KILN_TEST_STATE", "/var/tmp/kiln-test/state"))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kiln(*args: str, timeout: float = 3000, check: bool = True,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*KILN, *args], env=test_env(), cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def manifest(output: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((output / "manifest.json").read_text())
+    return data
+
+
+def leftovers(cache: str | None = None) -> list[str]:
+    """kiln's mounts, loop devices and QEMU processes still on the machine."""
+    cache = cache or test_env()["KILN_CACHE"]
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            target = line.split()[4]
+            if target.startswith(cache) or "/kiln" in target:
+                found.append(f"mount {target}")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.strip()
+    if loops:
+        found.append(f"loop devices: {loops}")
+    qemus = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout.strip()
+    if qemus:
+        found.append(f"qemu: {qemus}")
+    return found

@@ -1,0 +1,146 @@
+"""End to end: the real `kiln build` on the embedded Prefect server, real mmdebstrap, real QEMU boots.
+
+One image is built for the whole session (the seed document's example: the default image plus
+cloud-init-cfg) and booted once per firmware; everything else reads its outputs or rebuilds from the
+cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import REPO, kiln, leftovers, manifest, test_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def seed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], float]:
+    out = tmp_path_factory.mktemp("seed-example")
+    start = time.monotonic()
+    kiln("build", "tests/data/seed-example.yaml", "--output", str(out))
+    return out, manifest(out), time.monotonic() - start
+
+
+def debugfs_cat(raw: Path, offset: int, path: str) -> str | None:
+    proc = subprocess.run(["debugfs", "-R", f"cat {path}", f"{raw}?offset={offset}"], capture_output=True,
+                          text=True)
+    if "File not found" in proc.stderr or proc.returncode != 0:
+        return None
+    return proc.stdout
+
+
+def debugfs_ls(raw: Path, offset: int, path: str) -> list[str]:
+    proc = subprocess.run(["debugfs", "-R", f"ls -l {path}", f"{raw}?offset={offset}"], capture_output=True,
+                          text=True, check=True)
+    return [line.split()[-1] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def root_offset(raw: Path) -> int:
+    out = subprocess.run(["sgdisk", "-i", "1", str(raw)], capture_output=True, text=True, check=True).stdout
+    first = next(line for line in out.splitlines() if line.startswith("First sector"))
+    return int(first.split(":")[1].split()[0]) * 512
+
+
+def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    _, m, _ = seed_build
+    boots = {b["firmware"]: b for b in m["boot_test"]}
+    assert set(boots) == {"bios", "uefi"}
+    for b in boots.values():
+        assert b["passed"], b
+        # the boot disk is 1 GiB larger than the 4 GiB image: a root fs above 4 GiB was grown
+        assert b["root_bytes"] > 4.2 * 1024**3, b
+        assert b["disk_bytes"] - b["root_bytes"] < 0.5 * 1024**3, b
+
+
+def test_seed_example_root_password_login(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    _, m, _ = seed_build
+    for b in m["boot_test"]:
+        assert b["login_ok"] is True, b
+
+
+def test_outputs_manifest_and_checksums(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    out, m, _ = seed_build
+    sums = dict(line.split()[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {"debian-12-seed-example.qcow2", "debian-12-seed-example.raw"}
+    for name, digest in sums.items():
+        h = hashlib.sha256()
+        with open(out / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        assert h.hexdigest() == digest, name
+    info = subprocess.run(["qemu-img", "info", str(out / "debian-12-seed-example.qcow2")], capture_output=True,
+                          text=True, check=True).stdout
+    assert "file format: qcow2" in info
+    packages = {p["name"]: p["version"] for p in m["packages"]}
+    for needed in ("cloud-init", "linux-image-cloud-amd64", "grub-efi-amd64-bin", "qemu-guest-agent", "openssh-server"):
+        assert packages.get(needed), needed
+    assert {e["name"] for e in m["elements"]} >= {"debian", "vm", "cloud-init", "cloud-init-cfg", "cleanup"}
+    assert all(len(e["sha256"]) == 64 for e in m["elements"])
+    assert m["spec"]["name"] == "debian-12-seed-example"
+    assert {"fetch_base", "pack", "customize install.d"} <= set(m["timings"])
+
+
+def test_image_content_is_clean(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    out, _, _ = seed_build
+    raw = out / "debian-12-seed-example.raw"
+    off = root_offset(raw)
+    assert debugfs_cat(raw, off, "/etc/machine-id") == ""
+    assert debugfs_cat(raw, off, "/etc/hostname") == "localhost\n"
+    assert debugfs_cat(raw, off, "/etc/resolv.conf") is None
+    assert not [n for n in debugfs_ls(raw, off, "/etc/ssh") if n.startswith("ssh_host_")]
+    assert [n for n in debugfs_ls(raw, off, "/var/lib/apt/lists") if n not in (".", "..")] in ([], ["partial"],
+                                                                                               ["auxfiles"])
+    fstab = debugfs_cat(raw, off, "/etc/fstab") or ""
+    assert "UUID=" in fstab and " / " in fstab
+    cfg = debugfs_cat(raw, off, "/etc/cloud/cloud.cfg.d/92-dib-cloud-neunn.cfg") or ""
+    assert "disable_root: false" in cfg and "expire: False" in cfg
+    assert "ConfigDrive, OpenStack, NoCloud" in (debugfs_cat(raw, off, "/etc/cloud/cloud.cfg.d/91-kiln-datasources.cfg")
+                                                 or "")
+
+
+def test_second_build_comes_from_the_cache(seed_build: tuple[Path, dict[str, Any], float],
+                                          tmp_path: Path) -> None:
+    _, first, cold = seed_build
+    start = time.monotonic()
+    proc = kiln("build", "tests/data/seed-example.yaml", "--output", str(tmp_path))
+    warm = time.monotonic() - start
+    m = manifest(tmp_path)
+    stages = m["timings"]
+    assert all(v["cached"] for k, v in stages.items() if k not in ("plan", "convert")), stages
+    assert all(b["cached"] for b in m["boot_test"])
+    assert [i["sha256"] for i in m["images"]] == [i["sha256"] for i in first["images"]]
+    assert "Cached" in proc.stdout + proc.stderr
+    assert warm < cold / 3, (warm, cold)
+
+
+def test_failing_hook_names_element_hook_code_and_output(tmp_path: Path) -> None:
+    proc = kiln("build", "tests/data/failing.yaml", "--elements-path", "tests/data/elements", "--no-boot-test",
+                "--output", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "element 'failing-hook'" in err
+    assert "install.d/50-fail" in err
+    assert "exited with 3" in err
+    assert "KILN-FAIL-TAIL: the last words of a failing hook" in err
+    assert "Traceback" not in err.split("kiln: error:")[-1]
+    assert not (tmp_path / "manifest.json").exists()
+    assert leftovers() == []
+
+
+def test_nothing_left_behind(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    assert leftovers() == []
+    work = Path(test_env()["KILN_CACHE"]) / "work"
+    assert not work.exists() or list(work.iterdir()) == []
+    assert list((Path(test_env()["KILN_CACHE"]) / "tmp").iterdir()) == []
+
+
+def test_readme_default_spec_plans() -> None:
+    proc = kiln("plan", str(REPO / "images/debian-12.yaml"))
+    assert "install.d" in proc.stdout and "01-package-installs" in proc.stdout
