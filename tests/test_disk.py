@@ -347,13 +347,16 @@ def test_assemble_removes_the_partial_file_on_failure(tmp_path: Path, monkeypatc
     out = tmp_path / "disk.raw"
     seen: list[int] = []
 
-    def failing_sgdisk(path: Path, layout: DiskLayout) -> None:
+    def fake_sgdisk(path: Path, layout: DiskLayout) -> None:
         seen.append(path.stat().st_size)
-        raise CommandError("write the GPT (sgdisk): exited with 4", returncode=4, tail=["Problem opening"])
+
+    def failing_mkimage(merged: Path, platform: str, out: Path, early_cfg: Path) -> None:
+        raise CommandError("grub-mkimage -O x86_64-efi: exited with 1", returncode=1, tail=["invalid ELF header"])
 
     monkeypatch.setattr(disk, "_require_tools", lambda: None)
-    monkeypatch.setattr(disk, "_sgdisk", failing_sgdisk)
-    with pytest.raises(CommandError, match="Problem opening"):
+    monkeypatch.setattr(disk, "_sgdisk", fake_sgdisk)
+    monkeypatch.setattr(disk, "make_grub_image", failing_mkimage)
+    with pytest.raises(CommandError, match="invalid ELF header"):
         assemble(merged, out, lay, workdir=tmp_path / "work")
     assert seen == [1 * GiB]  # the sparse partial file existed, at full size
     assert not out.exists() and not (tmp_path / "disk.raw.partial").exists()
@@ -434,3 +437,10 @@ def test_pack_real_tree(tmp_path: Path) -> None:
         assert struct.unpack_from("<Q", sector0, 0x5C)[0] == 2048
         assert sector0[0x1C2] == 0xEE and sector0[510:] == b"\x55\xaa"
         assert struct.unpack_from("<Q", core_first, 0x1F4)[0] == 2049
+
+
+def test_grub_cfg_with_an_empty_cmdline_has_no_trailing_blank() -> None:
+    cfg = disk.grub_cfg_text(layout=layout(), version="6.1.0-50-cloud-amd64", cmdline="", title="Debian", timeout=1)
+    assert f"linux /boot/vmlinuz-6.1.0-50-cloud-amd64 root=UUID={ROOT_UUID} ro\n" in cfg
+    with pytest.raises(DiskError, match="newline"):
+        disk.grub_cfg_text(layout=layout(), version="6.1", cmdline="a\nb", title="Debian", timeout=1)

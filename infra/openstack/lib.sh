@@ -1,0 +1,205 @@
+# shellcheck shell=bash
+# Shared by up.sh, down.sh and status.sh: where the stack lives, and how its daemons are started,
+# recorded and stopped. Every component is a set of functions named after it:
+#   <c>_packages    pip requirements it adds to the shared venv
+#   <c>_configure   write its config files (idempotent; returns 0 always)
+#   <c>_prepare     one-time state: databases, keys (idempotent)
+#   <c>_start       start its daemon(s) (only called when not healthy)
+#   <c>_healthy     exit 0 when it answers
+#   <c>_daemons     the daemon names it owns (pid files run/<name>.pid), in start order
+# A component file lives in components/<c>.sh; the Nova issue adds placement, nova, neutron, rabbitmq.
+
+set -euo pipefail
+
+KILN_OPENSTACK_DIR="${KILN_OPENSTACK_DIR:-/var/lib/kiln-openstack}"
+KILN_OPENSTACK_PYTHON="${KILN_OPENSTACK_PYTHON:-python3}"
+KILN_HOST=127.0.0.1
+KILN_REGION="${KILN_REGION:-RegionOne}"
+KILN_KEYSTONE_PORT="${KILN_KEYSTONE_PORT:-5000}"
+KILN_GLANCE_PORT="${KILN_GLANCE_PORT:-9292}"
+
+INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$KILN_OPENSTACK_DIR/venv"
+ETC="$KILN_OPENSTACK_DIR/etc"
+DATA="$KILN_OPENSTACK_DIR/data"
+RUN="$KILN_OPENSTACK_DIR/run"
+LOGS="$KILN_OPENSTACK_DIR/logs"
+SECRETS="$KILN_OPENSTACK_DIR/secrets.env"
+CLOUDS_YAML="$KILN_OPENSTACK_DIR/clouds.yaml"
+
+# every component this script knows, in start order (stop order is the reverse)
+ALL_COMPONENTS=(keystone glance)
+
+say() { printf 'kiln-openstack: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+for _c in "${ALL_COMPONENTS[@]}"; do
+    # shellcheck source=/dev/null
+    source "$INFRA_DIR/components/$_c.sh"
+done
+unset _c
+
+# component_requires NAME -> the components NAME needs, itself last
+component_requires() {
+    case "$1" in
+        keystone) echo keystone ;;
+        glance) echo keystone glance ;;
+        *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;;
+    esac
+}
+
+# resolve_components [NAME...] -> the requested components with their dependencies, in start order
+resolve_components() {
+    local wanted=() c d
+    for c in "$@"; do
+        for d in $(component_requires "$c"); do wanted+=("$d"); done
+    done
+    for c in "${ALL_COMPONENTS[@]}"; do
+        for d in "${wanted[@]}"; do
+            if [[ $d == "$c" ]]; then echo "$c"; break; fi
+        done
+    done
+}
+
+ensure_dirs() {
+    mkdir -p "$ETC" "$DATA" "$RUN" "$LOGS"
+    chmod 700 "$KILN_OPENSTACK_DIR"
+}
+
+# Passwords are made once and kept in secrets.env (mode 600); never printed.
+load_secrets() {
+    if [[ ! -f $SECRETS ]]; then
+        umask 077
+        {
+            for name in ADMIN KILN GLANCE_SERVICE; do
+                printf 'KILN_%s_PASSWORD=%s\n' "$name" "$(head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24)"
+            done
+        } >"$SECRETS.partial"
+        mv "$SECRETS.partial" "$SECRETS"
+        umask 022
+    fi
+    # shellcheck source=/dev/null
+    source "$SECRETS"
+    export KILN_ADMIN_PASSWORD KILN_KILN_PASSWORD KILN_GLANCE_SERVICE_PASSWORD
+}
+
+# render TEMPLATE DEST: replace @NAME@ with the value of the shell variable NAME; write only if changed.
+# Returns 0 when DEST changed, 1 when it was already up to date.
+render() {
+    local template=$1 dest=$2 tmp
+    tmp="$(mktemp "$dest.XXXXXX")"
+    "$VENV/bin/python" - "$template" "$tmp" <<'EOF'
+import os, re, sys
+text = open(sys.argv[1]).read()
+def sub(m):
+    name = m.group(1)
+    if name not in os.environ:
+        sys.exit(f"template {sys.argv[1]}: @{name}@ is not set")
+    return os.environ[name]
+open(sys.argv[2], "w").write(re.sub(r"@([A-Z0-9_]+)@", sub, text))
+EOF
+    chmod 600 "$tmp"
+    if [[ -f $dest ]] && cmp -s "$tmp" "$dest"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mv "$tmp" "$dest"
+    return 0
+}
+
+pid_of() {  # pid_of DAEMON -> the recorded pid when that process still runs
+    local file="$RUN/$1.pid" pid
+    [[ -f $file ]] || return 1
+    pid="$(tr -d '[:space:]' <"$file")"
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# wait_http URL SECONDS: until URL answers with any HTTP status (the service is listening and serving)
+wait_http() {
+    local url=$1 seconds=$2
+    "$VENV/bin/python" - "$url" "$seconds" <<'EOF'
+import sys, time, urllib.error, urllib.request
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+        sys.exit(0)
+    except urllib.error.HTTPError:
+        sys.exit(0)
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.3)
+EOF
+}
+
+port_busy() {  # port_busy PORT: something listens on 127.0.0.1:PORT
+    (exec 3<>"/dev/tcp/$KILN_HOST/$1") 2>/dev/null
+}
+
+# start_uwsgi NAME INI: start a uWSGI master that daemonizes itself, logs to logs/NAME.log and
+# records its pid in run/NAME.pid.
+start_uwsgi() {
+    local name=$1 ini=$2
+    rm -f "$RUN/$name.pid"
+    "$VENV/bin/uwsgi" --ini "$ini" >>"$LOGS/$name.log" 2>&1 </dev/null \
+        || die "$name: uWSGI did not start; see $LOGS/$name.log"
+    local i
+    for i in $(seq 1 50); do
+        pid_of "$name" >/dev/null && return 0
+        sleep 0.1
+    done
+    die "$name: no pid file after start; see $LOGS/$name.log"
+}
+
+# stop_daemon NAME [GRACE]: SIGTERM the recorded process and its children, SIGKILL what is left
+stop_daemon() {
+    local name=$1 grace=${2:-15} pid kids i
+    pid="$(pid_of "$name")" || { rm -f "$RUN/$name.pid"; return 0; }
+    kids="$(pgrep -P "$pid" || true)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 $((grace * 10))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "$name (pid $pid) did not stop in ${grace}s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
+    rm -f "$RUN/$name.pid"
+    say "stopped $name"
+}
+
+# the pinned requirements of the venv for a set of components (one line each, sorted)
+requirements_for() {
+    local c
+    {
+        echo "uwsgi==2.0.31"
+        echo "openstacksdk==4.22.0"
+        echo "python-openstackclient==10.5.0"
+        for c in "$@"; do "${c}_packages"; done
+    } | sort -u
+}
+
+# install_venv COMPONENT...: one pip run for everything, skipped when the same pins are installed
+install_venv() {
+    local req="$KILN_OPENSTACK_DIR/requirements.txt" stamp="$VENV/.kiln-installed" want
+    requirements_for "$@" >"$req.new"
+    want="$(cat "$req.new" "$INFRA_DIR/constraints.txt" | sha256sum | cut -d' ' -f1)"
+    if [[ -x $VENV/bin/python && -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
+        mv "$req.new" "$req"
+        return 0
+    fi
+    mv "$req.new" "$req"
+    local start=$SECONDS
+    say "installing $(tr '\n' ' ' <"$req")into $VENV (a few minutes the first time)"
+    [[ -x $VENV/bin/python ]] || "$KILN_OPENSTACK_PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >>"$LOGS/install.log" 2>&1
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+        -c "$INFRA_DIR/constraints.txt" -r "$req" >>"$LOGS/install.log" 2>&1 \
+        || die "pip install failed; see $LOGS/install.log"
+    echo "$want" >"$stamp"
+    say "installed in $((SECONDS - start)) s"
+}

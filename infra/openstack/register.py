@@ -1,0 +1,114 @@
+"""Register projects, users, roles, services and endpoints in one process, then write clouds.yaml.
+
+Run by up.sh with the stack's own venv (openstacksdk comes with python-openstackclient). One process
+instead of the CLI because each `openstack` call costs 3-4 s here. Idempotent: everything is
+looked up first and created only when missing; passwords are (re)set from secrets.env every run.
+Passwords are read from the environment and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import openstack
+import yaml
+
+
+def find_or_create(finder: Any, creator: Any, name: str, **attrs: Any) -> Any:
+    found = finder(name, ignore_missing=True)
+    if found is not None:
+        return found
+    print(f"creating {name}")
+    return creator(name=name, **attrs)
+
+
+def ensure_endpoints(conn: Any, service: Any, url: str, region: str) -> None:
+    existing = {(e.interface, e.url) for e in conn.identity.endpoints(service_id=service.id, region_id=region)}
+    for interface in ("public", "internal", "admin"):
+        if (interface, url) in existing:
+            continue
+        for stale in conn.identity.endpoints(service_id=service.id, interface=interface, region_id=region):
+            conn.identity.delete_endpoint(stale)
+        print(f"endpoint {service.name} {interface} {url}")
+        conn.identity.create_endpoint(service_id=service.id, interface=interface, url=url, region_id=region)
+
+
+def ensure_user(conn: Any, name: str, password: str, project: Any, roles: list[Any], domain: Any) -> Any:
+    user = conn.identity.find_user(name, domain_id=domain.id, ignore_missing=True)
+    if user is None:
+        print(f"creating user {name}")
+        user = conn.identity.create_user(name=name, password=password, domain_id=domain.id,
+                                         default_project_id=project.id)
+    else:
+        conn.identity.update_user(user, password=password)
+    for role in roles:
+        conn.identity.assign_project_role_to_user(project, user, role)
+    return user
+
+
+def clouds_yaml(keystone_url: str, region: str) -> dict[str, Any]:
+    def cloud(user: str, password: str, project: str) -> dict[str, Any]:
+        return {
+            "auth": {"auth_url": keystone_url, "username": user, "password": password, "project_name": project,
+                     "user_domain_name": "Default", "project_domain_name": "Default"},
+            "region_name": region, "identity_api_version": 3, "interface": "public",
+        }
+
+    return {"clouds": {
+        "kiln-dev": cloud("kiln", os.environ["KILN_KILN_PASSWORD"], "kiln"),
+        "kiln-dev-admin": cloud("admin", os.environ["KILN_ADMIN_PASSWORD"], "admin"),
+    }}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--clouds-yaml", required=True)
+    p.add_argument("--keystone-url", required=True)
+    p.add_argument("--region", required=True)
+    p.add_argument("--glance-url")
+    p.add_argument("components", nargs="+")
+    args = p.parse_args()
+    start = time.monotonic()
+
+    conn = openstack.connect(
+        auth_url=args.keystone_url, username="admin", password=os.environ["KILN_ADMIN_PASSWORD"],
+        project_name="admin", user_domain_name="Default", project_domain_name="Default",
+        region_name=args.region, identity_api_version="3",
+    )
+    ident = conn.identity
+    domain = ident.find_domain("default", ignore_missing=False)
+    admin_role = ident.find_role("admin", ignore_missing=False)
+    member_role = find_or_create(ident.find_role, ident.create_role, "member")
+    reader_role = find_or_create(ident.find_role, ident.create_role, "reader")
+    service_project = find_or_create(ident.find_project, ident.create_project, "service", domain_id=domain.id,
+                                     description="OpenStack service users")
+    kiln_project = find_or_create(ident.find_project, ident.create_project, "kiln", domain_id=domain.id,
+                                  description="kiln's images")
+    # the operator's publishing account: admin may make images public, list all servers (in-use checks)
+    ensure_user(conn, "kiln", os.environ["KILN_KILN_PASSWORD"], kiln_project,
+                [admin_role, member_role, reader_role], domain)
+
+    if "glance" in args.components:
+        ensure_user(conn, "glance", os.environ["KILN_GLANCE_SERVICE_PASSWORD"], service_project,
+                    [admin_role, member_role, reader_role], domain)
+        service = ident.find_service("glance", ignore_missing=True)
+        if service is None:
+            service = ident.create_service(name="glance", type="image", description="OpenStack Image")
+        ensure_endpoints(conn, service, args.glance_url, args.region)
+
+    data = yaml.safe_dump(clouds_yaml(args.keystone_url, args.region), sort_keys=False)
+    tmp = args.clouds_yaml + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(data)
+    os.replace(tmp, args.clouds_yaml)
+    print(f"registered {', '.join(args.components)} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
