@@ -14,6 +14,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.errors import KilnError
+from kiln.options import BuildOptions
 from kiln.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
 
 log = logging.getLogger("kiln.cli")
@@ -47,6 +48,8 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
     p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
     p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
+    p.add_argument("--dib-elements", action="store_true",
+                   help="search the installed diskimage-builder package's elements (before kiln's own)")
     p.add_argument("--elements-path", action="append", default=[], metavar="DIR",
                    help="element directory searched before kiln's own (repeatable; also ELEMENTS_PATH)")
 
@@ -72,17 +75,14 @@ def _start_prefect() -> None:
     prefect_server.configure_environment(url, state)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from kiln.options import BuildOptions
-
-    spec = spec_from_args(args)
-    options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
-                           no_cache=args.no_cache, boot_test=not args.no_boot_test)
-    # fail fast on bad elements before starting anything
+def run_build(spec: ImageSpec, options: BuildOptions) -> int:
+    """Build `spec` on the embedded (or the user's) Prefect server and print where the results are."""
+    from kiln.customize import check_break
     from kiln.plan import make_plan
 
-    make_plan(spec, elements_path=args.elements_path)
-    _reclaim(args.cache)
+    check_break(options.break_at)
+    make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)  # fail fast
+    _reclaim(options.cache)
     _start_prefect()
     from flows.build import build_image
 
@@ -98,11 +98,35 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
+                           no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
+                           break_at=args.break_at)
+    return run_build(spec, options)
+
+
+def cmd_dib(argv: list[str]) -> int:
+    """`kiln dib …`: a disk-image-create command line."""
+    from kiln import dib_cli
+
+    spec, opts = dib_cli.parse(argv)
+    if opts["logfile"]:
+        handler = logging.FileHandler(opts["logfile"])
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger("prefect").addHandler(handler)
+    options = BuildOptions(output=opts["output"], cache=opts["cache"], boot_test=opts["boot_test"],
+                           dib_elements=opts["dib_elements"], checksum_files=opts["checksum"],
+                           break_at=opts["break_at"])
+    return run_build(spec, options)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.plan import make_plan
 
     spec = spec_from_args(args)
-    plan = make_plan(spec, elements_path=args.elements_path)
+    plan = make_plan(spec, elements_path=args.elements_path, dib_elements=args.dib_elements)
     if args.json:
         print(json.dumps({"spec": spec.model_dump(mode="json"), "mirror": plan.mirror,
                           "elements": [e.__dict__ for e in plan.elements],
@@ -184,6 +208,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
     b.add_argument("--no-cache", action="store_true", help="rebuild every step")
     b.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot test")
+    b.add_argument("--break", dest="break_at", metavar="POINT",
+                   help="drop into a shell: before-<phase>, after-<phase> or after-error (DIB's break=)")
     b.set_defaults(func=cmd_build)
 
     pl = sub.add_parser("plan", help="show the resolved elements and every step with its cache key")
@@ -203,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
     g.set_defaults(func=cmd_gc)
 
+    sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
+
     s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
     s.add_argument("server_cmd", choices=["start", "stop", "status"])
     s.set_defaults(func=cmd_server)
@@ -217,7 +245,12 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    dib = bool(argv) and argv[0] == "dib"
+    args = parser().parse_args(["server", "status"] if dib else argv)
+    if dib:
+        args.verbose = False
+        args.func = lambda _: cmd_dib(argv[1:])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)

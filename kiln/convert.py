@@ -11,10 +11,11 @@ from kiln.checksums import file_digests
 from kiln.run import output, run
 from kiln.store import Store
 
-QEMU_IMG_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi"}
+QEMU_IMG_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "vhd": "vpc"}
 
 
-def convert(raw: Path, out: Path, fmt: str, *, compress: bool = False, timeout: float = 3600) -> Path:
+def convert(raw: Path, out: Path, fmt: str, *, compress: bool = False, options: str | None = None,
+            timeout: float = 3600) -> Path:
     """Write `raw` as `fmt` to `out` (via a partial file renamed into place)."""
     partial = out.with_name(out.name + ".partial")
     partial.unlink(missing_ok=True)
@@ -25,6 +26,8 @@ def convert(raw: Path, out: Path, fmt: str, *, compress: bool = False, timeout: 
             argv = ["qemu-img", "convert", "-f", "raw", "-O", QEMU_IMG_FORMATS[fmt], "-W"]
             if compress and fmt == "qcow2":
                 argv.append("-c")
+            if options:
+                argv += ["-o", options]
             run([*argv, str(raw), str(partial)], timeout=timeout, quiet=True, what=f"convert to {fmt}")
         os.replace(partial, out)
     except BaseException:
@@ -48,22 +51,23 @@ class ImageOutput:
     key: str
 
 
-def convert_key(pack_key: str, fmt: str, compress: bool) -> str:
+def convert_key(pack_key: str, fmt: str, compress: bool, options: str | None = None) -> str:
     from kiln.plan import digest
 
-    return digest({"stage": "convert", "pack": pack_key, "format": fmt, "compress": compress and fmt == "qcow2"})
+    return digest({"stage": "convert", "pack": pack_key, "format": fmt, "compress": compress and fmt == "qcow2",
+                   "options": options})
 
 
 def converted(store: Store, raw: Path, pack_key: str, fmt: str, *, name: str, compress: bool,
-              rebuild: bool = False) -> tuple[ImageOutput, bool]:
+              options: str | None = None, rebuild: bool = False) -> tuple[ImageOutput, bool]:
     """The image in `fmt` from the store, or converted now; (output, whether it came from the store)."""
-    key = convert_key(pack_key, fmt, compress)
+    key = convert_key(pack_key, fmt, compress, options)
     filename = f"{name}.{fmt}"
     with store.lock(key):
         cached = store.has(key) and not rebuild
         if not cached:
             with store.new_entry(key, kind="image", description=filename) as tmp:
-                out = convert(raw, tmp / "data" / filename, fmt, compress=compress)
+                out = convert(raw, tmp / "data" / filename, fmt, compress=compress, options=options)
                 sums = file_digests(out)
                 (tmp / "data" / "image.json").write_text(json.dumps({"file": filename, **sums}))
         store.touch(key)

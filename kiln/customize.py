@@ -17,17 +17,18 @@ from pathlib import Path
 
 from kiln import bootstrap as bootstrap_mod
 from kiln.chroot import CHROOT_PATH, IN_TARGET, ChrootSession
-from kiln.elements import tree_hash
-from kiln.errors import CommandError, HookError
+from kiln.elements import IN_CHROOT_PHASES, PHASES, tree_hash
+from kiln.errors import CommandError, HookError, KilnError
 from kiln.mounts import MountStack
 from kiln.plan import HELPERS, BuildPlan, Step, digest
-from kiln.run import run
+from kiln.run import interactive, run
 from kiln.store import Store
 
 log = logging.getLogger("kiln.customize")
 
 
 HOOK_TIMEOUT = 3600.0
+HOOKS_LAYER = "hooks"  # in a step's store entry: what the step wrote into TMP_HOOKS_PATH
 
 
 @dataclass
@@ -56,6 +57,7 @@ class BuildContext:
     store: Store
     workdir: Path
     rebuild: bool = False  # --no-cache: run every step, replacing what the store holds
+    break_at: str | None = None  # DIB's break=: before-<phase>, after-<phase>, after-error
 
     @property
     def hooks_dir(self) -> Path:
@@ -101,15 +103,22 @@ def prepare_hooks_dir(ctx: BuildContext) -> Path:
     return dest
 
 
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(os.scandir(path))
+
+
 def layer_stack(ctx: BuildContext, upto: int) -> list[Path]:
-    """Lower layers for step `upto`: the non-empty results of the steps before it, top first."""
-    keys = [ctx.plan.base_key] + [s.key for s in ctx.plan.steps[:upto]]
-    layers = []
-    for key in keys:
-        data = ctx.store.data(key)
-        if key == ctx.plan.base_key or any(os.scandir(data)):
-            layers.append(data)
+    """Lower root layers for step `upto`: the non-empty results of the steps before it, top first."""
+    layers = [ctx.store.data(ctx.plan.base_key)]
+    layers += [ctx.store.data(s.key) for s in ctx.plan.steps[:upto] if _non_empty(ctx.store.data(s.key))]
     return list(reversed(layers))
+
+
+def hooks_stack(ctx: BuildContext, upto: int) -> list[Path]:
+    """What steps before `upto` wrote into TMP_HOOKS_PATH (extra-data.d does), top first, over the merged
+    element directories."""
+    layers = [ctx.store.path(s.key) / HOOKS_LAYER for s in ctx.plan.steps[:upto]]
+    return [*reversed([p for p in layers if _non_empty(p)]), ctx.hooks_dir]
 
 
 def ensure_base(ctx: BuildContext) -> StepResult:
@@ -134,40 +143,88 @@ def _chroot_env(ctx: BuildContext) -> dict[str, str]:
     return env
 
 
-def _outside_env(ctx: BuildContext) -> dict[str, str]:
+def _outside_env(ctx: BuildContext, hooks: Path) -> dict[str, str]:
     tmp = ctx.workdir / "tmp"
     home = ctx.workdir / "home"
     tmp.mkdir(exist_ok=True)
     home.mkdir(exist_ok=True)
     ctx.dib_cache.mkdir(parents=True, exist_ok=True)
     env = {
-        "PATH": f"{ctx.hooks_dir}/outside-bin:{ctx.hooks_dir}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                "/usr/bin:/sbin:/bin",
+        "PATH": f"{hooks}/outside-bin:{hooks}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": str(home), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
-        "TARGET_ROOT": str(ctx.root), "TMP_MOUNT_PATH": str(ctx.root), "TMP_HOOKS_PATH": str(ctx.hooks_dir),
+        "TARGET_ROOT": str(ctx.root), "TMP_MOUNT_PATH": str(ctx.root), "TMP_HOOKS_PATH": str(hooks),
         "TMPDIR": str(tmp), "TMP_DIR": str(tmp), "DIB_IMAGE_CACHE": str(ctx.dib_cache),
     }
     env.update(ctx.plan.env)
     return env
 
 
-def _run_step_in(ctx: BuildContext, step: Step) -> None:
+def _step_argv(step: Step, hooks: str) -> list[str]:
+    if step.kind == "hook":
+        return ["/bin/bash", f"{hooks}/bin/kiln-run-hook", step.phase, step.name]
+    if step.kind == "packages":
+        return ["/bin/bash", f"{hooks}/bin/install-packages", *step.packages]
+    return ["/bin/bash", f"{hooks}/bin/install-packages", "-e", *step.packages]
+
+
+def _run_step_in(ctx: BuildContext, step: Step, hooks: Path) -> None:
     try:
-        if step.kind == "hook" and not step.in_chroot:
-            run(["bash", str(ctx.hooks_dir / "bin" / "kiln-run-hook"), step.phase, step.name],
-                env=_outside_env(ctx), cwd=ctx.workdir, timeout=HOOK_TIMEOUT, what=step.label)
+        if not step.in_chroot:
+            run(_step_argv(step, str(hooks)), env=_outside_env(ctx, hooks), cwd=ctx.workdir, timeout=HOOK_TIMEOUT,
+                what=step.label)
             return
-        with ChrootSession(ctx.root, ctx.workdir, hooks_dir=ctx.hooks_dir, apt_cache=ctx.deb_cache) as chroot:
-            if step.kind == "hook":
-                argv = ["/bin/bash", f"{IN_TARGET}/bin/kiln-run-hook", step.phase, step.name]
-            elif step.kind == "packages":
-                argv = ["/bin/bash", f"{IN_TARGET}/bin/install-packages", *step.packages]
-            else:
-                argv = ["/bin/bash", f"{IN_TARGET}/bin/install-packages", "-e", *step.packages]
-            chroot.run(argv, env=_chroot_env(ctx), timeout=HOOK_TIMEOUT, what=step.label)
+        with ChrootSession(ctx.root, ctx.workdir, hooks_dir=hooks, apt_cache=ctx.deb_cache) as chroot:
+            chroot.run(_step_argv(step, IN_TARGET), env=_chroot_env(ctx), timeout=HOOK_TIMEOUT, what=step.label)
     except CommandError as exc:
         raise HookError(element=step.element, phase=step.phase, hook=step.name, returncode=exc.returncode,
                         tail=exc.tail) from None
+
+
+def _mount_step(ctx: BuildContext, step: Step, mounts: MountStack, entry: Path) -> Path:
+    """Mount the step's root (an overlay with the entry's upper) and its view of TMP_HOOKS_PATH.
+
+    Hooks outside the chroot may write to TMP_HOOKS_PATH (DIB's extra-data.d does); those writes go to the
+    entry's own hooks layer so that a later build that takes this step from the cache sees them too.
+    """
+    mounts.overlay(layer_stack(ctx, step.index), ctx.root, upper=entry / "data", work=entry / "work")
+    hooks_lowers = hooks_stack(ctx, step.index)
+    if not step.in_chroot:
+        return mounts.overlay(hooks_lowers, ctx.workdir / "hooks-view", upper=entry / HOOKS_LAYER,
+                              work=entry / "hooks-work")
+    if len(hooks_lowers) > 1:
+        return mounts.overlay(hooks_lowers, ctx.workdir / "hooks-view")
+    return ctx.hooks_dir
+
+
+BREAK_POINTS = frozenset(
+    [f"{when}-{phase.removesuffix('.d')}" for phase in PHASES for when in ("before", "after")] + ["after-error"])
+
+
+def check_break(value: str | None) -> str | None:
+    if value is not None and value not in BREAK_POINTS:
+        raise KilnError(f"--break {value}: unknown break point; use before-<phase>, after-<phase> or after-error "
+                        f"(phases: {', '.join(p.removesuffix('.d') for p in PHASES)})")
+    return value
+
+
+def debug_shell(ctx: BuildContext, *, upto: int, in_chroot: bool, why: str) -> None:
+    """An interactive shell on the tree as it is before step `upto` (changes go to a scratch layer and are
+    discarded, so they never reach the cache)."""
+    scratch = ctx.workdir / "break"
+    with MountStack(ctx.workdir) as mounts:
+        mounts.overlay(layer_stack(ctx, upto), ctx.root, upper=scratch / "upper", work=scratch / "work")
+        _shell_on_mounted_root(ctx, in_chroot=in_chroot, why=why)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _shell_on_mounted_root(ctx: BuildContext, *, in_chroot: bool, why: str) -> None:
+    if in_chroot:
+        with ChrootSession(ctx.root, ctx.workdir, hooks_dir=ctx.hooks_dir, apt_cache=ctx.deb_cache):
+            env = {**_chroot_env(ctx), "TERM": os.environ.get("TERM", "xterm"), "PS1": f"kiln({why})# "}
+            interactive(["chroot", str(ctx.root), "/bin/bash", "--norc", "-i"], env=env, what=why)
+    else:
+        env = {**_outside_env(ctx, ctx.hooks_dir), "TERM": os.environ.get("TERM", "xterm"), "PS1": f"kiln({why})$ "}
+        interactive(["/bin/bash", "--norc", "-i"], env=env, what=why)
 
 
 def run_step(ctx: BuildContext, step: Step) -> StepResult:
@@ -177,12 +234,16 @@ def run_step(ctx: BuildContext, step: Step) -> StepResult:
             ctx.store.touch(step.key)
             return StepResult(step.label, step.key, True, time.monotonic() - start)
         log.info("running %s", step.label)
-        lowers = layer_stack(ctx, step.index)
-        with ctx.store.new_entry(step.key, kind="layer", description=step.label,
-                                 extra={"phase": step.phase, "hook": step.name, "element": step.element}) as tmp, \
+        with ctx.store.new_entry(step.key, kind="layer", description=step.label, keep=(HOOKS_LAYER,),
+                                 extra={"phase": step.phase, "hook": step.name, "element": step.element}) as entry, \
                 MountStack(ctx.workdir) as mounts:
-            mounts.overlay(lowers, ctx.root, upper=tmp / "data", work=tmp / "work")
-            _run_step_in(ctx, step)
+            hooks = _mount_step(ctx, step, mounts, entry)
+            try:
+                _run_step_in(ctx, step, hooks)
+            except HookError:
+                if ctx.break_at == "after-error":
+                    _shell_on_mounted_root(ctx, in_chroot=step.in_chroot, why=f"after-error in {step.label}")
+                raise
             mounts.unmount_all()
     seconds = time.monotonic() - start
     log.info("finished %s in %.1f s", step.label, seconds)
@@ -192,9 +253,15 @@ def run_step(ctx: BuildContext, step: Step) -> StepResult:
 def run_phase(ctx: BuildContext, phase: str, on_step: Callable[[StepResult], None] | None = None) -> PhaseResult:
     result = PhaseResult(phase)
     prepare_hooks_dir(ctx)
-    for step in ctx.plan.phase_steps(phase):
+    steps = ctx.plan.phase_steps(phase)
+    name = phase.removesuffix(".d")
+    if steps and ctx.break_at == f"before-{name}":
+        debug_shell(ctx, upto=steps[0].index, in_chroot=phase in IN_CHROOT_PHASES, why=f"before-{name}")
+    for step in steps:
         r = run_step(ctx, step)
         result.steps.append(r)
         if on_step:
             on_step(r)
+    if steps and ctx.break_at == f"after-{name}":
+        debug_shell(ctx, upto=steps[-1].index + 1, in_chroot=phase in IN_CHROOT_PHASES, why=f"after-{name}")
     return result

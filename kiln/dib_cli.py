@@ -68,7 +68,8 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
             raise SpecError(f"kiln dib: {opt} is not supported by kiln")
     arch = ARCHES.get(args.arch)
     if arch is None:
-        raise SpecError(f"kiln dib: -a {args.arch}: unsupported architecture (kiln builds {', '.join(sorted(set(ARCHES.values())))})")
+        known = ", ".join(sorted(ARCHES))
+        raise SpecError(f"kiln dib: -a {args.arch}: unsupported architecture (kiln builds {known})")
     distros = [e for e in args.elements if e in DISTRO_ELEMENTS]
     if not distros:
         raise SpecError(f"kiln dib: no distribution element among {' '.join(args.elements)} "

@@ -780,6 +780,7 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
     """Build the raw disk `out` from `merged` (the tree with the pack layer on top).
 
     Writes `out.partial` and renames it into place only when everything, checks included, succeeded.
+    Scratch files (GRUB images, configs) go to `workdir` and are removed again.
     """
     started = time.monotonic()
     kernel, initrd, version = kernel_in(merged)
@@ -822,6 +823,9 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        for scratch in (early, efi_image, core_img, workdir / "mke2fs.conf"):
+            scratch.unlink(missing_ok=True)
     log.info(
         "packed %s (%s, root %s of %s used by the tree) in %.1f s",
         out,

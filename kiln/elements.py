@@ -37,6 +37,9 @@ PHASES: tuple[str, ...] = (
 IN_CHROOT_PHASES = frozenset({"pre-install.d", "install.d", "post-install.d", "finalise.d"})
 # dib-run-parts runs only names like this; other files in a phase dir are data (patches, templates)
 HOOK_NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
+# an element kiln implements natively (the distro base, the disk, package installs) carries this file;
+# kiln's copy is used even when an element of the same name stands earlier on the search path
+NATIVE_MARKER = "kiln-native"
 ELEMENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -124,15 +127,28 @@ def _read_names(path: Path, element: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def search_path(extra: Sequence[str | Path] = (), env: str | None = None) -> list[Path]:
-    """The element search path: --elements-path entries, then ELEMENTS_PATH, then kiln's own elements.
+def dib_library() -> Path:
+    """The element directory of the installed diskimage-builder package (for --dib-elements)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("diskimage_builder")
+    if spec is None or spec.origin is None:
+        raise ElementError("--dib-elements: the diskimage-builder package is not installed "
+                           "(pip install diskimage-builder, or `pip install -e '.[dib]'`)")
+    return Path(spec.origin).parent / "elements"
+
+
+def search_path(extra: Sequence[str | Path] = (), env: str | None = None,
+                library: Sequence[Path] = ()) -> list[Path]:
+    """The element search path: --elements-path entries, then ELEMENTS_PATH, then element libraries such as
+    diskimage-builder's (--dib-elements), then kiln's own elements.
 
     The user's directories come first so an operator's element of the same name (e.g. their own
     cloud-init-cfg) wins over the one kiln ships, as in diskimage-builder.
     """
     env = os.environ.get("ELEMENTS_PATH", "") if env is None else env
     paths: list[Path] = []
-    for entry in [*[str(p) for p in extra], *env.split(":")]:
+    for entry in [*[str(p) for p in extra], *env.split(":"), *[str(p) for p in library]]:
         if not entry:
             continue
         p = Path(entry).expanduser().resolve()
@@ -146,6 +162,12 @@ def search_path(extra: Sequence[str | Path] = (), env: str | None = None) -> lis
 
 
 def find_element(name: str, path: Sequence[Path]) -> Element | None:
+    native = KILN_ELEMENTS / name
+    if (native / NATIVE_MARKER).is_file():
+        shadowed = [d / name for d in path if d != KILN_ELEMENTS and (d / name).is_dir()]
+        if shadowed:
+            log.info("element %r: kiln implements it natively; ignoring %s", name, ", ".join(map(str, shadowed)))
+        path = [KILN_ELEMENTS]
     for directory in path:
         candidate = directory / name
         if candidate.is_dir():
@@ -243,3 +265,33 @@ def environment_files(resolved: ResolvedElements) -> list[Path]:
         if env_dir.is_dir():
             files += [f for f in env_dir.iterdir() if f.is_file() and not f.name.startswith(".")]
     return sorted(files, key=lambda f: (f.name.encode(), str(f)))
+
+
+def shared_data_hash(resolved: ResolvedElements) -> str:
+    """Hash of what any hook can read besides its own element: every element's non-hook files in the merged
+    hooks directory (static/, init-scripts/, bin/, data files in phase directories).
+
+    Hook scripts, environment.d and the element's top-level files are left out: they reach the keys through
+    the owning element's hash, the environment key and the plan itself.
+    """
+    h = hashlib.sha256()
+    for element in resolved.elements:
+        for child in sorted(element.path.iterdir()):
+            if not child.is_dir() or child.name == "environment.d":
+                continue
+            if child.name in PHASES:
+                for entry in sorted(child.iterdir()):
+                    if HOOK_NAME_RE.match(entry.name) and not entry.is_dir():
+                        continue
+                    h.update(f"{element.name}/{child.name}/{entry.name}\0".encode())
+                    h.update((tree_hash(entry) if entry.is_dir() else _entry_hash(entry)).encode())
+            else:
+                h.update(f"{element.name}/{child.name}\0{tree_hash(child)}".encode())
+    return h.hexdigest()
+
+
+def _entry_hash(path: Path) -> str:
+    st = os.lstat(path)
+    h = hashlib.sha256(f"{stat.S_IMODE(st.st_mode):o}".encode())
+    h.update(os.readlink(path).encode() if stat.S_ISLNK(st.st_mode) else path.read_bytes())
+    return h.hexdigest()

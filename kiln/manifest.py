@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
-from kiln.checksums import write_sha256sums
+from kiln.checksums import file_digests, write_sha256sums
 
 
 def install_file(src: Path, dest: Path) -> Path:
@@ -74,3 +74,10 @@ def markdown_summary(manifest: dict[str, Any]) -> str:
     else:
         lines += ["", "Boot test: skipped."]
     return "\n".join(lines) + "\n"
+
+
+def write_checksum_files(image: Path, *, sha256: str) -> None:
+    """<image>.md5 and <image>.sha256 beside the image, as diskimage-builder's --checksum writes them."""
+    md5 = file_digests(image, ("md5",))["md5"]
+    for ext, digest in (("md5", md5), ("sha256", sha256)):
+        image.with_name(f"{image.name}.{ext}").write_text(f"{digest}  {image.name}\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +107,18 @@ def hook_env(spec: ImageSpec, mirror: str, element_names: Sequence[str],
         "DIB_IMAGE_SIZE": str(spec.size // 1024**3),
     })
     env.update(spec.env)
+    # read by DIB's manifests element
+    env["DIB_ENV"] = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k.startswith("DIB_"))
+    env["DIB_ARGS"] = " ".join(element_names)
     return env
 
 
-def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (),
+def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_elements: bool = False,
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
     mirror = resolve_mirror(spec.mirror, host_env)
-    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""))
+    library = [elements.dib_library()] if dib_elements else []
+    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), library)
     requested = [spec.distro.value, *spec.elements]
     resolved = elements.resolve(requested, path)
     infos = [ElementInfo(e.name, str(e.path), e.content_hash) for e in resolved.elements]
@@ -122,6 +127,7 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (),
     env_files = elements.environment_files(resolved)
     env_key = digest({
         "helpers": elements.tree_hash(HELPERS),
+        "shared": elements.shared_data_hash(resolved),
         "env": env,
         "env_files": [[f.name, _file_hash(f)] for f in env_files],
     })

@@ -584,8 +584,9 @@ def boot_test(
         if uefi is not None:
             vars_copy = scratch / "efivars.fd"
             shutil.copyfile(uefi[1], vars_copy)
-        argv = qemu_argv(arch=arch, firmware=firmware, accel=accel, disk=overlay, seed_iso=Path(seed_iso),
-                         serial_socket=sockdir / "serial.sock", serial_log=serial_log.resolve(),
+        argv = qemu_argv(arch=arch, firmware=firmware, accel=accel, disk=overlay,
+                         seed_iso=Path(seed_iso).resolve(), serial_socket=sockdir / "serial.sock",
+                         serial_log=serial_log.resolve(),
                          memory_mib=memory_mib, cpus=cpus, firmware_code=uefi[0] if uefi else None,
                          firmware_vars=vars_copy, name=f"kiln-boot-{firmware}")
         log.info("boot test %s/%s (%s) of %s, timeout %.0f s", arch, firmware, accel, image.name, timeout)

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -164,3 +165,11 @@ def output(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
     """Run quietly and return stdout+stderr as one stripped string."""
     kwargs.setdefault("quiet", True)
     return run(args, **kwargs).output.strip()  # type: ignore[arg-type]
+
+
+def interactive(args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str], what: str) -> int:
+    """Run a command on the user's terminal (a debugging shell); needs a TTY on stdin."""
+    if not sys.stdin.isatty():
+        raise CommandError(f"{what}: needs an interactive terminal on stdin", returncode=None, tail=[])
+    log.info("%s: starting an interactive shell; exit it to continue the build", what)
+    return subprocess.call([os.fspath(a) for a in args], env=dict(env))

@@ -29,6 +29,10 @@ class Arch(StrEnum):
 class ImageFormat(StrEnum):
     qcow2 = "qcow2"
     raw = "raw"
+    vmdk = "vmdk"
+    vdi = "vdi"
+    vhd = "vhd"
+    vhdx = "vhdx"
 
 
 class Firmware(StrEnum):
@@ -84,6 +88,7 @@ class ImageSpec(StrictModel):
     size: int = Field(default=parse_size("4G"), description="disk size; accepts 4G, 512M, …")
     formats: list[ImageFormat] = Field(default_factory=lambda: [ImageFormat.qcow2], min_length=1)
     compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
+    qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
     mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources")
     boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
 
@@ -124,6 +129,13 @@ class ImageSpec(StrictModel):
         for key in v:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
+        return v
+
+    @field_validator("qemu_img_options")
+    @classmethod
+    def _qemu_img_options(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9_.=,-]+$", v):
+            raise ValueError(f"{v!r} is not a qemu-img option list (name=value,name=value)")
         return v
 
     @field_validator("mirror")

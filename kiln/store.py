@@ -121,20 +121,20 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
-    def new_entry(self, key: str, *, kind: str, description: str,
+    def new_entry(self, key: str, *, kind: str, description: str, keep: tuple[str, ...] = (),
                   extra: dict[str, object] | None = None) -> Iterator[Path]:
         """Yield a fresh temporary directory; on success it becomes the entry for `key`.
 
         The caller writes the entry's content into the yielded directory's `data/` (created empty)
-        and may use the rest of it as scratch (e.g. an overlay work directory). The caller must hold
-        `lock(key)`.
+        and may use the rest of it as scratch (e.g. an overlay work directory); directories named in `keep`
+        stay part of the entry. The caller must hold `lock(key)`.
         """
         tmp = self.tmp_dir / f"{self.short(key)}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         (tmp / "data").mkdir(parents=True)
         try:
             yield tmp
             for child in tmp.iterdir():
-                if child.name != "data":
+                if child.name != "data" and child.name not in keep:
                     _rmtree(child)
             meta = {"key": key, "kind": kind, "description": description, "created": time.time(),
                     "size": _du(tmp / "data"), **(extra or {})}

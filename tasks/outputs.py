@@ -11,7 +11,14 @@ from prefect import get_run_logger, task
 from kiln.boottest import BootOutcome
 from kiln.convert import ImageOutput
 from kiln.customize import BuildContext
-from kiln.manifest import base_manifest, install_file, markdown_summary, write_checksums, write_manifest
+from kiln.manifest import (
+    base_manifest,
+    install_file,
+    markdown_summary,
+    write_checksum_files,
+    write_checksums,
+    write_manifest,
+)
 from kiln.options import BuildOptions
 from kiln.pack import PackOutput
 
@@ -50,6 +57,9 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
     summary = markdown_summary(manifest)
     write_manifest(out, manifest)
     write_checksums(out, manifest["images"])
+    if options.checksum_files:
+        for f in files:
+            write_checksum_files(Path(str(f["path"])), sha256=str(f["sha256"]))
     for f in files:
         logger.info("image: %s", f["path"])
     logger.info("manifest: %s", out / "manifest.json")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from kiln.customize import BuildContext
+from kiln.customize import BuildContext, check_break
 from kiln.gc import claim_workdir
 from kiln.options import BuildOptions
 from kiln.plan import make_plan
@@ -23,10 +23,11 @@ def new_build_id() -> str:
 @task(name="plan")
 def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildContext:
     logger = get_run_logger()
-    plan = make_plan(spec, elements_path=options.elements_path)
+    plan = make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)
     store = Store(Path(options.cache) if options.cache else None)
     workdir = store.work_root / build_id
     claim_workdir(workdir)
     logger.info("elements: %s", ", ".join(e.name for e in plan.elements))
     logger.info("mirror: %s; %d steps; store %s", plan.mirror, len(plan.steps), store.root)
-    return BuildContext(plan=plan, store=store, workdir=workdir, rebuild=options.no_cache)
+    return BuildContext(plan=plan, store=store, workdir=workdir, rebuild=options.no_cache,
+                        break_at=check_break(options.break_at))

@@ -103,7 +103,8 @@ def test_seed_iso_contains_files(tmp_path: Path) -> None:
                              check=True).stdout
     names = {line.strip().strip("'").lstrip(".") for line in listing.splitlines()}
     assert {"/user-data", "/meta-data", "/network-config"} <= names
-    info = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True, check=True).stdout
+    info = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True,
+                          check=True).stdout
     assert "Volume id: cidata" in info
     extracted = subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/user-data",
                                 str(tmp_path / "ud")], capture_output=True, check=True)
@@ -296,7 +297,9 @@ def test_argv_escapes_commas_and_rejects_unknowns() -> None:
 # --------------------------------------------------------------------------- serial console (no VM)
 
 
-def _fake_getty(path: Path, password: str, transcript: list[bytes], killed: threading.Event) -> threading.Thread:
+def _fake_getty(
+    path: Path, password: str, transcript: list[bytes], killed: threading.Event
+) -> threading.Thread:
     """A unix-socket server that talks like a guest's console: cloud-init's end, then getty and a shell."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
