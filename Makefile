@@ -5,7 +5,7 @@ VENV := .venv
 KILN := $(VENV)/bin/kiln
 HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk xorriso \
 	cloud-image-utils grub-common grub-pc-bin grub-efi-amd64-bin e2fsprogs zstd util-linux fdisk \
-	debian-archive-keyring ca-certificates
+	debian-archive-keyring ca-certificates genisoimage
 SPEC ?= images/debian-12.yaml
 
 .PHONY: image test deps venv test-deps lint unit slow server-stop clean
@@ -35,7 +35,7 @@ venv: $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e .
 
 test-deps: $(VENV)/bin/python
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,dib]'
 
 lint:
 	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks

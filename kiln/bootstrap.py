@@ -15,7 +15,7 @@ from kiln.run import run
 
 log = logging.getLogger("kiln.bootstrap")
 
-BOOTSTRAP_VERSION = "1"  # bump when the bootstrap's command line changes what it produces
+BOOTSTRAP_VERSION = "2"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
 COMPONENTS = ("main",)
 
@@ -27,6 +27,7 @@ class BootstrapRequest:
     arch: str
     mirror: str
     include: tuple[str, ...] = ()
+    release_digest: str = ""  # of the mirror's InRelease: a new publication means a new base
 
     def key_fields(self) -> dict[str, object]:
         return {
@@ -39,6 +40,7 @@ class BootstrapRequest:
             "variant": VARIANT,
             "components": list(COMPONENTS),
             "include": sorted(self.include),
+            "release_digest": self.release_digest,
         }
 
 
@@ -50,6 +52,9 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         f"--architectures={req.arch}",
         f"--components={','.join(COMPONENTS)}",
         "--aptopt=Acquire::Retries 3",
+        # keep the package lists: DIB elements run apt-get in pre-install.d, before any update of theirs;
+        # the cleanup element removes them at the end of the build
+        "--skip=cleanup/apt/lists",
         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives",
         f"--setup-hook=find {cache} -maxdepth 1 -name '*.deb' "
         "-exec cp -l -t \"$1\"/var/cache/apt/archives/ {} + 2>/dev/null || true",

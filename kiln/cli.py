@@ -48,6 +48,8 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
     p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
     p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
+    p.add_argument("--boot-root-login", action="store_true", default=None,
+                   help="boot test: set a root password through user-data and log in with it (cloud-init-cfg)")
     p.add_argument("--dib-elements", action="store_true",
                    help="search the installed diskimage-builder package's elements (before kiln's own)")
     p.add_argument("--elements-path", action="append", default=[], metavar="DIR",
@@ -60,7 +62,8 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
         "size": args.size, "formats": args.format, "compress": args.compress, "mirror": args.mirror,
         "add_elements": args.elements or None, "add_packages": args.packages or None,
         "env": dict(args.env) if args.env else None,
-        "boot_test": {"firmware": args.firmware} if args.firmware else None,
+        "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login)) if v}
+        or None,
     }
     if args.spec is not None:
         return load_spec(args.spec, overrides)

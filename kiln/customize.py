@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ log = logging.getLogger("kiln.customize")
 
 
 HOOK_TIMEOUT = 3600.0
+UNABLE_RE = re.compile(r"Unable to locate package (\S+)")
 HOOKS_LAYER = "hooks"  # in a step's store entry: what the step wrote into TMP_HOOKS_PATH
 
 
@@ -176,8 +178,28 @@ def _run_step_in(ctx: BuildContext, step: Step, hooks: Path) -> None:
         with ChrootSession(ctx.root, ctx.workdir, hooks_dir=hooks, apt_cache=ctx.deb_cache) as chroot:
             chroot.run(_step_argv(step, IN_TARGET), env=_chroot_env(ctx), timeout=HOOK_TIMEOUT, what=step.label)
     except CommandError as exc:
+        if step.kind != "hook":
+            raise PackageStepError(step, exc) from None
         raise HookError(element=step.element, phase=step.phase, hook=step.name, returncode=exc.returncode,
                         tail=exc.tail) from None
+
+
+class PackageStepError(HookError):
+    """A package install step failed: names the packages apt could not find and the elements that asked."""
+
+    def __init__(self, step: Step, exc: CommandError) -> None:
+        missing = sorted({m.group(1) for line in exc.tail for m in [UNABLE_RE.search(line)] if m})
+        by_element: dict[str, list[str]] = {}
+        for package, element in step.origins:
+            if not missing or package in missing:
+                by_element.setdefault(element, []).append(package)
+        who = "; ".join(f"{e}: {' '.join(sorted(p))}" for e, p in sorted(by_element.items()))
+        super().__init__(element=who or step.element, phase=step.phase, hook=step.name,
+                         returncode=exc.returncode, tail=exc.tail)
+        if missing:
+            self.args = (f"package{'s' if len(missing) > 1 else ''} {', '.join(missing)} not available from the "
+                         f"mirror (asked for by {who}); {step.phase}/{step.name} exited with {exc.returncode}"
+                         + "\n  last output:\n" + "\n".join(f"    {line}" for line in exc.tail),)
 
 
 def _mount_step(ctx: BuildContext, step: Step, mounts: MountStack, entry: Path) -> Path:

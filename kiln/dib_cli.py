@@ -3,6 +3,8 @@
 A line from a DIB how-to works as it is (`kiln dib -a amd64 -o debian-bookworm-amd64 vm cloud-init-cfg
 debian`), with the DIB environment variables it reads (DIB_RELEASE, DIB_DISTRIBUTION_MIRROR,
 ELEMENTS_PATH, DIB_* for the elements). What kiln does not support is an error naming the option.
+kiln's own boot test can be steered without changing the line: KILN_BOOT_FIRMWARE=bios,uefi and
+KILN_BOOT_ROOT_LOGIN=1 (or the kiln-only flags --firmware, --no-boot-test).
 """
 
 from __future__ import annotations
@@ -103,8 +105,14 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         data["size"] = f"{args.image_size}G"
     if args.qemu_img_options:
         data["qemu_img_options"] = args.qemu_img_options
-    if args.firmware:
-        data["boot_test"] = {"firmware": [f for f in args.firmware.split(",") if f]}
+    boot: dict[str, Any] = {}
+    firmware = args.firmware or env.get("KILN_BOOT_FIRMWARE")
+    if firmware:
+        boot["firmware"] = [f for f in firmware.split(",") if f]
+    if env.get("KILN_BOOT_ROOT_LOGIN", "") not in ("", "0", "no", "false"):
+        boot["root_login"] = True
+    if boot:
+        data["boot_test"] = boot
     spec = spec_from_dict(data, "kiln dib command line")
     options = {
         "output": str(out.parent) if str(out.parent) else ".",

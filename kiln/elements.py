@@ -49,6 +49,9 @@ class Element:
     path: Path
     deps: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
+    # from an element library (diskimage-builder's): its non-executable hook files are skipped with a
+    # warning, as dib-run-parts does, instead of being an error
+    library: bool = False
 
     @property
     def content_hash(self) -> str:
@@ -161,7 +164,7 @@ def search_path(extra: Sequence[str | Path] = (), env: str | None = None,
     return paths
 
 
-def find_element(name: str, path: Sequence[Path]) -> Element | None:
+def find_element(name: str, path: Sequence[Path], library: Sequence[Path] = ()) -> Element | None:
     native = KILN_ELEMENTS / name
     if (native / NATIVE_MARKER).is_file():
         shadowed = [d / name for d in path if d != KILN_ELEMENTS and (d / name).is_dir()]
@@ -176,11 +179,12 @@ def find_element(name: str, path: Sequence[Path]) -> Element | None:
                 path=candidate,
                 deps=_read_names(candidate / "element-deps", name),
                 provides=_read_names(candidate / "element-provides", name),
+                library=directory in library,
             )
     return None
 
 
-def resolve(requested: Iterable[str], path: Sequence[Path]) -> ResolvedElements:
+def resolve(requested: Iterable[str], path: Sequence[Path], library: Sequence[Path] = ()) -> ResolvedElements:
     """Expand `requested` through element-deps; names may be satisfied by element-provides.
 
     A name nobody ships or provides is an error naming who asked for it.
@@ -197,7 +201,7 @@ def resolve(requested: Iterable[str], path: Sequence[Path]) -> ResolvedElements:
         name = queue.pop(0)
         if name in included:
             continue
-        element = find_element(name, path)
+        element = find_element(name, path, library)
         if element is None:
             unresolved.append(name)
             continue
@@ -246,6 +250,10 @@ def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
                 if not os.access(entry, os.R_OK):
                     raise ElementError(f"element {element.name!r}: hook {phase}/{entry.name} is not readable")
                 if not entry.stat().st_mode & stat.S_IXUSR:
+                    if element.library:
+                        log.warning("element %r: ignoring non-executable %s/%s (as dib-run-parts does)",
+                                    element.name, phase, entry.name)
+                        continue
                     raise ElementError(
                         f"element {element.name!r}: hook {phase}/{entry.name} is not executable "
                         f"(chmod +x {entry})"

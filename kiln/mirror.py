@@ -84,3 +84,22 @@ def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None
             f"apt sources under {APT_DIR} name none"
         )
     return mirrors[0]
+
+
+def release_digest(mirror: str, release: str, *, timeout: float = 20.0) -> str:
+    """sha256 of the suite's InRelease (or Release) file: it changes whenever the mirror publishes, so a
+    base keyed on it is rebuilt exactly when there is something new to bootstrap."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    errors = []
+    for name in ("InRelease", "Release"):
+        url = f"{mirror}/dists/{release}/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s)/file URLs only)
+                return hashlib.sha256(resp.read()).hexdigest()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            errors.append(f"{url}: {reason}")
+    raise SpecError(f"mirror {mirror} does not answer for release {release!r}:\n  " + "\n  ".join(errors))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kiln import bootstrap, elements, packages
 from kiln.errors import ElementError
-from kiln.mirror import resolve_mirror
+from kiln.mirror import release_digest, resolve_mirror
 from kiln.spec import ImageSpec
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -45,6 +45,7 @@ class Step:
     kind: str  # "hook", "packages", "uninstall"
     key: str
     packages: tuple[str, ...] = ()
+    origins: tuple[tuple[str, str], ...] = ()  # (package, element that asked for it), for error messages
 
     @property
     def in_chroot(self) -> bool:
@@ -120,10 +121,12 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
     library = [elements.dib_library()] if dib_elements else []
     path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), library)
     requested = [spec.distro.value, *spec.elements]
-    resolved = elements.resolve(requested, path)
+    resolved = elements.resolve(requested, path, [p.resolve() for p in library])
     infos = [ElementInfo(e.name, str(e.path), e.content_hash) for e in resolved.elements]
     hashes = {i.name: i.hash for i in infos}
     env = hook_env(spec, mirror, resolved.names, host_env)
+    if library:
+        env["_LIB"] = str(library[0].parent / "lib")  # DIB's own shell library, which some of its elements source
     env_files = elements.environment_files(resolved)
     env_key = digest({
         "helpers": elements.tree_hash(HELPERS),
@@ -131,7 +134,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
         "env": env,
         "env_files": [[f.name, _file_hash(f)] for f in env_files],
     })
-    req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror)
+    req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
+                                     release_digest=release_digest(mirror, spec.release))
     base_key = digest(req.key_fields())
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key)
@@ -162,7 +166,11 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
             content = hashes[owner] if kind == "hook" else list(pkgs)
             key = digest({"format": LAYER_FORMAT, "parent": parent, "env": env_key, "phase": phase,
                           "name": name, "kind": kind, "content": content})
-            plan.steps.append(Step(len(plan.steps), phase, name, owner, kind, key, pkgs))
+            origins = tuple((a.package, a.element) for a in actions
+                            if a.phase == phase and a.package in pkgs and (kind == "uninstall") == a.uninstall)
+            if name == IMAGE_PACKAGES_STEP:
+                origins = tuple((p, "the image spec") for p in pkgs)
+            plan.steps.append(Step(len(plan.steps), phase, name, owner, kind, key, pkgs, origins))
             parent = key
     return plan
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import REPO, kiln, leftovers, manifest, kiln_env
+from tests.e2e import REPO, kiln, kiln_env, leftovers, manifest
 
 pytestmark = pytest.mark.slow
 

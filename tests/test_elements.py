@@ -104,10 +104,28 @@ def test_environment_files_sorted_by_name(make_element: Callable[..., Path]) -> 
 
 
 def test_user_paths_come_before_kiln_elements(tmp_path: Path) -> None:
-    (tmp_path / "vm").mkdir()
+    (tmp_path / "cloud-init-cfg").mkdir()
     path = search_path([tmp_path], env="")
     assert path[0] == tmp_path.resolve() and path[-1] == KILN_ELEMENTS
-    assert resolve(["vm"], path).get("vm").path == tmp_path.resolve() / "vm"
+    assert resolve(["cloud-init-cfg"], path).get("cloud-init-cfg").path == tmp_path.resolve() / "cloud-init-cfg"
+
+
+def test_native_elements_always_come_from_kiln(tmp_path: Path) -> None:
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "package-installs").mkdir()
+    resolved = resolve(["vm", "package-installs"], search_path([tmp_path], env=""))
+    assert resolved.get("vm").path == KILN_ELEMENTS / "vm"
+    assert resolved.get("package-installs").path == KILN_ELEMENTS / "package-installs"
+
+
+def test_library_elements_skip_non_executable_hooks_like_dib(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    (lib / "old/cleanup.d").mkdir(parents=True)
+    (lib / "old/cleanup.d/99-disabled").write_text("#!/bin/bash\nexit 1\n")
+    path = search_path([], env="", library=[lib])
+    assert hooks_by_phase(resolve(["old"], path, library=[lib.resolve()]))["cleanup.d"] == []
+    with pytest.raises(ElementError, match="is not executable"):
+        hooks_by_phase(resolve(["old"], path))
 
 
 def test_missing_path_entry_is_an_error(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import SpecError
-from kiln.mirror import host_mirrors, resolve_mirror
+from kiln.mirror import host_mirrors, release_digest, resolve_mirror
 
 
 def test_deb822_sources_skip_security(tmp_path: Path) -> None:
@@ -36,3 +36,44 @@ def test_no_mirror_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr("kiln.mirror.APT_DIR", tmp_path)
     with pytest.raises(SpecError, match="no package mirror"):
         resolve_mirror(None, {})
+
+
+def test_release_digest_follows_the_mirror_publication(tmp_path: Path) -> None:
+    import hashlib
+    import http.server
+    import threading
+
+    suite = tmp_path / "dists" / "bookworm"
+    suite.mkdir(parents=True)
+    (suite / "InRelease").write_bytes(b"Origin: Debian\nDate: 1\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, directory=str(tmp_path), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirror = f"http://127.0.0.1:{server.server_address[1]}"
+        first = release_digest(mirror, "bookworm")
+        assert first == hashlib.sha256(b"Origin: Debian\nDate: 1\n").hexdigest()
+        (suite / "InRelease").write_bytes(b"Origin: Debian\nDate: 2\n")
+        assert release_digest(mirror, "bookworm") != first
+        with pytest.raises(SpecError, match="does not answer for release 'nosuch'"):
+            release_digest(mirror, "nosuch")
+    finally:
+        server.shutdown()
+
+
+def test_dead_mirror_is_a_clear_error() -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(SpecError, match=f"mirror http://127.0.0.1:{port} does not answer"):
+        release_digest(f"http://127.0.0.1:{port}", "bookworm", timeout=2)

@@ -18,6 +18,12 @@ def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec
     return make_plan(s, elements_path=[make_element.root], host_env=host_env)  # type: ignore[attr-defined]
 
 
+@pytest.fixture(autouse=True)
+def fake_release_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan reads the mirror's InRelease; these tests have no mirror (test_mirror.py serves a real one)."""
+    monkeypatch.setattr("kiln.plan.release_digest", lambda mirror, release: f"{mirror}|{release}")
+
+
 @pytest.fixture
 def elements(make_element: Callable[..., Path]) -> Callable[..., Path]:
     make_element("debian", files={"package-installs.yaml": "systemd-sysv:\n"})
@@ -32,11 +38,12 @@ def keys(plan: BuildPlan) -> dict[str, str]:
 
 def test_steps_in_phase_then_name_order(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
     plan = plan_for(elements, host_env, packages=["htop"])
-    assert [f"{s.phase}/{s.name}" for s in plan.steps] == [
+    ours = [s for s in plan.steps if s.element in ("early", "late", "kiln")]
+    assert [f"{s.phase}/{s.name}" for s in ours] == [
         f"install.d/{PACKAGE_STEP}", "install.d/10-early", "install.d/80-late",
         f"install.d/{IMAGE_PACKAGES_STEP}", "finalise.d/90-fin"]
-    assert plan.steps[0].packages == ("systemd-sysv",)
-    assert plan.steps[3].packages == ("htop",)
+    assert "systemd-sysv" in ours[0].packages  # kiln's own debian element (native: the test's is ignored)
+    assert ours[3].packages == ("htop",)
 
 
 def test_keys_are_stable(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
@@ -113,10 +120,13 @@ def test_package_installs_phases_arch_and_pkg_map(make_element: Callable[..., Pa
     plan = plan_for(make_element, host_env)
     by_name = {f"{s.phase}/{s.name}": s for s in plan.steps}
     assert by_name[f"pre-install.d/{PACKAGE_STEP}"].packages == ("pre-pkg",)
-    assert by_name[f"install.d/{PACKAGE_STEP}"].packages == ("debian-name",)
+    installs = set(by_name[f"install.d/{PACKAGE_STEP}"].packages)
+    assert "debian-name" in installs and "generic-name" not in installs
+    assert not installs & {"only-arm", "not-amd"}
     assert by_name["post-install.d/99-package-uninstalls"].packages == ("gone",)
     arm = plan_for(make_element, host_env, arch="arm64")
-    assert {s.packages for s in arm.steps if s.phase == "install.d"} == {("debian-name", "not-amd", "only-arm")}
+    arm_installs = {p for s in arm.steps if s.phase == "install.d" for p in s.packages}
+    assert {"debian-name", "not-amd", "only-arm"} <= arm_installs
 
 
 def test_malformed_package_installs_names_element(make_element: Callable[..., Path], host_env: dict[str, str]) -> None:

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+
+from kiln.dib_cli import parse
+from kiln.errors import SpecError
+from kiln.spec import Arch, ImageFormat
+
+
+def test_seed_document_line() -> None:
+    env = {"DIB_RELEASE": "bookworm", "DIB_CLOUD_INIT_DATASOURCES": "ConfigDrive, OpenStack, NoCloud"}
+    spec, opts = parse(["--offline", "-a", "amd64", "-o", "debian-bookworm-amd64", "vm", "cloud-init-cfg",
+                        "debian"], env)
+    assert spec.name == "debian-bookworm-amd64"
+    assert spec.distro.value == "debian" and spec.release == "bookworm" and spec.arch is Arch.amd64
+    assert spec.elements == ["vm", "cloud-init-cfg"]
+    assert spec.formats == [ImageFormat.qcow2]
+    assert spec.compress is True  # disk-image-create compresses qcow2 unless -u
+    assert spec.env == {"DIB_OFFLINE": "1"}
+    assert opts["output"] == "." and opts["boot_test"] is True
+
+
+def test_options_map_to_the_spec() -> None:
+    spec, opts = parse(["-a", "x86_64", "-o", "out/dir/img", "-t", "qcow2,raw,vhd", "-x", "-u", "-p", "htop,vim",
+                        "-p", "curl", "--image-size", "3", "--qemu-img-options", "compat=1.1", "--checksum",
+                        "debian-minimal", "vm"], {})
+    assert spec.name == "img" and opts["output"] == "out/dir"
+    assert [f.value for f in spec.formats] == ["qcow2", "raw", "vhd"]
+    assert spec.compress is False and spec.env["DIB_DEBUG_TRACE"] == "1"
+    assert spec.packages == ["curl", "htop", "vim"]
+    assert spec.size == 3 * 1024**3 and spec.qemu_img_options == "compat=1.1"
+    assert opts["checksum"] is True
+
+
+def test_boot_test_knobs_from_the_environment() -> None:
+    spec, _ = parse(["vm", "debian"], {"KILN_BOOT_FIRMWARE": "bios", "KILN_BOOT_ROOT_LOGIN": "1"})
+    assert [f.value for f in spec.boot_test.firmware] == ["bios"] and spec.boot_test.root_login
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-a", "sparc", "vm", "debian"], "-a sparc: unsupported architecture"),
+    (["vm", "cloud-init"], "no distribution element"),
+    (["-t", "tgz", "vm", "debian"], "-t tgz: image type not supported"),
+    (["--mkfs-options", "-O x", "vm", "debian"], "--mkfs-options is not supported"),
+    (["--bogus", "vm", "debian"], "unrecognized arguments: --bogus"),
+    ([], "required: elements"),
+])
+def test_unsupported_input_is_a_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse(argv, {})

@@ -1,0 +1,108 @@
+"""diskimage-builder compatibility, end to end: the seed document's command line through `kiln dib`, and
+elements from the diskimage-builder package run unmodified. Each image is booted once (BIOS)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.mirror import host_mirrors
+from tests.e2e import REPO, kiln, kiln_env, leftovers, manifest
+from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset
+
+pytestmark = pytest.mark.slow
+DIB_ELEMENTS = ["cloud-init-datasources", "growroot", "devuser", "install-static", "runtime-ssh-host-keys",
+                "manifests"]
+
+
+@pytest.fixture(scope="session")
+def seed_dib_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The seed document, transcribed to Debian: source vm_profile, then its disk-image-create line."""
+    work = tmp_path_factory.mktemp("seed-dib")
+    (work / "vm_profile").write_text(
+        "export DIB_RELEASE=bookworm\n"
+        f"export DIB_DISTRIBUTION_MIRROR={host_mirrors()[0]}\n"
+        'export DIB_CLOUD_INIT_DATASOURCES="ConfigDrive, OpenStack, NoCloud"\n')
+    env = {**kiln_env(), "ELEMENTS_PATH": str(REPO / "tests/data/seed/elements"), "KILN_BOOT_FIRMWARE": "bios",
+           "KILN_BOOT_ROOT_LOGIN": "1"}
+    kiln_cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "kiln.cli"])
+    line = "dib --offline -a amd64 -o debian-bookworm-amd64 vm cloud-init-cfg debian"
+    script = f"source vm_profile && {kiln_cmd} {line}"
+    proc = subprocess.run(["bash", "-c", script], cwd=work, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return work, manifest(work)
+
+
+def test_seed_line_builds_a_compressed_qcow2_in_the_cwd(seed_dib_build: tuple[Path, dict[str, Any]]) -> None:
+    work, m = seed_dib_build
+    image = work / "debian-bookworm-amd64.qcow2"
+    assert image.is_file()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    assert '"format": "qcow2"' in info
+    assert m["spec"]["compress"] is True
+    assert m["spec"]["env"]["DIB_OFFLINE"] == "1"
+    assert "cloud-init-cfg" in {e["name"] for e in m["elements"]}
+    user_element = next(e for e in m["elements"] if e["name"] == "cloud-init-cfg")
+    assert user_element["path"].startswith(str(REPO / "tests/data/seed/elements"))
+
+
+def test_seed_image_lets_root_log_in_with_an_injected_password(seed_dib_build: tuple[Path, dict[str, Any]]) -> None:
+    _, m = seed_dib_build
+    [boot] = m["boot_test"]
+    assert boot["firmware"] == "bios" and boot["passed"] and boot["login_ok"] is True
+
+
+@pytest.fixture(scope="session")
+def dib_elements_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dib-elements")
+    args = ["build", "--dib-elements", "-e", "vm", "-e", "cloud-init", "-e", "openssh-server"]
+    for e in DIB_ELEMENTS:
+        args += ["-e", e]
+    args += ["--env", "DIB_CLOUD_INIT_DATASOURCES=ConfigDrive, OpenStack, NoCloud",
+             "--env", "DIB_DEV_USER_USERNAME=devuser", "--env", "DIB_DEV_USER_PWDLESS_SUDO=yes",
+             "--firmware", "bios", "--format", "qcow2,raw", "--output", str(out)]
+    kiln(*args)
+    return out, manifest(out)
+
+
+def test_dib_library_elements_run_unmodified_and_boot(dib_elements_build: tuple[Path, dict[str, Any]]) -> None:
+    _out, m = dib_elements_build
+    import diskimage_builder
+
+    library = str(Path(diskimage_builder.__file__).parent / "elements")
+    paths = {e["name"]: e["path"] for e in m["elements"]}
+    for name in [*DIB_ELEMENTS, "dib-init-system"]:
+        assert paths[name].startswith(library), (name, paths[name])
+    assert paths["package-installs"].startswith(str(REPO / "elements"))  # kiln's native one
+    [boot] = m["boot_test"]
+    assert boot["passed"]
+    assert boot["root_bytes"] > 4.2 * 1024**3  # DIB's growroot (with cloud-init's) grew the root
+
+
+def test_dib_elements_did_their_work(dib_elements_build: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = dib_elements_build
+    raw = next(out.glob("*.raw"))
+    off = root_offset(raw)
+    passwd = debugfs_cat(raw, off, "/etc/passwd") or ""
+    assert any(line.startswith("devuser:") for line in passwd.splitlines())
+    assert "NOPASSWD:ALL" in (debugfs_cat(raw, off, "/etc/sudoers.d/devuser") or "")
+    datasources = debugfs_cat(raw, off, "/etc/cloud/cloud.cfg.d/91-dib-cloud-init-datasources.cfg") or ""
+    assert "ConfigDrive, OpenStack, NoCloud" in datasources
+    assert "growroot.service" in debugfs_ls(raw, off, "/usr/lib/systemd/system")
+    assert "growroot" in debugfs_ls(raw, off, "/usr/local/sbin")
+    assert "ssh-keygen.service" in debugfs_ls(raw, off, "/usr/lib/systemd/system")
+    assert "dib_environment" in debugfs_ls(raw, off, "/etc/dib-manifests")
+    assert not [n for n in debugfs_ls(raw, off, "/etc/ssh") if n.startswith("ssh_host_")]
+
+
+def test_nothing_left_behind_after_dib_builds(seed_dib_build: object, dib_elements_build: object) -> None:
+    assert leftovers() == []
+    assert os.path.isdir(kiln_env()["KILN_CACHE"])
