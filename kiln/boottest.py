@@ -17,6 +17,7 @@ import yaml
 
 from kiln import qemu, seed
 from kiln.plan import digest
+from kiln.run import tracked
 from kiln.spec import BootTestSpec
 from kiln.store import Store
 
@@ -61,7 +62,7 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
                  rebuild: bool = False) -> BootOutcome:
     key = boot_key(image_sha256, firmware, arch, settings)
     with store.lock(key):
-        if store.has(key) and not rebuild:
+        if not rebuild and store.valid(key):
             store.touch(key)
             data = store.data(key)
             result = json.loads((data / "boot.json").read_text())
@@ -72,10 +73,11 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
         boot_dir = workdir / f"boot-{firmware}"
         iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
                                      meta_data=seed.boot_test_meta_data())
-        result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
-                                workdir=boot_dir, accel=accel, memory_mib=settings.memory, cpus=settings.cpus,
-                                timeout=settings.timeout,
-                                extra_login=("root", password) if password else None)
+        with tracked(workdir):
+            result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
+                                    workdir=boot_dir, accel=accel, memory_mib=settings.memory,
+                                    cpus=settings.cpus, timeout=settings.timeout,
+                                    extra_login=("root", password) if password else None)
         outcome = BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                               accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
                               login_ok=result.login_ok, serial_log=str(result.serial_log))

@@ -111,8 +111,7 @@ class ChrootSession:
 
     def run(self, argv: Sequence[str], *, env: Mapping[str, str], timeout: float | None = None,
             what: str | None = None, check: bool = True, quiet: bool = False) -> Completed:
-        """Run argv inside the chroot with exactly `env` (nothing of the host's environment)."""
-        env_args = [f"{k}={v}" for k, v in sorted(env.items())]
-        return run(["chroot", str(self.root), "/usr/bin/env", "-i", *env_args, *argv],
-                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=timeout, what=what, check=check,
-                   quiet=quiet)
+        """Run argv inside the chroot with exactly `env` (nothing of the host's environment; passed as the
+        process environment, never on the command line where `ps` would show secrets)."""
+        return run(["/usr/sbin/chroot", str(self.root), *argv], env=dict(env), timeout=timeout, what=what,
+                   check=check, quiet=quiet)

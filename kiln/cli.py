@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import KilnError
+from kiln.errors import KilnError, SpecError
 from kiln.options import BuildOptions
 from kiln.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
 
@@ -43,6 +43,8 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help="add a package (repeatable)")
     p.add_argument("--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
                    help="a variable for the element hooks (repeatable)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="pass the environment variable NAME to the hooks as a secret (never logged or stored)")
     p.add_argument("--size", help="disk size, e.g. 4G")
     p.add_argument("--format", type=_csv, help="output formats, e.g. qcow2,raw")
     p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
@@ -56,12 +58,20 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help="element directory searched before kiln's own (repeatable; also ELEMENTS_PATH)")
 
 
+def _secrets_from_env(names: list[str]) -> dict[str, str]:
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise SpecError(f"--secret {missing[0]}: the environment variable {missing[0]} is not set")
+    return {n: os.environ[n] for n in names}
+
+
 def spec_from_args(args: argparse.Namespace) -> ImageSpec:
     overrides: dict[str, Any] = {
         "name": args.name, "distro": args.distro, "release": args.release, "arch": args.arch,
         "size": args.size, "formats": args.format, "compress": args.compress, "mirror": args.mirror,
         "add_elements": args.elements or None, "add_packages": args.packages or None,
         "env": dict(args.env) if args.env else None,
+        "secrets": _secrets_from_env(args.secret) or None,
         "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login)) if v}
         or None,
     }
@@ -89,6 +99,7 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
     _start_prefect()
     from flows.build import build_image
 
+    _quiet_kiln_tracebacks()
     start = time.monotonic()
     report = build_image(spec, options)
     print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
@@ -99,6 +110,24 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
         print(f"  boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} "
               f"({b['seconds']:.0f} s, {b['accel']}{', cached' if b.get('cached') else ''})")
     return 0
+
+
+class _NoKilnTracebacks(logging.Filter):
+    """kiln's own errors are written for the operator: show their message, not a traceback (the run's logs
+    on the Prefect server keep the full record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KilnError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_kiln_tracebacks() -> None:
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoKilnTracebacks) for f in handler.filters):
+                handler.addFilter(_NoKilnTracebacks())
 
 
 def cmd_build(args: argparse.Namespace) -> int:

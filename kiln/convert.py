@@ -64,7 +64,7 @@ def converted(store: Store, raw: Path, pack_key: str, fmt: str, *, name: str, co
     key = convert_key(pack_key, fmt, compress, options)
     filename = f"{name}.{fmt}"
     with store.lock(key):
-        cached = store.has(key) and not rebuild
+        cached = not rebuild and store.valid(key)
         if not cached:
             with store.new_entry(key, kind="image", description=filename) as tmp:
                 out = convert(raw, tmp / "data" / filename, fmt, compress=compress, options=options)

@@ -22,7 +22,7 @@ from kiln.elements import IN_CHROOT_PHASES, PHASES, tree_hash
 from kiln.errors import CommandError, HookError, KilnError
 from kiln.mounts import MountStack
 from kiln.plan import HELPERS, BuildPlan, Step, digest
-from kiln.run import interactive, run
+from kiln.run import interactive, run, tracked
 from kiln.store import Store
 
 log = logging.getLogger("kiln.customize")
@@ -128,20 +128,26 @@ def ensure_base(ctx: BuildContext) -> StepResult:
     key = ctx.plan.base_key
     start = time.monotonic()
     with ctx.store.lock(key):
-        if ctx.store.has(key) and not ctx.rebuild:
+        if not ctx.rebuild and ctx.store.valid(key):
             ctx.store.touch(key)
             log.info("base %s %s: cached", ctx.plan.spec.distro.value, ctx.plan.spec.release)
             return StepResult("bootstrap", key, True, time.monotonic() - start)
         req = ctx.plan.bootstrap
-        with ctx.store.new_entry(key, kind="base", description=f"{req.distro} {req.release} {req.arch}") as tmp:
+        with ctx.store.new_entry(key, kind="base", description=f"{req.distro} {req.release} {req.arch}") as tmp, \
+                tracked(ctx.workdir):
             bootstrap_mod.bootstrap(req, tmp / "data", deb_cache=ctx.deb_cache)
     return StepResult("bootstrap", key, False, time.monotonic() - start)
+
+
+def _secrets(ctx: BuildContext) -> dict[str, str]:
+    return {k: v.get_secret_value() for k, v in ctx.plan.spec.secrets.items()}
 
 
 def _chroot_env(ctx: BuildContext) -> dict[str, str]:
     env = {"PATH": CHROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
            "DEBIAN_FRONTEND": "noninteractive", "TMP_HOOKS_PATH": IN_TARGET, "TMPDIR": "/tmp"}
     env.update(ctx.plan.env)
+    env.update(_secrets(ctx))
     return env
 
 
@@ -158,7 +164,16 @@ def _outside_env(ctx: BuildContext, hooks: Path) -> dict[str, str]:
         "TMPDIR": str(tmp), "TMP_DIR": str(tmp), "DIB_IMAGE_CACHE": str(ctx.dib_cache),
     }
     env.update(ctx.plan.env)
+    env.update(_secrets(ctx))
     return env
+
+
+def _confined(ctx: BuildContext, argv: list[str]) -> list[str]:
+    """Hooks outside the chroot run as root on the host: in a private mount namespace where everything but
+    the build's own directories is read-only, so a hook cannot write outside its target."""
+    writable = [str(ctx.workdir), str(ctx.dib_cache)]
+    return ["unshare", "--mount", "--propagation", "private", "--", "bash",
+            str(ctx.hooks_dir / "outside-bin" / "kiln-confine"), *writable, "--", *argv]
 
 
 def _step_argv(step: Step, hooks: str) -> list[str]:
@@ -172,8 +187,8 @@ def _step_argv(step: Step, hooks: str) -> list[str]:
 def _run_step_in(ctx: BuildContext, step: Step, hooks: Path) -> None:
     try:
         if not step.in_chroot:
-            run(_step_argv(step, str(hooks)), env=_outside_env(ctx, hooks), cwd=ctx.workdir, timeout=HOOK_TIMEOUT,
-                what=step.label)
+            run(_confined(ctx, _step_argv(step, str(hooks))), env=_outside_env(ctx, hooks), cwd=ctx.workdir,
+                timeout=HOOK_TIMEOUT, what=step.label)
             return
         with ChrootSession(ctx.root, ctx.workdir, hooks_dir=hooks, apt_cache=ctx.deb_cache) as chroot:
             chroot.run(_step_argv(step, IN_TARGET), env=_chroot_env(ctx), timeout=HOOK_TIMEOUT, what=step.label)
@@ -252,7 +267,7 @@ def _shell_on_mounted_root(ctx: BuildContext, *, in_chroot: bool, why: str) -> N
 def run_step(ctx: BuildContext, step: Step) -> StepResult:
     start = time.monotonic()
     with ctx.store.lock(step.key):
-        if ctx.store.has(step.key) and not ctx.rebuild:
+        if not ctx.rebuild and ctx.store.valid(step.key):
             ctx.store.touch(step.key)
             return StepResult(step.label, step.key, True, time.monotonic() - start)
         log.info("running %s", step.label)
@@ -273,6 +288,11 @@ def run_step(ctx: BuildContext, step: Step) -> StepResult:
 
 
 def run_phase(ctx: BuildContext, phase: str, on_step: Callable[[StepResult], None] | None = None) -> PhaseResult:
+    with tracked(ctx.workdir):
+        return _run_phase(ctx, phase, on_step)
+
+
+def _run_phase(ctx: BuildContext, phase: str, on_step: Callable[[StepResult], None] | None) -> PhaseResult:
     result = PhaseResult(phase)
     prepare_hooks_dir(ctx)
     steps = ctx.plan.phase_steps(phase)

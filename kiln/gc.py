@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from kiln.mounts import reclaim
+from kiln.run import reap_journal
 from kiln.store import Store, _alive
 
 OWNER = "owner.json"
@@ -42,9 +43,12 @@ def reclaim_dead_builds(store: Store) -> list[str]:
             continue
         if pid == os.getpid():
             continue
+        killed = reap_journal(workdir)
         unmounted = reclaim(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
-        done.append(f"reclaimed {workdir}" + (f" ({len(unmounted)} mounts)" if unmounted else ""))
+        what = [f"{len(killed)} processes killed"] if killed else []
+        what += [f"{len(unmounted)} mounts"] if unmounted else []
+        done.append(f"reclaimed {workdir}" + (f" ({', '.join(what)})" if what else ""))
     for tmp in store.clean_tmp():
         done.append(f"removed unfinished cache entry {tmp.name}")
     return done

@@ -17,7 +17,7 @@ from kiln import disk
 from kiln.customize import BuildContext, layer_stack
 from kiln.mounts import MountStack
 from kiln.plan import digest
-from kiln.run import output
+from kiln.run import output, tracked
 
 log = logging.getLogger("kiln.pack")
 
@@ -71,7 +71,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
     key = pack_key(ctx)
     store = ctx.store
     with store.lock(key):
-        if store.has(key) and not ctx.rebuild and (store.data(key) / "disk.raw").exists():
+        if not ctx.rebuild and store.valid(key):
             store.touch(key)
             return _load(ctx, key), True
         root_uuid = str(uuid.uuid5(UUID_NAMESPACE, key))
@@ -80,7 +80,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
                                   esp_serial=esp_serial)
         lowers = layer_stack(ctx, len(ctx.plan.steps))
         with store.new_entry(key, kind="disk", description=f"{ctx.plan.spec.name} raw disk") as tmp, \
-                MountStack(ctx.workdir) as mounts:
+                tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:
             tree = mounts.overlay(lowers, ctx.workdir / "tree")
             pack_layer = tmp / "pack-layer"
             pack_layer.mkdir()

@@ -19,6 +19,8 @@ from pathlib import Path
 from kiln import bootstrap, elements, packages
 from kiln.errors import ElementError
 from kiln.mirror import release_digest, resolve_mirror
+from kiln.run import redact_value
+from kiln.secrets import secret_digest
 from kiln.spec import ImageSpec
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -128,7 +130,10 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
     if library:
         env["_LIB"] = str(library[0].parent / "lib")  # DIB's own shell library, which some of its elements source
     env_files = elements.environment_files(resolved)
+    for secret in spec.secrets.values():
+        redact_value(secret.get_secret_value())
     env_key = digest({
+        "secrets": {k: secret_digest(v.get_secret_value()) for k, v in sorted(spec.secrets.items())},
         "helpers": elements.tree_hash(HELPERS),
         "shared": elements.shared_data_hash(resolved),
         "env": env,

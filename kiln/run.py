@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
+import json
 import logging
 import os
 import shlex
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +29,78 @@ from kiln.errors import CommandError
 log = logging.getLogger("kiln.run")
 
 TAIL_LINES = 25
+PROCESS_JOURNAL = "processes.json"
 _active: set[int] = set()
 _active_lock = threading.Lock()
+# the work directory of the build this thread works for: children are journaled there so that
+# `kiln gc` can kill what a SIGKILLed build left running
+_journal: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kiln_process_journal", default=None)
+_redactions: set[str] = set()
+
+
+def redact_value(secret: str) -> None:
+    """Never show this value in logs or error messages again (in this process)."""
+    if secret and len(secret) >= 3:
+        _redactions.add(secret)
+
+
+def redact(text: str) -> str:
+    for secret in _redactions:
+        if secret in text:
+            text = text.replace(secret, "******")
+    return text
+
+
+@contextlib.contextmanager
+def tracked(workdir: Path) -> Iterator[None]:
+    """Journal every child started in this context in `workdir` (see `reap_journal`)."""
+    token = _journal.set(workdir)
+    try:
+        yield
+    finally:
+        _journal.reset(token)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _journal_update(workdir: Path, pid: int, add: bool) -> None:
+    path = workdir / PROCESS_JOURNAL
+    with _active_lock:
+        try:
+            entries: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            entries = {}
+        if add:
+            entries[str(pid)] = _start_time(pid) or ""
+        else:
+            entries.pop(str(pid), None)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, path)
+
+
+def reap_journal(workdir: Path) -> list[int]:
+    """Kill the process groups a dead build journaled (checking start times against pid reuse)."""
+    path = workdir / PROCESS_JOURNAL
+    try:
+        entries: dict[str, str] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    killed = []
+    for pid_text, started in entries.items():
+        pid = int(pid_text)
+        if _start_time(pid) == started and started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+    path.unlink(missing_ok=True)
+    return killed
 
 
 @dataclass
@@ -117,6 +189,9 @@ def run(
     except OSError as exc:
         raise CommandError(f"{label}: cannot start {argv[0]}: {exc.strerror}", returncode=None, tail=[]) from exc
     _register(proc.pid)
+    journal = _journal.get()
+    if journal is not None:
+        _journal_update(journal, proc.pid, add=True)
     timed_out = threading.Event()
 
     def on_timeout() -> None:
@@ -137,6 +212,8 @@ def run(
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if _redactions:
+                line = redact(line)
             lines.append(line)
             tail.append(line)
             log.log(level, "%s", line)
@@ -154,6 +231,8 @@ def run(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         _unregister(proc.pid)
+        if journal is not None:
+            _journal_update(journal, proc.pid, add=False)
     if timed_out.is_set():
         raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=list(tail))
     if check and returncode != 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kiln.errors import SpecError
 
@@ -85,6 +85,11 @@ class ImageSpec(StrictModel):
     elements: list[str] = Field(default_factory=list)
     packages: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict, description="variables passed to every element hook")
+    secrets: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="variables passed to every element hook whose values never appear in logs, the Prefect UI, "
+        "artifacts, manifests or cache keys (e.g. KILN_ROOT_PASSWORD for the root-password element)",
+    )
     size: int = Field(default=parse_size("4G"), description="disk size; accepts 4G, 512M, …")
     formats: list[ImageFormat] = Field(default_factory=lambda: [ImageFormat.qcow2], min_length=1)
     compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
@@ -123,9 +128,9 @@ class ImageSpec(StrictModel):
                 raise ValueError(f"package name {name!r} is not a valid package name")
         return sorted(set(v))
 
-    @field_validator("env")
+    @field_validator("env", "secrets")
     @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+    def _env(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
@@ -210,8 +215,8 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             field = key.removeprefix("add_")
             current = list(merged.get(field) or [])
             merged[field] = current + [v for v in value if v not in current]
-        elif key == "env":
-            merged["env"] = {**(merged.get("env") or {}), **value}
+        elif key in ("env", "secrets"):
+            merged[key] = {**(merged.get(key) or {}), **value}
         elif key == "boot_test":
             merged["boot_test"] = {**(merged.get("boot_test") or {}), **value}
         else:

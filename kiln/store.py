@@ -9,10 +9,12 @@ other instead of building twice. `meta.json` of each entry records what it is; t
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,6 +45,24 @@ class Entry:
     created: float
     last_use: float
     path: Path
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap fingerprint of an entry's content: every file's path, type, mode, size, mtime and link target.
+
+    Any change made to an entry after it was written (a deleted, truncated, rewritten or added file) shows;
+    reading every byte of a multi-GiB layer on every build would not pay.
+    """
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames + dirnames):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            h.update(f"{os.path.relpath(full, path)}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(full).encode())
+    return h.hexdigest()
 
 
 def _du(path: Path) -> int:
@@ -83,6 +103,7 @@ class Store:
         self.work_root = self.root / "work"
         for d in (self.entries_dir, self.tmp_dir, self.locks_dir, self.work_root):
             d.mkdir(parents=True, exist_ok=True)
+        self._verified: set[str] = set()
 
     @staticmethod
     def short(key: str) -> str:
@@ -103,6 +124,22 @@ class Store:
             return bool(json.loads(meta.read_text()).get("key") == key)
         except ValueError:
             return False
+
+    def valid(self, key: str) -> bool:
+        """The entry exists and its content is what was written; a corrupted entry is removed (and so
+        rebuilt by the caller). Checked once per process and entry."""
+        if not self.has(key):
+            return False
+        if key in self._verified:
+            return True
+        expected = self.meta(key).get("fingerprint")
+        if expected is not None and fingerprint(self.data(key)) != expected:
+            log.warning("cache entry %s (%s) was changed after it was written; removing it to rebuild",
+                        self.short(key), self.meta(key).get("description", "?"))
+            self.remove(key)
+            return False
+        self._verified.add(key)
+        return True
 
     def meta(self, key: str) -> dict[str, object]:
         data: dict[str, object] = json.loads((self.path(key) / "meta.json").read_text())
@@ -137,7 +174,7 @@ class Store:
                 if child.name != "data" and child.name not in keep:
                     _rmtree(child)
             meta = {"key": key, "kind": kind, "description": description, "created": time.time(),
-                    "size": _du(tmp / "data"), **(extra or {})}
+                    "size": _du(tmp / "data"), "fingerprint": fingerprint(tmp / "data"), **(extra or {})}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             (tmp / "last-use").touch()
             final = self.path(key)

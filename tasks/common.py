@@ -19,7 +19,7 @@ def store_key(key_of: Callable[[dict[str, Any]], tuple[BuildContext, list[str]]]
         ctx, keys = key_of(parameters)
         if ctx.rebuild or not keys:
             return None
-        if all(ctx.store.has(k) for k in keys):
+        if all(ctx.store.valid(k) for k in keys):
             return "kiln-" + keys[-1]
         return None
 

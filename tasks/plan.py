@@ -20,7 +20,8 @@ def new_build_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-@task(name="plan")
+# not persisted: the context holds the spec, whose secrets must never be written to result storage
+@task(name="plan", persist_result=False)
 def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildContext:
     logger = get_run_logger()
     plan = make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)

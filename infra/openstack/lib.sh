@@ -143,7 +143,8 @@ port_busy() {  # port_busy PORT: something listens on 127.0.0.1:PORT
 start_uwsgi() {
     local name=$1 ini=$2
     rm -f "$RUN/$name.pid"
-    "$VENV/bin/uwsgi" --ini "$ini" >>"$LOGS/$name.log" 2>&1 </dev/null \
+    # 9>&-: the daemon must not inherit up.sh's lock
+    "$VENV/bin/uwsgi" --ini "$ini" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- \
         || die "$name: uWSGI did not start; see $LOGS/$name.log"
     local i
     for i in $(seq 1 50); do
