@@ -276,8 +276,9 @@ def _fetch_http(client: httpx.Client, url: str, part: _Partial, progress: Progre
                 raise _GiveUp(f"unexpected HTTP {status} {r.reason_phrase}")
             part.remember(url, r)
             progress.begin(part.size, total)
-            with open(part.path, "ab") as fh:
-                for chunk in r.iter_raw(CHUNK):
+            with open(part.path, "ab", buffering=CHUNK) as fh:
+                # no chunk_size: httpx would drop a half-filled chunk when the connection breaks
+                for chunk in r.iter_raw():
                     fh.write(chunk)
                     part.size += len(chunk)
                     if part.hasher:

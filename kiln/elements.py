@@ -247,7 +247,10 @@ def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
                         f"hook {phase}/{entry.name} is shipped by both {seen[entry.name]!r} and "
                         f"{element.name!r}; rename one of them"
                     )
-                if not os.access(entry, os.R_OK):
+                if not entry.exists():
+                    raise ElementError(f"element {element.name!r}: hook {phase}/{entry.name} is a dangling "
+                                       f"symlink ({entry} -> {os.readlink(entry)})")
+                if not os.access(entry, os.R_OK) or not _readable(entry):
                     raise ElementError(f"element {element.name!r}: hook {phase}/{entry.name} is not readable")
                 if not entry.stat().st_mode & stat.S_IXUSR:
                     if element.library:
@@ -263,6 +266,15 @@ def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
         hooks.sort(key=lambda h: h.name.encode())
         phases[phase] = hooks
     return phases
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+        return True
+    except OSError:
+        return False
 
 
 def environment_files(resolved: ResolvedElements) -> list[Path]:

@@ -74,6 +74,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
         if not ctx.rebuild and store.valid(key):
             store.touch(key)
             return _load(ctx, key), True
+        log.info("packing %s into a %d MiB disk", ctx.plan.spec.name, ctx.plan.spec.size // 1024**2)
         root_uuid = str(uuid.uuid5(UUID_NAMESPACE, key))
         esp_serial = f"{key[:4]}-{key[4:8]}".upper()
         layout = disk.plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,

@@ -101,9 +101,15 @@ class ImageSpec(StrictModel):
     @classmethod
     def _size(cls, v: Any) -> int:
         size = parse_size(v)
-        if size < parse_size("1G"):
-            raise ValueError(f"{size} bytes is too small for a bootable image (at least 1G)")
+        if size < parse_size("256M"):
+            raise ValueError(f"{size} bytes is too small for a bootable image (the pack stage checks the "
+                             "real need; nothing boots below 256M)")
         return size
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "image name") if v else v
 
     @field_validator("release")
     @classmethod
@@ -154,7 +160,6 @@ class ImageSpec(StrictModel):
     def _default_name(self) -> ImageSpec:
         if not self.name:
             object.__setattr__(self, "name", f"{self.distro.value}-{self.release}-{self.arch.value}")
-        check_name(self.name, "image name")
         return self
 
 

@@ -366,7 +366,8 @@ def resolve_base(base: BaseSpec, *, distro: str, release: str, arch: str) -> Res
                 origin=_render(source.key.origin, values, what=f"{source.title} key"),
                 system_paths=tuple(_render(p, values, what=f"{source.title} key") for p in source.key.system_paths),
             )
-            pins = pins or source.key.pins(release)
+            if not pins and base.keyring is None:  # the upstream's pins go with the upstream's key only
+                pins = source.key.pins(release)
 
     if base.url is not None:
         urls = tuple(_as_list(base.url))

@@ -21,9 +21,9 @@ def kiln_env() -> dict[str, str]:
     return env
 
 
-def kiln(*args: str, timeout: float = 3000, check: bool = True,
+def kiln(*args: str, timeout: float = 3000, check: bool = True, env: dict[str, str] | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*KILN, *args], env=kiln_env(), cwd=cwd or REPO, capture_output=True, text=True,
+    proc = subprocess.run([*KILN, *args], env=env or kiln_env(), cwd=cwd or REPO, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

@@ -62,6 +62,7 @@ def test_spec_must_be_mapping(tmp_path: Path) -> None:
 @pytest.mark.parametrize("field,value,message", [
     ("arch", "sparc", "field 'arch'"),
     ("size", "10M", "too small"),
+    ("size", "255M", "too small"),
     ("size", "lots", "not a size"),
     ("elements", ["../../etc"], "element name"),
     ("name", "../evil", "image name"),

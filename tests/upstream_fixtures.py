@@ -374,6 +374,10 @@ def snapshot(root: Path, *, skip: tuple[str, ...] = (), content_only: tuple[str,
     return entries
 
 
-def mounts_and_loops() -> tuple[str, str]:
-    """What `findmnt` and `losetup -a` list: the same before and after a test means nothing leaked."""
-    return output(["findmnt", "-rn", "-o", "TARGET,SOURCE"]), output(["losetup", "-a"])
+def mounts_and_loops(under: Path) -> list[str]:
+    """Mounts (`findmnt`) and loop devices (`losetup -a`) that involve paths under `under`.
+
+    Only those: other processes on the machine (another build, another test run) mount things too.
+    """
+    lines = output(["findmnt", "-rn", "-o", "TARGET,SOURCE"]).splitlines() + output(["losetup", "-a"]).splitlines()
+    return [line for line in lines if str(under) in line]

@@ -1,0 +1,59 @@
+"""Every bad input: an error naming what is wrong, a non-zero exit code and no traceback.
+
+docs/bad-inputs.md lists the same cases with the messages kiln prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e import REPO, kiln_env
+
+BAD = "tests/data/bad-elements"
+CASES = [
+    ("unknown field", ["build", "tests/data/bad-unknown-field.yaml"], "field 'elemnts': unknown field"),
+    ("malformed YAML", ["build", "tests/data/bad-malformed.yaml"], "bad-malformed.yaml:3:1: malformed YAML"),
+    ("missing spec file", ["build", "tests/data/nope.yaml"], "nope.yaml: cannot read spec"),
+    ("unknown element", ["build", "-e", "no-such-element"], "element 'no-such-element' (asked for by the image spec)"),
+    ("element-deps pointing nowhere", ["build", "-e", "deps-nowhere", "--elements-path", BAD],
+     "element 'ghost-element' (asked for by element 'deps-nowhere' (element-deps)) not found"),
+    ("element name escaping", ["build", "-e", "../etc"], "field 'elements': element name '../etc' may only contain"),
+    ("image name escaping", ["build", "--name", "../../evil"], "field 'name': image name '../../evil'"),
+    ("elements path that is not a directory", ["build", "--elements-path", "/nonexistent/dir"],
+     "element path '/nonexistent/dir' is not a directory"),
+    ("unsupported arch", ["build", "--arch", "sparc"], "field 'arch': Input should be 'amd64' or 'arm64'"),
+    ("size not a size", ["build", "--size", "big"], "field 'size': not a size: 'big'"),
+    ("size too small", ["build", "--size", "100M"], "field 'size': 104857600 bytes is too small"),
+    ("unknown format", ["build", "--format", "tgz"], "field 'formats.0': Input should be"),
+    ("hook without its run bit", ["build", "-e", "no-run-bit", "--elements-path", BAD],
+     "element 'no-run-bit': hook install.d/50-forgot-chmod is not executable"),
+    ("unreadable hook (dangling symlink)", ["build", "-e", "dangling", "--elements-path", BAD],
+     "element 'dangling': hook install.d/50-dangling is a dangling symlink"),
+    ("two elements, one hook name", ["build", "-e", "dup-a", "-e", "dup-b", "--elements-path", BAD],
+     "hook install.d/50-same is shipped by both 'dup-a' and 'dup-b'"),
+    ("malformed package-installs", ["build", "-e", "bad-pkgs", "--elements-path", BAD],
+     "element 'bad-pkgs': package 'x' has phase 'nowhere.d'"),
+    ("mirror that does not answer", ["build", "--mirror", "http://127.0.0.1:9/debian"],
+     "mirror http://127.0.0.1:9/debian does not answer for release 'bookworm'"),
+    ("mirror that is not a URL", ["build", "--mirror", "ftp:/x"], "field 'mirror': mirror 'ftp:/x' must be"),
+    ("unknown break point", ["build", "--break", "before-lunch"], "--break before-lunch: unknown break point"),
+    ("secret variable not set", ["build", "--secret", "KILN_NO_SUCH_SECRET"],
+     "--secret KILN_NO_SUCH_SECRET: the environment variable KILN_NO_SUCH_SECRET is not set"),
+    ("bad --env", ["build", "--env", "NOEQUALS"], "--env takes NAME=VALUE"),
+    ("DIB line: unsupported option", ["dib", "--mkfs-options", "x", "vm", "debian"],
+     "--mkfs-options is not supported by kiln"),
+    ("DIB line: no distro element", ["dib", "vm"], "no distribution element among vm"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error(case: str, args: list[str], message: str) -> None:
+    env = {**kiln_env(), "KILN_CACHE": "/nonexistent-kiln-cache-must-not-be-created"}
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args, "--no-boot-test"] if args[0] == "build"
+                          else [sys.executable, "-m", "kiln.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode not in (0, None), proc.stdout
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
