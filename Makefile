@@ -5,7 +5,8 @@ VENV := .venv
 KILN := $(VENV)/bin/kiln
 HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk xorriso \
 	cloud-image-utils grub-common grub-pc-bin grub-efi-amd64-bin e2fsprogs zstd util-linux fdisk \
-	debian-archive-keyring ca-certificates genisoimage
+	debian-archive-keyring ca-certificates genisoimage squashfs-tools gpgv gnupg xz-utils xfsprogs btrfs-progs \
+	qemu-user-static qemu-system-arm qemu-efi-aarch64
 SPEC ?= images/debian-12.yaml
 
 .PHONY: image test deps venv test-deps lint unit slow server-stop clean

@@ -37,6 +37,14 @@ def _stage(stages: Stages, name: str, task: Task[..., Any], *args: Any) -> Any:
     return result
 
 
+def boot_firmware(spec: ImageSpec) -> list[str]:
+    """The firmware to boot-test with: arm64 machines have no BIOS, only UEFI (AAVMF)."""
+    wanted = [f.value for f in spec.boot_test.firmware]
+    if spec.arch.value == "arm64":
+        return [f for f in wanted if f == "uefi"] or ["uefi"]
+    return wanted
+
+
 @flow(name="build-image", log_prints=True, persist_result=True)
 def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[str, Any]:
     """Build `spec`: bootstrap, customize with elements, pack, convert, boot-test, write the outputs."""
@@ -54,15 +62,17 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
         packed = _stage(stages, "pack", pack_disk, ctx)
 
         start = time.monotonic()
-        images = [f.result() for f in [convert_image.submit(ctx, packed, fmt.value) for fmt in spec.formats]]
-        stages["convert"] = {"seconds": round(time.monotonic() - start, 2), "cached": False}
+        futures = [convert_image.submit(ctx, packed, fmt.value) for fmt in spec.formats]
+        images = [f.result() for f in futures]
+        stages["convert"] = {"seconds": round(time.monotonic() - start, 2),
+                             "cached": all(f.state.name == "Cached" for f in futures)}
 
         boots = []
         if options.boot_test and spec.boot_test.enabled:
             bootable = next((i for i in images if i.format == "qcow2"), images[0])
-            for firmware in spec.boot_test.firmware:
-                boots.append(_stage(stages, f"boot_test {firmware.value}", boot_test, ctx, bootable,
-                                    firmware.value, packed.kernel))
+            for firmware in boot_firmware(spec):
+                boots.append(_stage(stages, f"boot_test {firmware}", boot_test, ctx, bootable, firmware,
+                                    packed.kernel))
         else:
             logger.info("boot test skipped")
 

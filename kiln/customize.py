@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import bootstrap as bootstrap_mod
+from kiln.binfmt import ensure_binfmt
 from kiln.chroot import CHROOT_PATH, IN_TARGET, ChrootSession
 from kiln.elements import IN_CHROOT_PHASES, PHASES, tree_hash
 from kiln.errors import CommandError, HookError, KilnError
+from kiln.extract import extract_rootfs
 from kiln.mounts import MountStack
 from kiln.plan import HELPERS, BuildPlan, Step, digest
 from kiln.run import interactive, run, tracked
 from kiln.store import Store
+from kiln.upstream import fetch_image
 
 log = logging.getLogger("kiln.customize")
 
@@ -133,9 +136,18 @@ def ensure_base(ctx: BuildContext) -> StepResult:
             log.info("base %s %s: cached", ctx.plan.spec.distro.value, ctx.plan.spec.release)
             return StepResult("bootstrap", key, True, time.monotonic() - start)
         req = ctx.plan.bootstrap
-        with ctx.store.new_entry(key, kind="base", description=f"{req.distro} {req.release} {req.arch}") as tmp, \
-                tracked(ctx.workdir):
-            bootstrap_mod.bootstrap(req, tmp / "data", deb_cache=ctx.deb_cache)
+        ensure_binfmt(req.arch)
+        pinned = ctx.plan.upstream
+        if pinned is not None:
+            with ctx.store.new_entry(key, kind="base", description=pinned.base.what,
+                                     extra={"upstream": pinned.manifest()}) as tmp, tracked(ctx.workdir):
+                image = fetch_image(pinned, ctx.store.root / "downloads")
+                extract_rootfs(image.path, tmp / "data", workdir=ctx.workdir, format=pinned.base.format,
+                               arch=pinned.base.arch)
+        else:
+            with ctx.store.new_entry(key, kind="base", description=f"{req.distro} {req.release} {req.arch}") \
+                    as tmp, tracked(ctx.workdir):
+                bootstrap_mod.bootstrap(req, tmp / "data", deb_cache=ctx.deb_cache)
     return StepResult("bootstrap", key, False, time.monotonic() - start)
 
 
@@ -288,6 +300,7 @@ def run_step(ctx: BuildContext, step: Step) -> StepResult:
 
 
 def run_phase(ctx: BuildContext, phase: str, on_step: Callable[[StepResult], None] | None = None) -> PhaseResult:
+    ensure_binfmt(ctx.plan.spec.arch.value)
     with tracked(ctx.workdir):
         return _run_phase(ctx, phase, on_step)
 

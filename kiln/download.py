@@ -32,7 +32,7 @@ from typing import TextIO
 import httpx
 
 from kiln.errors import KilnError
-from kiln.verify import ChecksumMismatchError, Digest, mismatch_message
+from kiln.verify import ChecksumMismatchError, Digest, file_digest, mismatch_message
 
 log = logging.getLogger("kiln.download")
 
@@ -120,6 +120,7 @@ class Progress:
         self.done = done
         self.start_bytes = done
         self.start = time.monotonic()
+        self._last = self.start if not self.tty else 0.0  # log lines: the first after `interval`
         self.total = total
 
     def advance(self, n: int) -> None:
@@ -336,9 +337,7 @@ def download(
     started = time.monotonic()
     with _locked(dest):
         if dest.exists() and expected is not None:
-            with open(dest, "rb") as fh:
-                have = Digest(expected.algorithm, hashlib.file_digest(fh, expected.algorithm).hexdigest())
-            if have == expected:
+            if file_digest(dest, expected.algorithm) == expected:
                 log.info("%s: already downloaded (%s)", label, expected)
                 return DownloadResult(dest, url_list[0], dest.stat().st_size, expected, dest.stat().st_size, 0,
                                       time.monotonic() - started, reused=True)

@@ -195,3 +195,15 @@ def reclaim(journal_dir: Path) -> list[str]:
             done.append(t)
     journal.unlink(missing_ok=True)
     return done
+
+
+BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+
+
+def ensure_binfmt_misc() -> Path:
+    """The kernel's binfmt_misc file system, mounted if it is not (a host facility, left mounted as the
+    distribution's own init would leave it; it is not part of any build)."""
+    if not (BINFMT_MISC / "register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_MISC)], quiet=True,
+            what="mount binfmt_misc")
+    return BINFMT_MISC

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shlex
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from kiln.mirror import release_digest, resolve_mirror
 from kiln.run import redact_value
 from kiln.secrets import secret_digest
 from kiln.spec import ImageSpec
+from kiln.upstream import PinnedBase, base_key_fields, pin_base, resolve_base
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 LAYER_FORMAT = "1"  # bump when the way steps are run changes what they produce
@@ -77,6 +79,7 @@ class BuildPlan:
     bootstrap: bootstrap.BootstrapRequest
     base_key: str
     steps: list[Step] = field(default_factory=list)
+    upstream: PinnedBase | None = None  # the verified upstream image the base is extracted from
 
     @property
     def tree_key(self) -> str:
@@ -139,11 +142,22 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
         "env": env,
         "env_files": [[f.name, _file_hash(f)] for f in env_files],
     })
-    req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
-                                     release_digest=release_digest(mirror, spec.release))
-    base_key = digest(req.key_fields())
+    upstream: PinnedBase | None = None
+    if spec.base is not None:
+        # the checksum file is fetched and its signature checked now: a bad one fails before anything runs
+        resolved_base = resolve_base(spec.base, distro=spec.distro.value, release=spec.release,
+                                     arch=spec.arch.value)
+        with tempfile.TemporaryDirectory(prefix="kiln-pin-") as tmp:
+            upstream = pin_base(resolved_base, Path(tmp))
+        req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror)
+        base_key = digest(base_key_fields(upstream))
+    else:
+        req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
+                                         release_digest=release_digest(mirror, spec.release))
+        base_key = digest(req.key_fields())
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
-                     env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key)
+                     env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,
+                     upstream=upstream)
 
     actions = packages.package_actions(resolved, distro=spec.distro.value, release=spec.release,
                                        arch=spec.arch.value, env=env)

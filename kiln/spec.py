@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from kiln.errors import SpecError
+from kiln.upstream import BaseSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -95,6 +96,8 @@ class ImageSpec(StrictModel):
     compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
     qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
     mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources")
+    base: BaseSpec | None = Field(default=None, description="start from an upstream cloud image (verified) instead "
+                                                           "of bootstrapping; see docs/upstream-images.md")
     boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
 
     @field_validator("size", mode="before")
@@ -207,6 +210,10 @@ def load_spec(path: Path, overrides: dict[str, Any] | None = None) -> ImageSpec:
     data = read_spec_file(path)
     if overrides:
         data = merge_overrides(data, overrides)
+    base = data.get("base")
+    if isinstance(base, dict) and isinstance(base.get("keyring"), str):
+        # a keyring named in a spec file is relative to that file
+        base["keyring"] = str((path.parent / base["keyring"]).resolve())
     return spec_from_dict(data, str(path))
 
 

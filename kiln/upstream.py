@@ -327,6 +327,7 @@ class ResolvedBase:
     key: ResolvedKey | None = None  # the upstream's key, looked up by file name
     fingerprints: tuple[str, ...] = ()
     insecure_skip_signature: bool = False
+    arch: str = "amd64"  # kiln's name; decides which GPT root type extraction looks for
 
     @property
     def what(self) -> str:
@@ -378,7 +379,7 @@ def resolve_base(base: BaseSpec, *, distro: str, release: str, arch: str) -> Res
             source=source_name, urls=urls, filename=filename, format=fmt,
             checksum_urls=tuple(_as_list(base.checksum_url)), signature_urls=tuple(_as_list(base.signature_url)),
             checksum=Digest.parse(base.checksum) if base.checksum else None, keyring=base.keyring, key=key,
-            fingerprints=pins, insecure_skip_signature=base.insecure_skip_signature,
+            fingerprints=pins, insecure_skip_signature=base.insecure_skip_signature, arch=arch,
         )
 
     if source is None:
@@ -407,7 +408,7 @@ def resolve_base(base: BaseSpec, *, distro: str, release: str, arch: str) -> Res
         format=base.format or source.format,
         checksum_urls=() if base.checksum else checksum_urls, signature_urls=() if base.checksum else signature_urls,
         checksum=Digest.parse(base.checksum) if base.checksum else None, keyring=base.keyring, key=key,
-        fingerprints=pins, insecure_skip_signature=base.insecure_skip_signature,
+        fingerprints=pins, insecure_skip_signature=base.insecure_skip_signature, arch=arch,
     )
 
 
@@ -430,6 +431,7 @@ class PinnedBase:
             "url": self.base.urls[0],
             "filename": self.base.filename,
             "format": self.base.format.value,
+            "arch": self.base.arch,
             "digest": str(self.digest),
             "trust": self.trust,
             "signer": self.signer,
@@ -496,8 +498,9 @@ def pin_base(
     workdir.mkdir(parents=True, exist_ok=True)
     sums = workdir / "checksums"
     sig = workdir / "checksums.sig"
-    for stale in (sums, sig):
-        stale.unlink(missing_ok=True)
+    for stale in (sums, sig):  # always fresh: "current" changes, and a half file from a dead run is no help
+        for path in (stale, stale.with_name(stale.name + ".partial"), stale.with_name(stale.name + ".partial.json")):
+            path.unlink(missing_ok=True)
     download(base.checksum_urls, sums, timeout=timeout, retry=retry, progress=progress,
              what=f"checksum file of {base.what}")
     raw = sums.read_bytes()
@@ -566,15 +569,5 @@ def base_key_fields(pinned: PinnedBase) -> dict[str, object]:
         "extract": EXTRACT_VERSION,
         "digest": str(pinned.digest),
         "format": pinned.base.format.value,
+        "arch": pinned.base.arch,
     }
-
-
-def describe_sources() -> list[dict[str, str]]:
-    """The upstream table, for docs and `kiln` listings."""
-    out = []
-    for s in UPSTREAMS.values():
-        out.append({
-            "name": s.name, "title": s.title, "image": _join(s.directory, s.image), "checksum": s.checksum,
-            "signing": s.signing.value, "key": s.key.file if s.key else "", "default_version": s.default_version or "",
-        })
-    return out

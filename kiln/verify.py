@@ -94,9 +94,6 @@ class Digest:
             raise ValueError(f"checksum {value!r} must be written as sha256:HEX or sha512:HEX")
         return cls(algorithm.lower().replace("-", ""), hexdigest.lower())
 
-    def hasher(self) -> hashlib._Hash:
-        return hashlib.new(self.algorithm)
-
 
 def file_digest(path: Path, algorithm: str) -> Digest:
     with open(path, "rb") as fh:
@@ -336,22 +333,22 @@ def verify_signature(
         raise SignatureError(f"{what}: no keyring to check the signature against")
     pins = {normalize_fingerprint(f) for f in fingerprints}
     workdir.mkdir(parents=True, exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="gnupg.", dir=workdir))  # never the user's keyring
-    os.chmod(home, 0o700)
-    argv: list[str] = ["gpgv", "--homedir", str(home), "--status-fd", "1"]
-    for ring in keyrings:
-        argv += ["--keyring", str(binary_keyring(ring, home))]
     raw = data.read_bytes()
     kind = "detached" if signature is not None else "clearsigned"
-    plain = home / "signed-content"
-    if signature is None:
-        if not is_clearsigned(raw):
-            raise UnsignedChecksumError(f"{what}: {data.name} is not clearsigned and no detached signature was given")
-        argv += ["--output", str(plain), str(data)]
-    else:
-        argv += [str(signature), str(data)]
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "GNUPGHOME": str(home)}
-    result = run(argv, env=env, check=False, quiet=True, timeout=120, what=f"check the signature of {what} (gpgv)")
+    if signature is None and not is_clearsigned(raw):
+        raise UnsignedChecksumError(f"{what}: {data.name} is not clearsigned and no detached signature was given")
+    with tempfile.TemporaryDirectory(prefix="gnupg.", dir=workdir) as tmp:  # never the user's keyring
+        home = Path(tmp)
+        os.chmod(home, 0o700)
+        argv: list[str] = ["gpgv", "--homedir", str(home), "--status-fd", "1"]
+        for ring in keyrings:
+            argv += ["--keyring", str(binary_keyring(ring, home))]
+        plain = home / "signed-content"
+        argv += ["--output", str(plain), str(data)] if signature is None else [str(signature), str(data)]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "GNUPGHOME": str(home)}
+        result = run(argv, env=env, check=False, quiet=True, timeout=120,
+                     what=f"check the signature of {what} (gpgv)")
+        signed = plain.read_bytes() if signature is None and plain.exists() else raw
     sigs, seen = _parse_status(result.lines)
     human = [line for line in result.lines if not line.startswith("[GNUPG:]")]
     detail = ("\n  gpgv said:\n" + "\n".join(f"    {line}" for line in human[-8:])) if human else ""
@@ -409,6 +406,5 @@ def verify_signature(
     if result.returncode != 0:
         log.debug("%s: gpgv exited %s but a pinned signature is good (others unverifiable)", what, result.returncode)
     fpr, primary = good[0]
-    signed = plain.read_bytes() if signature is None else raw
     log.info("%s: good %s signature by %s", what, kind, primary)
     return SignatureCheck(fingerprint=fpr, primary=primary, signed=signed, kind=kind)

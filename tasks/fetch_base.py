@@ -5,7 +5,9 @@ from __future__ import annotations
 from prefect import task
 
 from kiln.customize import BuildContext, StepResult, ensure_base
+from kiln.download import DownloadError
 from kiln.errors import CommandError
+from kiln.verify import VerificationError
 from tasks.common import store_key
 
 
@@ -13,7 +15,9 @@ def _retry_on_command_error(task: object, task_run: object, state: object) -> bo
     """Retry only what a retry can fix (a mirror that failed to answer), not a bad spec."""
     try:
         state.result()  # type: ignore[attr-defined]
-    except CommandError:
+    except VerificationError:
+        return False  # a checksum or signature mismatch is never retried (and never cached)
+    except (CommandError, DownloadError):
         return True
     except Exception:
         return False

@@ -42,8 +42,10 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         "spec": plan.spec.model_dump(mode="json"),
         "mirror": plan.mirror,
         "elements": [{"name": e.name, "path": e.path, "sha256": e.hash} for e in plan.elements],
-        "base": {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
-                 "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror},
+        "base": ({"kind": "upstream", "key": plan.base_key, **plan.upstream.manifest()} if plan.upstream else
+                 {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
+                  "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror,
+                  "release_digest": plan.bootstrap.release_digest}),
         "tree_key": plan.tree_key,
         "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "key": s.key} for s in plan.steps],
         "disk": {"size": plan.spec.size, "root_uuid": packed.root_uuid, "esp_serial": packed.esp_serial,

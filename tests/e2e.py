@@ -48,7 +48,15 @@ def leftovers(cache: str | None = None) -> list[str]:
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.strip()
     if loops:
         found.append(f"loop devices: {loops}")
-    qemus = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout.strip()
-    if qemus:
-        found.append(f"qemu: {qemus}")
+    for line in subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout.splitlines():
+        if not _zombie(int(line.split()[0])):  # a dead QEMU whose reaper (PID 1 here) never waits for it
+            found.append(f"qemu: {line}")
     return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -24,10 +24,12 @@ from kiln.upstream import (
 )
 from kiln.verify import (
     ChecksumFileError,
+    ChecksumMismatchError,
     Digest,
     SignatureError,
     UnsignedChecksumError,
     VerificationError,
+    check_file,
     dearmor,
     parse_checksum_file,
     verify_signature,
@@ -326,6 +328,7 @@ def test_pin_base_detached_and_clearsigned(server: uf.FixtureServer, published: 
                      tmp_path / "b")
     assert clear.digest.algorithm == "sha512" and "clearsigned" in clear.trust
     assert pinned.manifest()["digest"] == f"sha256:{digest}"
+    assert base_key_fields(pinned)["arch"] == "amd64"
 
 
 def test_pin_base_unsigned_needs_the_explicit_opt_out(server: uf.FixtureServer, published: uf.Published,
@@ -361,3 +364,26 @@ def test_keys_are_found_in_kiln_keys_directories(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("KILN_KEYS", str(tmp_path))
     r = resolve_base(BaseSpec(), distro="almalinux", release="9", arch="amd64")
     assert find_keyrings(r) == [tmp_path / "RPM-GPG-KEY-AlmaLinux-9"]
+
+
+def test_one_good_pinned_signature_among_several_suffices(published: uf.Published, tmp_path: Path) -> None:
+    """Upstreams rotating keys sign with old and new: a signature by a key we lack is not an error."""
+    sums = published.files["SHA256SUMS"]
+    other = tmp_path / "other.sig"
+    published.attacker.sign(sums, other)
+    published.attacker.stop()
+    both = tmp_path / "SHA256SUMS.gpg"
+    both.write_bytes(other.read_bytes() + published.files["SHA256SUMS.gpg"].read_bytes())
+    check = verify_signature(sums, signature=both, keyrings=[published.key.keyring],
+                             fingerprints=[published.key.fingerprint], workdir=tmp_path, what="SHA256SUMS")
+    assert check.primary == published.key.fingerprint
+
+
+def test_check_file_names_both_digests(tmp_path: Path) -> None:
+    f = tmp_path / "image.qcow2"
+    f.write_bytes(b"image")
+    good = Digest("sha512", hashlib.sha512(b"image").hexdigest())
+    check_file(f, good, what="image.qcow2")
+    bad = Digest("sha256", "0" * 64)
+    with pytest.raises(ChecksumMismatchError, match=r"(?s)expected sha256:0{64}.*got      sha256:"):
+        check_file(f, bad, what="image.qcow2")

@@ -191,3 +191,16 @@ def test_progress_bar_on_a_tty_and_log_lines_otherwise(caplog: pytest.LogCapture
     quiet.begin(0, 1000)
     quiet.advance(250)
     assert any("25.0%" in r.getMessage() for r in caplog.records)
+
+
+def test_redirects_are_followed_and_a_resume_goes_through_them(server: uf.FixtureServer, published: uf.Published,
+                                                               tmp_path: Path) -> None:
+    """Like a distribution's mirror redirector: the Range header survives the redirect."""
+    published.case("mirror", "disk.qcow2")
+    server.redirects["/redirector/disk.qcow2"] = "mirror/disk.qcow2"
+    server.truncate_once.add("/mirror/disk.qcow2")
+    src = published.files["disk.qcow2"]
+    dest = tmp_path / "disk.qcow2"
+    download(server.url("redirector/disk.qcow2"), dest, expected=_digest(src), retry=FAST, progress=False)
+    assert [s.status for s in server.seen("mirror/disk.qcow2")] == [200, 206]
+    assert dest.read_bytes() == src.read_bytes()

@@ -6,6 +6,7 @@ no mount and no loop device outlives it.
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 from collections.abc import Iterator
@@ -182,7 +183,7 @@ def _fetch_and_extract(server: uf.FixtureServer, published: uf.Published, tmp_pa
     key = base_key_fields(pinned)
     fetched = fetch_image(pinned, tmp_path / "downloads", retry=FAST, progress=False)
     tree = tmp_path / "tree"
-    extract_rootfs(fetched.path, tree, workdir=tmp_path / "work", format=pinned.base.format)
+    extract_rootfs(fetched.path, tree, workdir=tmp_path / "work", format=pinned.base.format, arch=pinned.base.arch)
     return tree, key
 
 
@@ -264,3 +265,84 @@ def test_a_killed_extraction_is_reclaimed(published: uf.Published, tmp_path: Pat
     stack.targets.clear()  # as if the process died: only the journal knows
     assert reclaim(tmp_path / "work") == [str(tmp_path / "work/extract/mnt/p3")]
     shutil.rmtree(tmp_path / "work")
+
+
+# ---------------------------------------------------------------------------------------------- xfs, btrfs
+
+
+def _have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def _fs_disk(published: uf.Published, tmp_path: Path, fstype: str) -> Path:
+    """A GPT disk whose one partition holds the tree on `fstype`, filled through a read-write loop mount;
+    for btrfs laid out as Fedora does: subvolumes `root` and `home`, the fstab naming them."""
+    from kiln.mounts import MountStack
+
+    fs = tmp_path / f"{fstype}.fs"
+    with open(fs, "wb") as fh:
+        fh.truncate(320 << 20)  # xfs wants at least 300 MiB
+    uuid = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+    run([f"mkfs.{fstype}", "-q", "-f", *(["-m", f"uuid={uuid}"] if fstype == "xfs" else ["-U", uuid]), str(fs)],
+        quiet=True)
+    with MountStack(tmp_path / "fill-journal") as stack:
+        top = stack.mount(["-o", "loop", str(fs)], tmp_path / "fill", what=f"fill the {fstype} fixture")
+        dest = top
+        if fstype == "btrfs":
+            for sub in ("root", "home"):
+                run(["btrfs", "-q", "subvolume", "create", str(top / sub)], quiet=True)
+            dest = top / "root"
+        run(["cp", "-a", f"{published.full}/.", f"{dest}/"], quiet=True)
+        if fstype == "btrfs":
+            (top / "home/user").mkdir()
+            (top / "home/user/.profile").write_text("# in the home subvolume\n")
+            (dest / "etc/fstab").write_text(
+                f"UUID={uuid} / btrfs subvol=root,compress=zstd:1 0 0\nUUID={uuid} /home btrfs subvol=home 0 0\n")
+        else:
+            (dest / "etc/fstab").write_text(f"UUID={uuid} / xfs defaults 0 0\n")
+    disk = tmp_path / f"{fstype}.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate((1 << 20) + fs.stat().st_size + (1 << 20))
+    run(["sgdisk", "--new=1:2048:+320M", "--typecode=1:8304", str(disk)], quiet=True)
+    with open(fs, "rb") as src, open(disk, "r+b") as dst:
+        dst.seek(1 << 20)
+        shutil.copyfileobj(src, dst, 4 << 20)
+    fs.unlink()
+    return disk
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_xfs_and_btrfs_subvolume_roots(published: uf.Published, tmp_path: Path, fstype: str) -> None:
+    if not _have(f"mkfs.{fstype}"):
+        pytest.skip(f"mkfs.{fstype} is not installed")
+    disk = _fs_disk(published, tmp_path, fstype)
+    result = extract_rootfs(disk, tmp_path / "tree", workdir=tmp_path / "work", format="raw")
+    assert result.root is not None and result.root.fstype == fstype
+    tree = tmp_path / "tree"
+    if fstype == "btrfs":
+        assert result.subvolume == "root" and result.grafted == ("/home",)
+        assert (tree / "home/user/.profile").read_text() == "# in the home subvolume\n"
+        skip: tuple[str, ...] = ("etc/fstab", "home")
+    else:
+        skip = ("etc/fstab",)
+    want = uf.snapshot(published.full, skip=("etc/fstab",))
+    got = uf.snapshot(tree, skip=skip)
+    assert {k: v for k, v in got.items() if k != "home"} == {k: v for k, v in want.items() if k != "home"}
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize("name", ["disk.qcow2.xz", "disk.raw.zst"])
+def test_compressed_disk_images_are_decompressed_first(published: uf.Published, tmp_path: Path, name: str) -> None:
+    image = tmp_path / name
+    if name.endswith(".xz"):
+        with open(published.files["disk.qcow2"], "rb") as src, lzma.open(image, "wb", preset=0) as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        raw = tmp_path / "disk.raw"
+        run(["qemu-img", "convert", "-O", "raw", str(published.files["disk.qcow2"]), str(raw)], quiet=True)
+        run(["zstd", "-q", "-1", "--rm", "-o", str(image), str(raw)], quiet=True)
+    result = extract_rootfs(image, tmp_path / "tree", workdir=tmp_path / "work")
+    assert result.format is (BaseFormat.qcow2 if "qcow2" in name else BaseFormat.raw)
+    _compare(published.full, tmp_path / "tree", disk=True)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) in ([], ["mounts.json"])

@@ -241,6 +241,7 @@ class FixtureServer:
         self.requests: list[Seen] = []
         self.truncate_once: set[str] = set()  # paths whose next body stops halfway
         self.statuses: dict[str, list[int]] = {}  # paths -> statuses to answer before the file
+        self.redirects: dict[str, str] = {}  # paths -> the path a 302 sends the client to
         self.lock = threading.Lock()
         server = self
 
@@ -281,6 +282,13 @@ class FixtureServer:
             status = queued.pop(0) if queued else None
             truncate = path in self.truncate_once
             self.truncate_once.discard(path)
+        if path in self.redirects:
+            self.requests.append(Seen(path, headers, 302))
+            h.send_response(302)
+            h.send_header("Location", self.url(self.redirects[path]))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         file = (self.root / path.lstrip("/")).resolve()
         if status is None and (not file.is_relative_to(self.root.resolve()) or not file.is_file()):
             status = 404

@@ -1,0 +1,225 @@
+"""Fast tests of publishing's pure parts: properties from a manifest, retention, the gate, settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kiln import publish_cli, s3
+from kiln.publish import (
+    Build,
+    BuildImage,
+    CandidateImage,
+    PublishError,
+    PublishSpec,
+    Status,
+    Version,
+    glance_properties,
+    load_build,
+    manifest_gate,
+    min_disk_gib,
+    min_ram_mib,
+    plan_retention,
+)
+from tests.publish.conftest import MakeBuild, manifest_for
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def _build(**manifest_args: object) -> tuple[Build, BuildImage]:
+    image = BuildImage(Path("/nonexistent/x.qcow2"), "qcow2", 10, "a" * 64, "b" * 128)
+    manifest = manifest_for("debian-12-amd64", build_id="20261129T000000Z-abcdef", **manifest_args)  # type: ignore[arg-type]
+    return Build(Path("/nonexistent"), manifest, (image,)), image
+
+
+def test_properties_map_the_manifest_to_what_nova_reads() -> None:
+    build, image = _build()
+    props = glance_properties(build, image, PublishSpec(), name="debian-12")
+    assert props["os_distro"] == "debian"
+    assert props["os_version"] == "12"
+    assert props["architecture"] == "x86_64"
+    assert props["hw_disk_bus"] == "virtio"
+    assert props["hw_qemu_guest_agent"] == "yes"
+    assert "hw_firmware_type" not in props, "a BIOS+UEFI disk must not be pinned to UEFI"
+    assert props["kiln_name"] == "debian-12"
+    assert props["kiln_build_id"] == "20261129T000000Z-abcdef"
+    assert props["kiln_sha256"] == "a" * 64
+    assert props["kiln_base_checksum"] == build.manifest["base"]["key"]
+    assert len(props["kiln_spec_sha256"]) == 64 and len(props["kiln_elements_sha256"]) == 64
+    assert props["kiln_element_qemu-guest-agent"] == build.manifest["elements"][5]["sha256"]
+    assert all(len(v) <= 255 for v in props.values())
+
+
+def test_spec_hash_changes_with_the_spec_and_elements_hash_with_an_element() -> None:
+    build, image = _build()
+    before = glance_properties(build, image, PublishSpec(), name="n")
+    build.manifest["spec"]["packages"] = ["htop"]
+    build.manifest["elements"][0]["sha256"] = "0" * 64
+    after = glance_properties(build, image, PublishSpec(), name="n")
+    assert before["kiln_spec_sha256"] != after["kiln_spec_sha256"]
+    assert before["kiln_elements_sha256"] != after["kiln_elements_sha256"]
+
+
+def test_uefi_only_images_say_so() -> None:
+    build, image = _build(arch="arm64")
+    props = glance_properties(build, image, PublishSpec(), name="n")
+    assert props["hw_firmware_type"] == "uefi" and props["architecture"] == "aarch64"
+    build, image = _build()
+    build.manifest["disk"]["firmware"] = ["uefi"]
+    assert glance_properties(build, image, PublishSpec(), name="n")["hw_firmware_type"] == "uefi"
+
+
+def test_without_the_guest_agent_element_the_property_says_no() -> None:
+    build, image = _build()
+    build.manifest["elements"] = [e for e in build.manifest["elements"] if e["name"] != "qemu-guest-agent"]
+    assert glance_properties(build, image, PublishSpec(), name="n")["hw_qemu_guest_agent"] == "no"
+
+
+def test_spec_properties_override_kilns_defaults() -> None:
+    build, image = _build()
+    props = glance_properties(build, image, PublishSpec(properties={"hw_disk_bus": "scsi", "os_admin_user": "debian"}),
+                              name="n")
+    assert props["hw_disk_bus"] == "scsi" and props["os_admin_user"] == "debian"
+
+
+def test_min_disk_rounds_up_and_min_ram_defaults_to_the_boot_test_memory() -> None:
+    build, _ = _build()
+    build.manifest["disk"]["size"] = 4 * 1024**3 + 1
+    assert min_disk_gib(build.manifest) == 5
+    assert min_ram_mib(build.manifest, PublishSpec()) == 1024
+    assert min_ram_mib(build.manifest, PublishSpec(min_ram=512)) == 512
+
+
+def test_publish_spec_refuses_what_it_does_not_know() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        PublishSpec.model_validate({"target": ["glance:x"]})
+    with pytest.raises(ValidationError, match="glance:CLOUD or s3://"):
+        PublishSpec(targets=["swift:x"])
+    with pytest.raises(ValidationError, match="bucket name"):
+        PublishSpec(targets=["s3://Bad_Bucket/x"])
+    with pytest.raises(ValidationError, match="kiln's or Glance's own"):
+        PublishSpec(properties={"kiln_status": "stable"})
+    with pytest.raises(ValidationError):
+        PublishSpec(keep=0)
+    spec = PublishSpec(targets=["glance:a", "s3://bucket-1/images/x", "glance:a"])
+    assert spec.glance_clouds == ["a"]
+    assert spec.s3_locations == [s3.S3Location("bucket-1", "images/x")]
+    with pytest.raises(ValidationError):
+        spec.keep = 5  # type: ignore[misc]
+
+
+def test_s3_urls_split_into_bucket_and_prefix() -> None:
+    assert s3.parse_s3_url("s3://images/") == s3.S3Location("images", "")
+    loc = s3.parse_s3_url("s3://my.bucket/a/b/")
+    assert loc.key("debian", "b1", "x.qcow2") == "a/b/debian/b1/x.qcow2"
+    with pytest.raises(s3.S3Error, match=r"'\.\.'"):
+        s3.parse_s3_url("s3://bucket/a/../b")
+
+
+def _v(ident: str, status: Status, hours_ago: float) -> Version:
+    return Version(ident, status, NOW - timedelta(hours=hours_ago))
+
+
+def test_retention_keeps_stable_previous_and_the_newest_others() -> None:
+    versions = [_v("s", Status.stable, 10), _v("p", Status.previous, 20), _v("r1", Status.retired, 30),
+                _v("r2", Status.retired, 40), _v("r3", Status.retired, 50)]
+    plan = plan_retention(versions, keep=3, now=NOW)
+    assert [v.id for v in plan.keep] == ["s", "p", "r1"]
+    assert sorted(v.id for v in plan.delete) == ["r2", "r3"]
+
+
+def test_retention_keeps_the_stable_image_even_when_it_is_older() -> None:
+    # after a rollback the stable image can be older than the previous and retired ones
+    versions = [_v("s", Status.stable, 100), _v("p", Status.previous, 1), _v("r", Status.retired, 2)]
+    assert [v.id for v in plan_retention(versions, keep=1, now=NOW).keep] == ["s"]
+    assert [v.id for v in plan_retention(versions, keep=2, now=NOW).keep] == ["s", "p"]
+
+
+def test_retention_drops_withdrawn_and_stale_candidates_but_not_fresh_ones() -> None:
+    versions = [_v("s", Status.stable, 5), _v("w", Status.withdrawn, 1), _v("c-fresh", Status.candidate, 1),
+                _v("c-stale", Status.candidate, 48)]
+    plan = plan_retention(versions, keep=5, now=NOW)
+    assert {v.id for v in plan.keep} == {"s", "c-fresh"}
+    assert {v.id for v in plan.delete} == {"w", "c-stale"}
+
+
+def test_retention_refuses_keep_zero() -> None:
+    with pytest.raises(PublishError):
+        plan_retention([], keep=0, now=NOW)
+
+
+def _candidate(**manifest_args: object) -> CandidateImage:
+    build, image = _build(**manifest_args)
+    return CandidateImage("n", build, image)
+
+
+def test_manifest_gate_passes_a_build_that_booted_under_every_firmware() -> None:
+    result = manifest_gate(_candidate())
+    assert result.passed and "bios" in result.detail and "uefi" in result.detail
+
+
+def test_manifest_gate_fails_a_failed_an_untested_and_a_half_tested_build() -> None:
+    failed = manifest_gate(_candidate(boots=[{"firmware": "bios", "passed": True},
+                                             {"firmware": "uefi", "passed": False, "tail": ["Kernel panic"]}]))
+    assert not failed.passed and "uefi" in failed.detail and failed.log_tail == ("Kernel panic",)
+    untested = manifest_gate(_candidate(boots=[]))
+    assert not untested.passed and "not boot-tested" in untested.detail
+    half = manifest_gate(_candidate(boots=[{"firmware": "bios", "passed": True}]))
+    assert not half.passed and "uefi" in half.detail
+
+
+def test_load_build_reads_a_build_and_catches_a_changed_or_unlisted_file(make_build: MakeBuild) -> None:
+    out = make_build("n1", formats=("qcow2", "raw"))
+    build = load_build(out)
+    assert [i.format for i in build.images] == ["qcow2", "raw"]
+    assert build.image("raw").path == out / "n1.raw"
+    with pytest.raises(PublishError, match="no vmdk image"):
+        build.image("vmdk")
+    with (out / "n1.raw").open("ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(PublishError, match="the file changed after the build"):
+        load_build(out)
+    (out / "SHA256SUMS").write_text("")
+    with pytest.raises(PublishError, match=r"SHA256SUMS: n1\.qcow2 is missing"):
+        load_build(out)
+    with pytest.raises(PublishError, match="kiln build's output directory"):
+        load_build(out / "nope")
+
+
+def test_the_spec_publish_section_is_read_from_the_manifest_and_flags_override_it(make_build: MakeBuild) -> None:
+    out = make_build("n2", publish={"targets": ["glance:prod"], "visibility": "public", "keep": 5,
+                                    "tags": ["nightly"], "properties": {"os_admin_user": "debian"}})
+    build = load_build(out)
+    assert build.publish_spec().targets == ["glance:prod"]
+    parser = argparse.ArgumentParser()
+    publish_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["publish", str(out), "--keep", "2", "--tag", "extra", "--property", "a=b",
+                              "--to", "s3://bucket-1/x"])
+    spec = publish_cli.spec_from_args(build.publish_spec(), args)
+    assert spec.targets == ["s3://bucket-1/x"] and spec.keep == 2 and spec.visibility.value == "public"
+    assert spec.tags == ["nightly", "extra"]
+    assert spec.properties == {"os_admin_user": "debian", "a": "b"}
+    bad = parser.parse_args(["publish", str(out), "--property", "kiln_status=x"])
+    with pytest.raises(PublishError, match="kiln's or Glance's own"):
+        publish_cli.spec_from_args(build.publish_spec(), bad)
+
+
+def test_a_bad_publish_section_in_the_manifest_names_the_file(make_build: MakeBuild) -> None:
+    out = make_build("n3")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["spec"]["publish"] = {"keep": -1}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PublishError, match=r"manifest\.json: spec\.publish"):
+        load_build(out).publish_spec()
+
+
+def test_retention_orders_builds_of_the_same_second_by_build_id() -> None:
+    same = NOW - timedelta(hours=1)
+    versions = [Version(f"b{i}", Status.retired, same, f"20261129T110000Z-{i:02d}") for i in (3, 1, 4, 2)]
+    plan = plan_retention(versions, keep=2, now=NOW)
+    assert [v.id for v in plan.keep] == ["b4", "b3"]

@@ -1,0 +1,87 @@
+"""An image built from an upstream qcow2 cloud image, verified, customized, packed and booted.
+
+The "upstream" is the qcow2 this test session built from the seed example (tests/test_build_e2e.py),
+published on 127.0.0.1 with a SHA256SUMS signed by a throwaway GPG key, as a distribution publishes its
+cloud images."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.store import Store
+from tests.e2e import kiln, kiln_env, leftovers, manifest
+from tests.test_build_e2e import seed_build  # noqa: F401  (the session's image, built once)
+from tests.upstream_fixtures import FixtureServer, GpgKey, _sha256, make_key
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def published(seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FixtureServer, GpgKey, GpgKey, Path]]:
+    out, _, _ = seed_build
+    root = tmp_path_factory.mktemp("upstream")
+    served = root / "served"
+    served.mkdir()
+    shutil.copyfile(out / "debian-12-seed-example.qcow2", served / "cloud.qcow2")
+    (served / "SHA256SUMS").write_text(f"{_sha256(served / 'cloud.qcow2')}  cloud.qcow2\n")
+    key = make_key(root / "publisher", "kiln upstream publisher")
+    attacker = make_key(root / "attacker", "kiln upstream attacker")
+    key.sign(served / "SHA256SUMS", served / "SHA256SUMS.gpg")
+    attacker.sign(served / "SHA256SUMS", served / "SHA256SUMS.attacker.gpg")
+    key.stop()
+    attacker.stop()
+    server = FixtureServer(served)
+    try:
+        yield server, key, attacker, root
+    finally:
+        server.close()
+
+
+def write_spec(path: Path, server: FixtureServer, keyring: Path, signature: str = "SHA256SUMS.gpg") -> Path:
+    path.write_text(
+        "name: from-upstream\n"
+        "distro: debian\nrelease: bookworm\n"
+        "elements: [vm, cloud-init, growroot, small-step]\n"
+        "formats: [qcow2]\n"
+        "boot_test: {firmware: [bios]}\n"
+        "base:\n"
+        f"  url: {server.url('cloud.qcow2')}\n"
+        f"  checksum_url: {server.url('SHA256SUMS')}\n"
+        f"  signature_url: {server.url(signature)}\n"
+        f"  keyring: {keyring}\n")
+    return path
+
+
+def test_qcow2_upstream_base_builds_and_boots(published: tuple[FixtureServer, GpgKey, GpgKey, Path],
+                                              tmp_path: Path) -> None:
+    server, key, _, _ = published
+    spec = write_spec(tmp_path / "spec.yaml", server, key.keyring)
+    kiln("build", str(spec), "--elements-path", "tests/data/elements", "--output", str(tmp_path / "out"))
+    m = manifest(tmp_path / "out")
+    assert m["base"]["kind"] == "upstream"
+    assert m["base"]["trust"] and m["base"]["signer"] == key.fingerprint
+    [boot] = m["boot_test"]
+    assert boot["passed"] and boot["root_bytes"] > 4.2 * 1024**3
+    assert any(s["name"] == "60-small-step" for s in m["steps"])
+    assert leftovers() == []
+
+
+def test_badly_signed_upstream_is_refused_and_nothing_is_cached(
+        published: tuple[FixtureServer, GpgKey, GpgKey, Path], tmp_path: Path) -> None:
+    server, key, _, _ = published
+    store = Store(Path(kiln_env()["KILN_CACHE"]))
+    before = {e.key for e in store.entries()}
+    spec = write_spec(tmp_path / "spec.yaml", server, key.keyring, signature="SHA256SUMS.attacker.gpg")
+    proc = kiln("build", str(spec), "--elements-path", "tests/data/elements", "--no-boot-test",
+                "--output", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0
+    err = proc.stderr.split("kiln: error:")[-1]
+    assert "signature" in err.lower() and "Traceback" not in err
+    assert {e.key for e in store.entries()} == before
+    assert leftovers() == []
