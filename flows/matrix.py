@@ -15,6 +15,7 @@ error, never silently unlimited. Operators resize them with `prefect gcl update 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ from kiln.matrix import (
     MatrixError,
     cell_demand,
     default_limits,
+    host_name,
     limit_name,
     load_cells,
     select,
@@ -106,7 +108,7 @@ def host_slots(spec: ImageSpec, options: BuildOptions) -> Iterator[dict[str, int
             if kind in demand:
                 stack.enter_context(concurrency(limit_name(kind), occupy=demand[kind], strict=True))
         waited = time.monotonic() - start
-        logger.info("holding %s on %s%s", ", ".join(f"{n} {k}" for k, n in demand.items()), socket.gethostname(),
+        logger.info("holding %s on %s%s", ", ".join(f"{n} {k}" for k, n in demand.items()), host_name(),
                     f" (waited {waited:.0f} s)" if waited >= 1 else "")
         yield demand
 
@@ -122,6 +124,9 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
     cells spread over the fleet, and a build started from the UI form respects the host's limits too.
     """
     options = options or BuildOptions()
+    kiln_logger = logging.getLogger("kiln")
+    if kiln_logger.level == logging.NOTSET:  # a worker's run process: let kiln's INFO lines reach the run logs
+        kiln_logger.setLevel(logging.INFO)
     with host_slots(spec, options):
         report = build_image(spec, options)
     row = {"images": json.dumps(report["images"]), "manifest": report["manifest"], "output": report["output"],

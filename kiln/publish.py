@@ -37,13 +37,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kiln import glance, s3
+from kiln import s3
 from kiln.errors import KilnError
-from kiln.glance import GlanceImage
 
 if TYPE_CHECKING:
     import openstack.connection
     from mypy_boto3_s3 import S3Client
+
+    from kiln.glance import GlanceImage
+
+# kiln.glance (openstacksdk, half a second to import) is imported where it is used, so that the spec
+# model, which every kiln command loads, stays cheap to import
 
 log = logging.getLogger("kiln.publish")
 
@@ -494,12 +498,16 @@ def withdrawn_name(name: str, build_id: str) -> str:
 
 def managed_images(conn: openstack.connection.Connection, name: str) -> list[GlanceImage]:
     """Every image of this project that kiln manages under `name`, hidden ones included."""
+    from kiln import glance
+
     return [i for i in glance.list_images(conn, {P_NAME: name}) if status_of(i)]
 
 
 def upload_candidate(conn: openstack.connection.Connection, build: Build, image: BuildImage, spec: PublishSpec, *,
                      name: str, progress: ProgressFactory = _no_progress) -> GlanceImage:
     """Upload the image as a private candidate, tagged kiln-candidate, its sha512 verified."""
+    from kiln import glance
+
     props = {**glance_properties(build, image, spec, name=name), P_STATUS: Status.candidate.value}
     upload = glance.ImageUpload(
         path=image.path, name=candidate_name(name, build.build_id), disk_format=image.format, sha512=image.sha512,
@@ -514,6 +522,8 @@ def promote(conn: openstack.connection.Connection, candidate: GlanceImage, *, na
             properties: Mapping[str, str]) -> tuple[str | None, list[str]]:
     """Give `candidate` the stable name and visibility; the stable before it becomes previous, the previous
     before that retired (hidden). Returns (previous id, retired ids)."""
+    from kiln import glance
+
     others = [i for i in managed_images(conn, name) if i.id != candidate.id]
     stables = newest_first(i for i in others if status_of(i) == Status.stable)
     retired: list[str] = []
@@ -546,6 +556,8 @@ def publish_glance(conn: openstack.connection.Connection, build: Build, spec: Pu
                    progress: ProgressFactory = _no_progress) -> GlanceReport:
     """Upload (or find) the candidate, run the gate, promote it. Publishing the same content again
     uploads nothing. A failed gate deletes a candidate uploaded for this run and raises GateFailedError."""
+    from kiln import glance
+
     name = name or spec.name or build.name
     image = build.image(spec.disk_format)
     cloud = glance.cloud_name(conn)
@@ -597,6 +609,8 @@ class RollbackReport:
 def rollback(conn: openstack.connection.Connection, name: str) -> RollbackReport:
     """Put the previous image back under the stable name. The stable one is withdrawn (hidden, renamed,
     never promoted again unless asked); the newest retired image becomes the new previous."""
+    from kiln import glance
+
     cloud = glance.cloud_name(conn)
     images = managed_images(conn, name)
     stables = newest_first(i for i in images if status_of(i) == Status.stable)
@@ -679,6 +693,8 @@ def retain_glance(conn: openstack.connection.Connection, name: str, *, keep: int
                   in_use: Callable[[GlanceImage], bool] | None = None, now: datetime | None = None) -> RetentionReport:
     """Delete what the retention plan drops, except images a server still uses (`in_use`, default: ask
     Nova when the catalog has a compute endpoint)."""
+    from kiln import glance
+
     images = {i.id: i for i in managed_images(conn, name)}
     versions = [Version(i.id, Status(status_of(i)), created_of(i), f"{build_id_of(i)} {i.created_at}")
                 for i in images.values()
@@ -782,6 +798,8 @@ def publish(build: Build, spec: PublishSpec, *, gate: Gate = manifest_gate, allo
             in_use: Callable[[GlanceImage], bool] | None = None) -> PublishReport:
     """Publish to every target of `spec`: each Glance cloud (candidate, gate, promotion, retention), then,
     only when the gate passed, each S3 location (upload, retention)."""
+    from kiln import glance
+
     if not spec.targets:
         raise PublishError("no publish targets: give --to glance:CLOUD or --to s3://BUCKET/PREFIX, or set "
                            "publish.targets in the spec")

@@ -23,9 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import botocore.exceptions
-from botocore.config import Config
 
 from kiln.errors import KilnError
 
@@ -96,6 +94,9 @@ class S3Object:
 
 def client(*, endpoint_url: str | None = None, region: str | None = None) -> S3Client:
     """An S3 client from the standard credential chain; `endpoint_url` for S3-compatible stores."""
+    import boto3  # here, not at the top: importing kiln.publish (and so the spec) stays cheap
+    from botocore.config import Config
+
     config = Config(retries={"max_attempts": 5, "mode": "standard"},
                     request_checksum_calculation="when_required", response_checksum_validation="when_required")
     try:

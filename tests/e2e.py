@@ -43,7 +43,7 @@ def leftovers(cache: str | None = None) -> list[str]:
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             target = line.split()[4]
-            if target.startswith(cache) or "/kiln" in target:
+            if target.startswith(cache):
                 found.append(f"mount {target}")
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.strip()
     if loops:

@@ -116,7 +116,7 @@ def test_malformed_yaml_and_non_mapping(tmp_path: Path) -> None:
 def test_duplicate_cell_names_and_everything_excluded() -> None:
     m = parse_matrix({"cell_name": "{distro}-{release}", "axes": {"release": ["bookworm"], "arch": ["amd64", "arm64"]}},
                      "x.yaml")
-    with pytest.raises(MatrixError, match="field 'cell_name': .* both named 'debian-bookworm'"):
+    with pytest.raises(MatrixError, match=r"field 'cell_name': .* both named 'debian-bookworm'"):
         expand(m, "x.yaml")
     m = parse_matrix({"axes": {"release": ["bookworm"]}, "exclude": [{"release": "bookworm"}]}, "x.yaml")
     with pytest.raises(MatrixError, match="every cell is excluded"):

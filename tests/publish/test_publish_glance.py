@@ -300,3 +300,26 @@ def test_a_real_kiln_build_publishes_and_downloads_streamed(conn: Any, image_nam
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     assert h.hexdigest() == build.images[0].sha256
+
+
+def test_publish_to_glance_and_s3_together_then_again_uploads_nothing(conn: Any, openstack_stack: OpenStack,
+                                                                       s3_client: Any, bucket: str,
+                                                                       make_build: MakeBuild, image_name: str) -> None:
+    from kiln import s3
+    from kiln.publish import publish
+
+    spec = PublishSpec(targets=["glance:kiln-dev", f"s3://{bucket}/catalog"], visibility="public", keep=2,
+                       tags=["nightly"])
+    build = load_build(make_build(image_name))
+    first = publish(build, spec, clouds_yaml=openstack_stack.clouds_yaml)
+    assert first.glance[0].action == "uploaded" and len(first.s3[0].uploaded) == 3
+    assert "booted" in first.gate
+    key = f"catalog/{image_name}/{build.build_id}/{image_name}.qcow2"
+    head = s3.head(s3_client, bucket, key)
+    assert head is not None
+    again = publish(build, spec, clouds_yaml=openstack_stack.clouds_yaml)
+    assert again.glance[0].action == "already-stable" and again.glance[0].image_id == first.glance[0].image_id
+    assert again.s3[0].uploaded == [] and len(again.s3[0].skipped) == 3
+    head_again = s3.head(s3_client, bucket, key)
+    assert head_again is not None
+    assert (head_again["ETag"], head_again["LastModified"]) == (head["ETag"], head["LastModified"])
