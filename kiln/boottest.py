@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,47 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
             (tmp / "data" / "boot.json").write_text(json.dumps(record))
         shutil.rmtree(boot_dir / "seed.iso", ignore_errors=True)
         return outcome
+
+
+def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: list[str] | None = None,
+                            timeout: int | None = None) -> list[BootOutcome]:
+    """Boot the image of a finished build (OUTPUT_DIR with manifest.json) under each firmware, uncached."""
+    from kiln.errors import BootTestError, SpecError
+    from kiln.prefect_server import state_dir
+    from kiln.spec import ImageSpec
+
+    manifest_path = output / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{manifest_path}: not a kiln build output ({exc})") from None
+    spec_data = dict(manifest["spec"])
+    spec_data.pop("secrets", None)
+    spec = ImageSpec.model_validate(spec_data)
+    images = {i["format"]: output / i["file"] for i in manifest["images"]}
+    image = images.get("qcow2") or next(iter(images.values()))
+    if not image.exists():
+        raise SpecError(f"{image}: the build's image is missing")
+    settings = spec.boot_test
+    if timeout:
+        settings = settings.model_copy(update={"timeout": timeout})
+    wanted = firmware or [f.value for f in settings.firmware]
+    if spec.arch.value == "arm64":
+        wanted = [f for f in wanted if f == "uefi"] or ["uefi"]
+    results = []
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
+    for fw in wanted:
+        marker = "KILN-BOOT-" + secrets.token_hex(8)
+        boot_dir = workdir / fw
+        iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=None),
+                                     meta_data=seed.boot_test_meta_data())
+        with tracked(workdir):
+            r = qemu.boot_test(image, firmware=fw, arch=spec.arch.value, marker=marker, seed_iso=iso,
+                               workdir=boot_dir, accel=qemu.probe_accel(None, state_dir=state_dir()),
+                               memory_mib=settings.memory, cpus=settings.cpus, timeout=settings.timeout)
+        if not r.passed:  # pragma: no cover - boot_test raises on failure
+            raise BootTestError(f"boot test {fw} failed")
+        results.append(BootOutcome(firmware=fw, passed=True, seconds=round(r.seconds, 1), accel=r.accel,
+                                   root_bytes=r.root_bytes, disk_bytes=r.disk_bytes, login_ok=r.login_ok,
+                                   serial_log=str(r.serial_log)))
+    return results

@@ -154,6 +154,18 @@ def cmd_dib(argv: list[str]) -> int:
     return run_build(spec, options)
 
 
+def cmd_boot_test(args: argparse.Namespace) -> int:
+    """Boot-test a finished build (its output directory) on its own."""
+    from kiln.boottest import run_boot_test_of_output
+
+    results = run_boot_test_of_output(Path(args.output_dir), backend=args.backend,
+                                      firmware=args.firmware or None, timeout=args.timeout)
+    for r in results:
+        print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
+              f"console log: {r.serial_log}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.plan import make_plan
 
@@ -248,6 +260,13 @@ def parser() -> argparse.ArgumentParser:
     add_spec_flags(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    bt = sub.add_parser("boot-test", help="boot-test a finished build (an output directory with manifest.json)")
+    bt.add_argument("output_dir", metavar="OUTPUT_DIR")
+    bt.add_argument("--backend", choices=["qemu"], default="qemu", help="where to boot it (default: local QEMU)")
+    bt.add_argument("--firmware", type=_csv, help="bios,uefi (default: the spec's)")
+    bt.add_argument("--timeout", type=int, help="seconds until cloud-init must have finished")
+    bt.set_defaults(func=cmd_boot_test)
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
     c.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")

@@ -67,7 +67,7 @@ def test_cancel_during_package_install_stops_everything(stack: PrefectStack, tmp
     })
     work = Path(CACHE) / "work"
     deadline = time.monotonic() + 900
-    while not any("running install.d/01-package-installs" in m for m in stack.logs(run_id)):
+    while not any("running install.d/01-package-installs" in m for m in stack.tree_logs(run_id)):
         run = stack.flow_run(run_id)
         assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), f"{run['state']}\n{stack.log_tail()}"
         assert time.monotonic() < deadline, "the package step never started"
@@ -92,5 +92,3 @@ def test_cancel_during_package_install_stops_everything(stack: PrefectStack, tmp
     assert run["state_type"] == "CANCELLED", run["state"]
     assert left_processes == {}, f"processes of the cancelled build still run: {left_processes}"
     assert left_mounts == [], f"mounts of the cancelled build remain: {left_mounts}"
-    logs = "\n".join(stack.logs(run_id))
-    assert "Traceback" not in logs.split("Cancel")[-1] or "TerminationSignal" in logs

@@ -112,6 +112,13 @@ class PrefectStack:
                 return out
             offset += 200
 
+    def tree_logs(self, run_id: str) -> list[str]:
+        """The logs of `run_id` and of the flow runs it started (a build's lines are in its subflow's)."""
+        out = self.logs(run_id)
+        for child in self.child_runs(run_id):
+            out += self.tree_logs(child["id"])
+        return out
+
     def child_runs(self, parent_run_id: str) -> list[dict[str, Any]]:
         """Flow runs started by `parent_run_id`'s tasks (subflows and `run_deployment` runs)."""
         tasks = self.call("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [parent_run_id]}}})

@@ -1,0 +1,34 @@
+"""`kiln boot-test OUTPUT_DIR`: a disk that cannot boot is rejected with the console's tail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e import REPO, kiln_env, leftovers
+
+
+def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> None:
+    disk = tmp_path / "broken.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], check=True)
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "spec": {"name": "broken", "boot_test": {"firmware": ["bios"], "timeout": 60}},
+        "images": [{"file": "broken.qcow2", "format": "qcow2"}],
+    }))
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(tmp_path)], cwd=REPO,
+                          env=kiln_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    assert "kiln: error: " in err and "bios" in err
+    assert "Traceback" not in err
+    assert "No bootable device" in err or "boot" in err.lower()
+    assert leftovers(str(tmp_path)) == []
+
+
+def test_not_a_build_output(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(tmp_path)], cwd=REPO,
+                          env=kiln_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "manifest.json: not a kiln build output" in proc.stderr
