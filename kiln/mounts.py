@@ -95,13 +95,13 @@ class MountStack:
         tmp.write_text(json.dumps(remaining))
         os.replace(tmp, self.journal)
 
-    def mount(self, args: Sequence[str], target: Path, *, what: str) -> Path:
+    def mount(self, args: Sequence[str], target: Path, *, what: str, cwd: Path | None = None) -> Path:
         """Run `mount ARGS TARGET`, journaled first so that a crash in between is reclaimed too."""
         target.mkdir(parents=True, exist_ok=True)
         t = str(target)
         self._write_journal([t])
         try:
-            run(["mount", *args, t], quiet=True, what=what)
+            run(["mount", *args, t], cwd=cwd, quiet=True, what=what)
         except BaseException:
             if t not in mounted_targets():
                 self._forget(t)
@@ -143,18 +143,8 @@ class MountStack:
             opts += [f"upperdir={upper}", f"workdir={work}"]
         else:
             opts.append("ro")
-        target.mkdir(parents=True, exist_ok=True)
-        t = str(target)
-        self._write_journal([t])
-        try:
-            run(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts), t], cwd=base, quiet=True,
-                what=f"overlay mount on {target}")
-        except BaseException:
-            if t not in mounted_targets():
-                self._forget(t)
-            raise
-        self.targets.append(t)
-        return target
+        return self.mount(["-t", "overlay", "overlay", "-o", ",".join(opts)], target, cwd=base,
+                          what=f"overlay mount on {target}")
 
     def unmount_all(self) -> None:
         errors = []

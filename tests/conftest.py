@@ -43,3 +43,14 @@ def make_element(tmp_path: Path) -> Callable[..., Path]:
 def host_env() -> dict[str, str]:
     """A host environment with a mirror, so planning does not depend on this machine's apt sources."""
     return {"DIB_DISTRIBUTION_MIRROR": "http://mirror.invalid/debian", "PATH": os.environ.get("PATH", "")}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the Prefect server the end-to-end tests' kiln commands started (it outlives each command by
+    design, so that the next one reuses it)."""
+    from kiln.prefect_server import stop_server
+    from tests.e2e import kiln_env
+
+    state = kiln_env()["KILN_STATE"]
+    if (Path(state) / "prefect" / "server.json").exists():
+        stop_server(Path(state))

@@ -61,7 +61,8 @@ def mounts_under(path: Path) -> list[str]:
 def test_cancel_during_package_install_stops_everything(stack: PrefectStack, tmp_path: Path) -> None:
     nonce = uuid.uuid4().hex[:8]  # a new environment: every hook and the package step run for real
     run_id = stack.run_deployment("build-on-host/build-image", {
-        "spec": {"name": "cancel-me", "elements": ["vm", "small-step"], "size": "2G", "env": {"DIB_NONCE": nonce}},
+        "spec": {"name": "cancel-me", "elements": ["vm", "small-step"], "size": 2 * 1024**3,
+                 "env": {"DIB_NONCE": nonce}},
         "options": {"output": str(tmp_path / "out"), "boot_test": False,
                     "elements_path": [str(REPO / "tests/data/elements")]},
     })

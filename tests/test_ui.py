@@ -79,7 +79,7 @@ def wait_for_text(driver: object, texts: list[str], timeout: float = 90) -> str:
 def test_build_image_form_and_a_finished_runs_summary(stack: PrefectStack, browser: object, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     spec = {"name": "ui-small", "release": "bookworm", "arch": "amd64", "elements": ["vm", "small-step"],
-            "size": "2G"}
+            "size": 2 * 1024**3}  # the form takes bytes: see the report (ImageSpec.size schema)
     run_id = stack.run_deployment("build-on-host/build-image", {
         "spec": spec,
         "options": {"output": str(tmp_path / "out"), "boot_test": False,

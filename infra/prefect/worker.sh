@@ -1,0 +1,24 @@
+#!/bin/bash
+# A kiln build host: one Prefect process worker on the `kiln` pool. Run as root (builds need it).
+#
+#   PREFECT_API_URL     the fleet's Prefect server, e.g. http://prefect.example:4200/api (required)
+#   KILN_WORKER_QUEUES  queues to serve (default: builds; one host in the fleet also serves control,
+#                       the queue of the nightly refresh and matrix runs, which only coordinate)
+#   KILN_WORKER_LIMIT   flow runs at once on this worker (default: unlimited; the host's CPU, disk and
+#                       KVM concurrency limits kiln-<host>-* decide how many builds really run)
+#   KILN_HOST           this host's name in those limits (default: the short hostname)
+#   KILN_HOST_LIMITS    their sizes when kiln creates them, e.g. cpu=8,disk=400,kvm=4
+#   KILN_CACHE, KILN_STATE, DIB_DISTRIBUTION_MIRROR …: passed on to every build
+#   KILN_DIR            the kiln checkout, at the same path on every host (default /opt/kiln)
+set -euo pipefail
+: "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server of the fleet}"
+KILN_DIR=${KILN_DIR:-/opt/kiln}
+QUEUES=${KILN_WORKER_QUEUES:-builds}
+NAME=${KILN_WORKER_NAME:-kiln-$(hostname -s)}
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
+export PREFECT_LOGGING_EXTRA_LOGGERS=kiln PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
+args=(worker start --pool kiln --type process --name "$NAME")
+for q in ${QUEUES//,/ }; do args+=(--work-queue "$q"); done
+[ -n "${KILN_WORKER_LIMIT:-}" ] && args+=(--limit "$KILN_WORKER_LIMIT")
+cd "$KILN_DIR"
+exec "$KILN_DIR/.venv/bin/prefect" "${args[@]}"
