@@ -9,7 +9,9 @@ HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gd
 	qemu-user-static qemu-system-arm qemu-efi-aarch64
 SPEC ?= images/debian-12.yaml
 
-.PHONY: image test deps venv test-deps lint unit slow server-stop clean
+TEST_HOST_PACKAGES := chromium chromium-driver fonts-dejavu-core
+
+.PHONY: image test deps venv test-deps lint unit slow serve server-stop clean
 
 ## make image: host packages + .venv, then build and boot-test the default image into ./output
 image: deps venv
@@ -36,6 +38,7 @@ venv: $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e .
 
 test-deps: $(VENV)/bin/python
+	@$(MAKE) --no-print-directory deps HOST_PACKAGES="$(TEST_HOST_PACKAGES)"
 	$(VENV)/bin/pip install -q -e '.[test,dib]'
 
 lint:
@@ -44,6 +47,10 @@ lint:
 
 unit:
 	$(VENV)/bin/pytest -q -m 'not slow' tests
+
+## make serve: the local Prefect server, kiln's deployments and a worker; open the UI it prints
+serve: deps venv
+	$(KILN) serve
 
 server-stop:
 	$(KILN) server stop

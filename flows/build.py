@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from prefect.client.schemas.objects import State
 from kiln.elements import PHASES
 from kiln.gc import release_workdir
 from kiln.options import BuildOptions
+from kiln.run import terminate_all
 from kiln.spec import ImageSpec
 from tasks.boot_test import boot_test
 from tasks.convert import convert_image
@@ -49,6 +51,7 @@ def boot_firmware(spec: ImageSpec) -> list[str]:
 def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[str, Any]:
     """Build `spec`: bootstrap, customize with elements, pack, convert, boot-test, write the outputs."""
     options = options or BuildOptions()
+    logging.getLogger("kiln").setLevel(logging.INFO)  # worker-started runs configure no logging of their own
     logger = get_run_logger()
     build_id = new_build_id()
     stages: Stages = {}
@@ -77,6 +80,11 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
             logger.info("boot test skipped")
 
         report = write_outputs(ctx, options, build_id, packed, images, boots, stages)
+    except BaseException:
+        # a cancelled run (Prefect's TerminationSignal), Ctrl-C or a failure: children of tasks in other
+        # threads (conversions) are not interrupted by the exception, so kill them before tearing down
+        terminate_all()
+        raise
     finally:
         release_workdir(ctx.workdir)
     create_markdown_artifact(key=f"build-{spec.name}".lower().replace(".", "-").replace("_", "-"),

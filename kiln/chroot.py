@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +33,7 @@ class ChrootSession:
         self.root = root
         self.hooks_dir = hooks_dir
         self.apt_cache = apt_cache
+        self.journal_dir = journal_dir
         self.mounts = MountStack(journal_dir)
         self._created: list[Path] = []
         self._moved: list[tuple[Path, Path]] = []
@@ -77,9 +79,7 @@ class ChrootSession:
             if self.apt_cache is not None:
                 archives = r / "var/cache/apt/archives"
                 self._mkdir(archives)
-                self.apt_cache.mkdir(parents=True, exist_ok=True)
-                (self.apt_cache / "partial").mkdir(exist_ok=True)
-                self.mounts.bind(self.apt_cache, archives)
+                self.mounts.bind(self._private_archives(), archives)
         except BaseException:
             self._teardown()
             raise
@@ -88,9 +88,23 @@ class ChrootSession:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._teardown()
 
+    def _private_archives(self) -> Path:
+        """This build's own apt archives directory, filled with hard links to the shared .deb cache.
+
+        apt locks its archives directory for a whole run, so builds of one arch sharing the directory
+        itself would fail on each other's lock; sharing the .deb files by hard link does not."""
+        assert self.apt_cache is not None
+        private = self.journal_dir / "apt-archives"
+        (private / "partial").mkdir(parents=True, exist_ok=True)
+        self.apt_cache.mkdir(parents=True, exist_ok=True)
+        _link_debs(self.apt_cache, private)
+        return private
+
     def _teardown(self) -> None:
         try:
             self.mounts.unmount_all()
+            if self.apt_cache is not None and (self.journal_dir / "apt-archives").is_dir():
+                _link_debs(self.journal_dir / "apt-archives", self.apt_cache)  # share what this step downloaded
         finally:
             for path in reversed(self._created):
                 try:
@@ -115,3 +129,17 @@ class ChrootSession:
         process environment, never on the command line where `ps` would show secrets)."""
         return run(["/usr/sbin/chroot", str(self.root), *argv], env=dict(env), timeout=timeout, what=what,
                    check=check, quiet=quiet)
+
+
+def _link_debs(src: Path, dest: Path) -> None:
+    """Hard-link every .deb of `src` missing from `dest` (copy across file systems)."""
+    have = {p.name for p in dest.glob("*.deb")}
+    for deb in src.glob("*.deb"):
+        if deb.name in have:
+            continue
+        try:
+            os.link(deb, dest / deb.name)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copy2(deb, dest / deb.name)

@@ -282,6 +282,10 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
 
+    from kiln.matrix_cli import register as register_matrix
+
+    register_matrix(sub)
+
     s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
     s.add_argument("server_cmd", choices=["start", "stop", "status"])
     s.set_defaults(func=cmd_server)

@@ -127,13 +127,6 @@ def cloud_name(conn: openstack.connection.Connection) -> str:
     return str(conn.config.name or "(unnamed cloud)")
 
 
-def image_api(conn: openstack.connection.Connection) -> image_v2.Proxy:
-    proxy = conn.image
-    if not isinstance(proxy, image_v2.Proxy):
-        raise GlanceError(f"cloud {cloud_name(conn)!r}: only the Image API v2 is supported")
-    return proxy
-
-
 @contextlib.contextmanager
 def sdk_errors(conn: openstack.connection.Connection, what: str) -> Iterator[None]:
     """Turn openstacksdk and keystoneauth failures into one GlanceError that names the cloud and step."""
@@ -148,6 +141,14 @@ def sdk_errors(conn: openstack.connection.Connection, what: str) -> Iterator[Non
         raise GlanceError(f"cloud {cloud_name(conn)!r}: {what}: cannot connect ({exc})") from None
     except (openstack.exceptions.SDKException, ks_exceptions.ClientException) as exc:
         raise GlanceError(f"cloud {cloud_name(conn)!r}: {what}: {exc}") from None
+
+
+def image_api(conn: openstack.connection.Connection) -> image_v2.Proxy:
+    with sdk_errors(conn, "find the image service"):  # the first use authenticates and reads the catalog
+        proxy = conn.image
+    if not isinstance(proxy, image_v2.Proxy):
+        raise GlanceError(f"cloud {cloud_name(conn)!r}: only the Image API v2 is supported")
+    return proxy
 
 
 def _check(conn: openstack.connection.Connection, response: Any, what: str) -> Any:

@@ -147,27 +147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kiln.matrix_cli matrix|serve …` (the same as `kiln matrix|serve …` once registered)."""
+    """`python -m kiln.matrix_cli matrix|serve …`: the same as `kiln matrix|serve …`."""
     from kiln import cli
 
-    p = argparse.ArgumentParser(prog="kiln", description="kiln matrix builds and the Prefect UI")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
-    register(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.cmd != "serve":
-        signal.signal(signal.SIGTERM, cli._on_signal)
-    try:
-        rc: int = args.func(args)
-        return rc
-    except KilnError as exc:
-        print(f"kiln: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("kiln: interrupted; mounts and processes were torn down", file=sys.stderr)
-        return 130
+    return cli.main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

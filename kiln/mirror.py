@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from kiln.errors import SpecError
+from kiln.errors import KilnError, SpecError
 
 APT_DIR = Path("/etc/apt")
 
@@ -86,20 +86,39 @@ def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None
     return mirrors[0]
 
 
-def release_digest(mirror: str, release: str, *, timeout: float = 20.0) -> str:
+class MirrorUnavailable(KilnError):
+    """The mirror did not answer (after retries); bad input as far as the operator is concerned."""
+
+    exit_code = 2
+
+
+def release_digest(mirror: str, release: str, *, timeout: float = 20.0, attempts: int = 3,
+                   backoff: float = 1.0) -> str:
     """sha256 of the suite's InRelease (or Release) file: it changes whenever the mirror publishes, so a
-    base keyed on it is rebuilt exactly when there is something new to bootstrap."""
+    base keyed on it is rebuilt exactly when there is something new to bootstrap.
+
+    A mirror that fails for a moment is retried with exponential backoff and jitter; a suite the mirror
+    does not have (404) is not."""
     import hashlib
+    import random
+    import time
     import urllib.error
     import urllib.request
 
-    errors = []
-    for name in ("InRelease", "Release"):
-        url = f"{mirror}/dists/{release}/{name}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return hashlib.sha256(resp.read()).hexdigest()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            errors.append(f"{url}: {reason}")
-    raise SpecError(f"mirror {mirror} does not answer for release {release!r}:\n  " + "\n  ".join(errors))
+    errors: list[str] = []
+    for attempt in range(attempts):
+        errors = []
+        for name in ("InRelease", "Release"):
+            url = f"{mirror}/dists/{release}/{name}"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                    return hashlib.sha256(resp.read()).hexdigest()
+            except urllib.error.HTTPError as exc:
+                errors.append(f"{url}: HTTP {exc.code} {exc.reason}")
+            except (urllib.error.URLError, OSError) as exc:
+                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+        if all(" HTTP 404 " in e or " HTTP 410 " in e for e in errors):
+            break
+        if attempt + 1 < attempts:
+            time.sleep(backoff * 2**attempt * (1 + random.uniform(-0.3, 0.3)))
+    raise MirrorUnavailable(f"mirror {mirror} does not answer for release {release!r}:\n  " + "\n  ".join(errors))

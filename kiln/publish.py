@@ -317,7 +317,7 @@ def glance_properties(build: Build, image: BuildImage, spec: PublishSpec, *, nam
         P_BUILD_ID: build.build_id,
         P_CREATED: str(manifest.get("created", "")),
         P_SHA256: image.sha256,
-        P_SPEC: canonical_sha256(s),
+        P_SPEC: canonical_sha256({k: v for k, v in s.items() if k != "publish"}),  # what was built, not where to
         P_ELEMENTS: canonical_sha256(sorted(elements.items())),
         P_BASE: str(base.get("sha256") or base.get("checksum") or base.get("key") or ""),
         P_VERSION: str(manifest.get("kiln_version", "")),
@@ -378,6 +378,8 @@ def no_gate(candidate: CandidateImage) -> GateResult:
 
 
 GATES: dict[str, Gate] = {"manifest": manifest_gate, "none": no_gate}
+# gates that judge the build alone, not the uploaded image: run before uploading anything
+LOCAL_GATES: set[Gate] = {manifest_gate, no_gate}
 
 
 def run_gate(gate: Gate, candidate: CandidateImage) -> GateResult:
@@ -551,11 +553,17 @@ def promote(conn: openstack.connection.Connection, candidate: GlanceImage, *, na
     return previous_id, retired
 
 
+def _gate_failed(cloud: str, name: str, result: GateResult) -> GateFailedError:
+    tail = "".join(f"\n    {line}" for line in result.log_tail)
+    return GateFailedError(f"cloud {cloud!r}: {name}: the candidate did not pass the boot gate: {result.detail}{tail}")
+
+
 def publish_glance(conn: openstack.connection.Connection, build: Build, spec: PublishSpec, *, gate: Gate,
                    name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
                    progress: ProgressFactory = _no_progress) -> GlanceReport:
     """Upload (or find) the candidate, run the gate, promote it. Publishing the same content again
-    uploads nothing. A failed gate deletes a candidate uploaded for this run and raises GateFailedError."""
+    uploads nothing. A failed gate deletes a candidate uploaded for this run and raises GateFailedError;
+    a gate that judges the build alone (LOCAL_GATES) runs before the upload."""
     from kiln import glance
 
     name = name or spec.name or build.name
@@ -572,25 +580,29 @@ def publish_glance(conn: openstack.connection.Connection, build: Build, spec: Pu
         return GlanceReport(cloud, name, stable[0].id, "already-stable")
     reusable = newest_first(i for i in same if status_of(i) in (Status.candidate, Status.previous, Status.retired))
     withdrawn = [i for i in same if status_of(i) == Status.withdrawn]
-    if reusable or (withdrawn and allow_withdrawn):
+    if withdrawn and not reusable and not allow_withdrawn:
+        raise PublishError(f"cloud {cloud!r}: this content is image {withdrawn[0].id}, which was withdrawn from "
+                           f"{name} by a rollback; publish with --allow-withdrawn to promote it again")
+    result = None
+    if gate in LOCAL_GATES:  # it judges the build alone: no upload for a build that cannot pass
+        result = run_gate(gate, CandidateImage(name, build, image, cloud=cloud, clouds_yaml=clouds_yaml))
+        if not result.passed:
+            raise _gate_failed(cloud, name, result)
+    if reusable or withdrawn:
         candidate = (reusable or withdrawn)[0]
         uploaded = False
         log.info("%s: image %s (%s) already holds this content; no upload", cloud, candidate.id, status_of(candidate))
-    elif withdrawn:
-        raise PublishError(f"cloud {cloud!r}: this content is image {withdrawn[0].id}, which was withdrawn from "
-                           f"{name} by a rollback; publish with --allow-withdrawn to promote it again")
     else:
         candidate = upload_candidate(conn, build, image, spec, name=name, progress=progress)
         uploaded = True
-    result = run_gate(gate, CandidateImage(name, build, image, cloud=cloud, image_id=candidate.id,
-                                           clouds_yaml=clouds_yaml))
+    if result is None:
+        result = run_gate(gate, CandidateImage(name, build, image, cloud=cloud, image_id=candidate.id,
+                                               clouds_yaml=clouds_yaml))
     if not result.passed:
         if uploaded or status_of(candidate) == Status.candidate:
             glance.delete_image(conn, candidate)
             log.warning("%s: deleted candidate %s; %s stays as it was", cloud, candidate.id, name)
-        tail = "".join(f"\n    {line}" for line in result.log_tail)
-        raise GateFailedError(f"cloud {cloud!r}: {name}: the candidate did not pass the boot gate: "
-                              f"{result.detail}{tail}")
+        raise _gate_failed(cloud, name, result)
     previous_id, retired = promote(conn, glance.get_image(conn, candidate.id), name=name, spec=spec,
                                    properties=props)
     return GlanceReport(cloud, name, candidate.id, "uploaded" if uploaded else "reused", gate=result.detail,

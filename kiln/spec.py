@@ -5,10 +5,19 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from kiln.errors import SpecError
 from kiln.upstream import BaseSpec
@@ -65,7 +74,8 @@ class BootTestSpec(StrictModel):
     """How the local QEMU boot test runs."""
 
     enabled: bool = True
-    firmware: list[Firmware] = Field(default_factory=lambda: [Firmware.bios, Firmware.uefi], min_length=1)
+    # plain defaults (pydantic copies them), so the Prefect UI form shows them pre-selected
+    firmware: list[Firmware] = Field(default=[Firmware.bios, Firmware.uefi], min_length=1)
     timeout: int = Field(default=900, ge=30, le=7200, description="seconds until cloud-init must have finished")
     memory: int = Field(default=1024, ge=256, le=16384, description="guest memory in MiB")
     cpus: int = Field(default=2, ge=1, le=16)
@@ -91,8 +101,10 @@ class ImageSpec(StrictModel):
         description="variables passed to every element hook whose values never appear in logs, the Prefect UI, "
         "artifacts, manifests or cache keys (e.g. KILN_ROOT_PASSWORD for the root-password element)",
     )
-    size: int = Field(default=parse_size("4G"), description="disk size; accepts 4G, 512M, …")
-    formats: list[ImageFormat] = Field(default_factory=lambda: [ImageFormat.qcow2], min_length=1)
+    size: Annotated[int, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}],
+                                         "title": "Size", "default": "4G"})] = Field(
+        default=parse_size("4G"), description="disk size in bytes, or with a unit: 4G, 512M, …")
+    formats: list[ImageFormat] = Field(default=[ImageFormat.qcow2], min_length=1)
     compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
     qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
     mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import SpecError
-from kiln.mirror import host_mirrors, release_digest, resolve_mirror
+from kiln.mirror import MirrorUnavailable, host_mirrors, release_digest, resolve_mirror
 
 
 def test_deb822_sources_skip_security(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_release_digest_follows_the_mirror_publication(tmp_path: Path) -> None:
         assert first == hashlib.sha256(b"Origin: Debian\nDate: 1\n").hexdigest()
         (suite / "InRelease").write_bytes(b"Origin: Debian\nDate: 2\n")
         assert release_digest(mirror, "bookworm") != first
-        with pytest.raises(SpecError, match="does not answer for release 'nosuch'"):
+        with pytest.raises(MirrorUnavailable, match="does not answer for release 'nosuch'"):
             release_digest(mirror, "nosuch")
     finally:
         server.shutdown()
@@ -75,5 +75,5 @@ def test_dead_mirror_is_a_clear_error() -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    with pytest.raises(SpecError, match=f"mirror http://127.0.0.1:{port} does not answer"):
-        release_digest(f"http://127.0.0.1:{port}", "bookworm", timeout=2)
+    with pytest.raises(MirrorUnavailable, match=f"mirror http://127.0.0.1:{port} does not answer"):
+        release_digest(f"http://127.0.0.1:{port}", "bookworm", timeout=2, backoff=0.1)

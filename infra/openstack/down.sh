@@ -2,6 +2,7 @@
 # Stop every daemon up.sh started (or only the named components), newest first. Data, venv and
 # clouds.yaml stay for the next up.sh; `down.sh --purge` also removes the whole directory.
 set -euo pipefail
+# shellcheck source=/dev/null  # lib.sh is checked on its own
 source "$(dirname "$0")/lib.sh"
 
 purge=false
@@ -13,6 +14,7 @@ for arg in "$@"; do
     esac
 done
 [[ ${#requested[@]} -gt 0 ]] || requested=("${ALL_COMPONENTS[@]}")
+check_components "${requested[@]}"
 [[ -d $KILN_OPENSTACK_DIR ]] || { say "nothing at $KILN_OPENSTACK_DIR"; exit 0; }
 
 exec 9>"$KILN_OPENSTACK_DIR/.lock"

@@ -1,13 +1,16 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # its variables are used by the scripts and components that source it
 # Shared by up.sh, down.sh and status.sh: where the stack lives, and how its daemons are started,
 # recorded and stopped. Every component is a set of functions named after it:
+#   <c>_requires    the components it needs running first
 #   <c>_packages    pip requirements it adds to the shared venv
 #   <c>_configure   write its config files (idempotent; returns 0 always)
 #   <c>_prepare     one-time state: databases, keys (idempotent)
 #   <c>_start       start its daemon(s) (only called when not healthy)
 #   <c>_healthy     exit 0 when it answers
 #   <c>_daemons     the daemon names it owns (pid files run/<name>.pid), in start order
-# A component file lives in components/<c>.sh; the Nova issue adds placement, nova, neutron, rabbitmq.
+# A component file lives in components/<c>.sh and is listed in ALL_COMPONENTS below; register.py
+# registers its service user and endpoints. The Nova issue adds placement, nova, neutron, rabbitmq.
 
 set -euo pipefail
 
@@ -39,13 +42,20 @@ for _c in "${ALL_COMPONENTS[@]}"; do
 done
 unset _c
 
-# component_requires NAME -> the components NAME needs, itself last
+# component_requires NAME -> NAME's dependencies (transitively, from <c>_requires), then NAME itself
 component_requires() {
-    case "$1" in
-        keystone) echo keystone ;;
-        glance) echo keystone glance ;;
-        *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;;
-    esac
+    local c=$1 d
+    declare -F "${c}_start" >/dev/null || die "unknown component '$c' (known: ${ALL_COMPONENTS[*]})"
+    for d in $("${c}_requires"); do component_requires "$d"; done
+    echo "$c"
+}
+
+# check_components NAME...: die (in this shell, not a subshell) on a name no component file defines
+check_components() {
+    local c
+    for c in "$@"; do
+        declare -F "${c}_start" >/dev/null || die "unknown component '$c' (known: ${ALL_COMPONENTS[*]})"
+    done
 }
 
 # resolve_components [NAME...] -> the requested components with their dependencies, in start order

@@ -8,10 +8,12 @@
 #
 # Idempotent: a component already answering is left running (restarted only when its config changed).
 set -euo pipefail
+# shellcheck source=/dev/null  # lib.sh is checked on its own
 source "$(dirname "$0")/lib.sh"
 
 requested=("$@")
 [[ ${#requested[@]} -gt 0 ]] || requested=(keystone glance)
+check_components "${requested[@]}"
 mapfile -t components < <(resolve_components "${requested[@]}")
 
 start_all=$SECONDS

@@ -166,18 +166,37 @@ def test_a_failed_candidate_is_deleted_and_the_stable_image_stays_as_it_was(conn
                                                                             image_name: str) -> None:
     a = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
     stable_before = glance.get_image(conn, a.image_id)
-    failing = make_build(image_name, boots=[{"firmware": "bios", "passed": True, "seconds": 90, "accel": "tcg"},
-                                            {"firmware": "uefi", "passed": False, "seconds": 900, "accel": "tcg",
-                                             "tail": ["BdsDxe: failed to load Boot0001"]}])
-    bad = load_build(failing)
-    with pytest.raises(GateFailedError, match="failed under uefi") as err:
-        publish_glance(conn, bad, _spec(), gate=manifest_gate, name=image_name)
+    gated: list[str] = []
+
+    def console_gate(candidate: CandidateImage) -> GateResult:
+        """Stands in for a boot in the cloud: sees the uploaded candidate, reports the console's verdict."""
+        assert candidate.image_id is not None
+        assert glance.get_image(conn, candidate.image_id).status == "active"
+        gated.append(candidate.image_id)
+        return GateResult(False, "no 'login:' on the console within 600 s", ("BdsDxe: failed to load Boot0001",))
+
+    bad = load_build(make_build(image_name))
+    with pytest.raises(GateFailedError, match="no 'login:'") as err:
+        publish_glance(conn, bad, _spec(), gate=console_gate, name=image_name)
     assert "BdsDxe" in str(err.value)
+    assert gated and gated[0] not in _all_image_ids(conn), "the candidate was deleted"
     assert [i.id for i in managed_images(conn, image_name)] == [a.image_id]
     assert not [i for i in glance.list_images(conn) if i.hash_value == bad.images[0].sha512]
     stable_after = glance.get_image(conn, a.image_id)
     assert (stable_after.name, stable_after.visibility, stable_after.updated_at, status_of(stable_after)) == \
         (stable_before.name, stable_before.visibility, stable_before.updated_at, "stable")
+
+
+def test_a_build_whose_own_boot_test_failed_is_not_even_uploaded(conn: Any, make_build: MakeBuild,
+                                                                 image_name: str) -> None:
+    failing = make_build(image_name, boots=[{"firmware": "bios", "passed": True, "seconds": 90, "accel": "tcg"},
+                                            {"firmware": "uefi", "passed": False, "seconds": 900, "accel": "tcg",
+                                             "tail": ["BdsDxe: failed to load Boot0001"]}])
+    before = _all_image_ids(conn)
+    with pytest.raises(GateFailedError, match="failed under uefi") as err:
+        publish_glance(conn, load_build(failing), _spec(), gate=manifest_gate, name=image_name)
+    assert "BdsDxe" in str(err.value)
+    assert _all_image_ids(conn) == before
 
 
 def test_a_gate_that_rejects_everything_never_promotes(conn: Any, make_build: MakeBuild, image_name: str) -> None:

@@ -65,6 +65,13 @@ def test_spec_hash_changes_with_the_spec_and_elements_hash_with_an_element() -> 
     assert before["kiln_elements_sha256"] != after["kiln_elements_sha256"]
 
 
+def test_the_spec_hash_ignores_where_the_image_is_published() -> None:
+    build, image = _build()
+    before = glance_properties(build, image, PublishSpec(), name="n")["kiln_spec_sha256"]
+    build.manifest["spec"]["publish"] = {"targets": ["glance:prod"], "keep": 7}
+    assert glance_properties(build, image, PublishSpec(), name="n")["kiln_spec_sha256"] == before
+
+
 def test_uefi_only_images_say_so() -> None:
     build, image = _build(arch="arm64")
     props = glance_properties(build, image, PublishSpec(), name="n")

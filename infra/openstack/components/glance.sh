@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Glance 33 as glance.wsgi.api:application under uWSGI on 127.0.0.1: SQLite, a file store, Keystone auth.
 
+glance_requires() { echo keystone; }
+
 glance_packages() { echo "glance==33.0.0"; }
 
 glance_daemons() { echo glance; }

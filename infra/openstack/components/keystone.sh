@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Keystone 30 under uWSGI on 127.0.0.1: SQLite, fernet tokens, bootstrap admin, identity endpoints.
 
+keystone_requires() { :; }
+
 keystone_packages() { echo "keystone==30.0.0"; }
 
 keystone_daemons() { echo keystone; }
