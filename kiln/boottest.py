@@ -41,6 +41,18 @@ class BootOutcome:
         return asdict(self)
 
 
+FOREIGN_ARCH_SLOWDOWN = 3  # a guest of another arch runs under TCG emulation of a foreign ISA
+
+
+def effective_timeout(settings: BootTestSpec, arch: str) -> int:
+    """The spec's boot timeout; when left at its default, stretched for a foreign-arch guest."""
+    from kiln.binfmt import host_arch
+
+    if arch != host_arch() and "timeout" not in settings.model_fields_set:
+        return settings.timeout * FOREIGN_ARCH_SLOWDOWN
+    return settings.timeout
+
+
 def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec) -> str:
     return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
                    "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
@@ -77,7 +89,7 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
         with tracked(workdir):
             result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
                                     workdir=boot_dir, accel=accel, memory_mib=settings.memory,
-                                    cpus=settings.cpus, timeout=settings.timeout,
+                                    cpus=settings.cpus, timeout=effective_timeout(settings, arch),
                                     extra_login=("root", password) if password else None)
         outcome = BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                               accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
@@ -130,7 +142,8 @@ def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: li
         with tracked(workdir):
             r = qemu.boot_test(image, firmware=fw, arch=spec.arch.value, marker=marker, seed_iso=iso,
                                workdir=boot_dir, accel=qemu.probe_accel(None, state_dir=state_dir()),
-                               memory_mib=settings.memory, cpus=settings.cpus, timeout=settings.timeout)
+                               memory_mib=settings.memory, cpus=settings.cpus,
+                               timeout=effective_timeout(settings, spec.arch.value))
         if not r.passed:  # pragma: no cover - boot_test raises on failure
             raise BootTestError(f"boot test {fw} failed")
         results.append(BootOutcome(firmware=fw, passed=True, seconds=round(r.seconds, 1), accel=r.accel,
