@@ -6,12 +6,12 @@ KILN := $(VENV)/bin/kiln
 HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk xorriso \
 	cloud-image-utils grub-common grub-pc-bin grub-efi-amd64-bin e2fsprogs zstd util-linux fdisk \
 	debian-archive-keyring ca-certificates genisoimage squashfs-tools gpgv gnupg xz-utils xfsprogs btrfs-progs \
-	qemu-user-static qemu-system-arm qemu-efi-aarch64
+	qemu-user-static qemu-system-arm qemu-efi-aarch64 build-essential shellcheck
 SPEC ?= images/debian-12.yaml
 
 TEST_HOST_PACKAGES := chromium chromium-driver fonts-dejavu-core
 
-.PHONY: image test deps venv test-deps lint unit slow serve server-stop clean
+.PHONY: image test deps venv test-deps lint unit slow serve server-stop clean openstack openstack-down s3 s3-down
 
 ## make image: host packages + .venv, then build and boot-test the default image into ./output
 image: deps venv
@@ -44,6 +44,21 @@ test-deps: $(VENV)/bin/python
 lint:
 	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks
 	$(VENV)/bin/mypy
+	shellcheck infra/openstack/*.sh infra/openstack/components/*.sh infra/s3/*.sh
+
+## make openstack: Keystone + Glance on 127.0.0.1; the last line printed is the clouds.yaml (cloud kiln-dev)
+openstack:
+	infra/openstack/up.sh
+
+openstack-down:
+	infra/openstack/down.sh
+
+## make s3: an S3 server (moto) on 127.0.0.1:9000
+s3:
+	infra/s3/up.sh
+
+s3-down:
+	infra/s3/down.sh
 
 unit:
 	$(VENV)/bin/pytest -q -m 'not slow' tests

@@ -26,6 +26,7 @@ from tasks.fetch_base import fetch_base
 from tasks.outputs import write_outputs
 from tasks.pack import pack_disk
 from tasks.plan import new_build_id, plan_build
+from tasks.publish import publish_build
 
 Stages = dict[str, dict[str, Any]]
 
@@ -80,6 +81,9 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
             logger.info("boot test skipped")
 
         report = write_outputs(ctx, options, build_id, packed, images, boots, stages)
+        if options.publish and spec.publish.targets:
+            # the gate reads the boot results this run just wrote into the manifest
+            report["published"] = publish_build(report["output"], spec.publish)
     except BaseException:
         # a cancelled run (Prefect's TerminationSignal), Ctrl-C or a failure: children of tasks in other
         # threads (conversions) are not interrupted by the exception, so kill them before tearing down

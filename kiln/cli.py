@@ -134,7 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
                            no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
-                           break_at=args.break_at)
+                           break_at=args.break_at, publish=not args.no_publish)
     return run_build(spec, options)
 
 
@@ -252,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
     b.add_argument("--no-cache", action="store_true", help="rebuild every step")
     b.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot test")
+    b.add_argument("--no-publish", action="store_true", help="do not publish to the spec's publish targets")
     b.add_argument("--break", dest="break_at", metavar="POINT",
                    help="drop into a shell: before-<phase>, after-<phase> or after-error (DIB's break=)")
     b.set_defaults(func=cmd_build)
@@ -283,8 +284,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
 
     from kiln.matrix_cli import register as register_matrix
+    from kiln.publish_cli import register as register_publish
 
     register_matrix(sub)
+    register_publish(sub)
 
     s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
     s.add_argument("server_cmd", choices=["start", "stop", "status"])

@@ -45,7 +45,8 @@ def register(sub: Any) -> None:
     p.add_argument("--disk-format", help="which of the build's formats goes to Glance (default: the first)")
     p.add_argument("--min-ram", type=int, metavar="MIB", help="default: the boot test's memory")
     p.add_argument("--gate", choices=sorted(GATES), default="manifest",
-                   help="manifest: the build's own QEMU boot test must have passed (default); none: no gate")
+                   help="manifest: the build's own QEMU boot test must have passed (default); qemu: boot it "
+                   "under local QEMU now; none: no gate")
     p.add_argument("--allow-withdrawn", action="store_true",
                    help="promote content that an earlier rollback withdrew")
     p.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")

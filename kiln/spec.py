@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from kiln.errors import SpecError
+from kiln.publish import PublishSpec
 from kiln.upstream import BaseSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -111,6 +112,7 @@ class ImageSpec(StrictModel):
     base: BaseSpec | None = Field(default=None, description="start from an upstream cloud image (verified) instead "
                                                            "of bootstrapping; see docs/upstream-images.md")
     boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="where and how the build is published")
 
     @field_validator("size", mode="before")
     @classmethod

@@ -49,7 +49,9 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         "tree_key": plan.tree_key,
         "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "key": s.key} for s in plan.steps],
         "disk": {"size": plan.spec.size, "root_uuid": packed.root_uuid, "esp_serial": packed.esp_serial,
-                 "cmdline": packed.cmdline, "key": packed.key},
+                 "cmdline": packed.cmdline, "key": packed.key,
+                 # what the disk boots with: GRUB for BIOS (amd64 only) and GRUB EFI on the ESP
+                 "firmware": ["uefi"] if plan.spec.arch.value == "arm64" else ["bios", "uefi"]},
         "packages": packed.packages,
         "images": [{k: v for k, v in f.items() if k != "path"} for f in files],
         "timings": stages,

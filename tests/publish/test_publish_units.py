@@ -25,6 +25,7 @@ from kiln.publish import (
     min_disk_gib,
     min_ram_mib,
     plan_retention,
+    qemu_gate,
 )
 from tests.publish.conftest import MakeBuild, manifest_for
 
@@ -230,3 +231,16 @@ def test_retention_orders_builds_of_the_same_second_by_build_id() -> None:
     versions = [Version(f"b{i}", Status.retired, same, f"20261129T110000Z-{i:02d}") for i in (3, 1, 4, 2)]
     plan = plan_retention(versions, keep=2, now=NOW)
     assert [v.id for v in plan.keep] == ["b4", "b3"]
+
+
+def test_the_qemu_gate_turns_a_boot_error_into_a_failed_result(make_build: MakeBuild) -> None:
+    """Only the error path: a real boot takes minutes (kiln boot-test's own tests boot for real)."""
+    out = make_build("n4")
+    (out / "n4.qcow2").unlink()
+    result = qemu_gate(CandidateImage("n4", load_build_unchecked(out), BuildImage(out / "n4.qcow2", "qcow2", 0,
+                                                                                     "", "")))
+    assert not result.passed and "missing" in result.detail
+
+
+def load_build_unchecked(out: Path) -> Build:
+    return Build(out, json.loads((out / "manifest.json").read_text()), ())
