@@ -23,9 +23,7 @@ flock -w 600 9 || die "another up.sh or down.sh holds $KILN_OPENSTACK_DIR/.lock"
 for ((i = ${#ALL_COMPONENTS[@]} - 1; i >= 0; i--)); do
     c=${ALL_COMPONENTS[$i]}
     for r in "${requested[@]}"; do
-        if [[ $r == "$c" ]]; then
-            for d in $("${c}_daemons"); do stop_daemon "$d"; done
-        fi
+        if [[ $r == "$c" ]]; then stop_component "$c"; fi
     done
 done
 

@@ -9,8 +9,11 @@
 #   <c>_start       start its daemon(s) (only called when not healthy)
 #   <c>_healthy     exit 0 when it answers
 #   <c>_daemons     the daemon names it owns (pid files run/<name>.pid), in start order
+# and, optionally:
+#   <c>_debs        Debian packages it needs (installed with apt-get when missing)
+#   <c>_before_stop called before its daemons are stopped (e.g. libvirt destroys its running guests)
 # A component file lives in components/<c>.sh and is listed in ALL_COMPONENTS below; register.py
-# registers its service user and endpoints. The Nova issue adds placement, nova, neutron, rabbitmq.
+# registers its service user and endpoints.
 
 set -euo pipefail
 
@@ -20,6 +23,12 @@ KILN_HOST=127.0.0.1
 KILN_REGION="${KILN_REGION:-RegionOne}"
 KILN_KEYSTONE_PORT="${KILN_KEYSTONE_PORT:-5000}"
 KILN_GLANCE_PORT="${KILN_GLANCE_PORT:-9292}"
+KILN_PLACEMENT_PORT="${KILN_PLACEMENT_PORT:-8778}"
+KILN_NOVA_PORT="${KILN_NOVA_PORT:-8774}"
+KILN_NEUTRON_PORT="${KILN_NEUTRON_PORT:-9696}"
+KILN_RABBITMQ_PORT="${KILN_RABBITMQ_PORT:-5672}"
+KILN_RABBITMQ_DIST_PORT="${KILN_RABBITMQ_DIST_PORT:-25672}"
+KILN_EPMD_PORT="${KILN_EPMD_PORT:-14369}"   # a private epmd, not the host's shared one on 4369
 
 INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$KILN_OPENSTACK_DIR/venv"
@@ -31,7 +40,7 @@ SECRETS="$KILN_OPENSTACK_DIR/secrets.env"
 CLOUDS_YAML="$KILN_OPENSTACK_DIR/clouds.yaml"
 
 # every component this script knows, in start order (stop order is the reverse)
-ALL_COMPONENTS=(keystone glance)
+ALL_COMPONENTS=(keystone glance rabbitmq placement neutron libvirt nova)
 
 say() { printf 'kiln-openstack: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -76,21 +85,25 @@ ensure_dirs() {
     chmod 700 "$KILN_OPENSTACK_DIR"
 }
 
-# Passwords are made once and kept in secrets.env (mode 600); never printed.
+SECRET_NAMES=(ADMIN KILN GLANCE_SERVICE PLACEMENT_SERVICE NOVA_SERVICE NEUTRON_SERVICE RABBITMQ)
+
+# Passwords are made once and kept in secrets.env (mode 600); never printed. A name this checkout
+# added since the file was written is appended; existing ones never change.
 load_secrets() {
-    if [[ ! -f $SECRETS ]]; then
-        umask 077
-        {
-            for name in ADMIN KILN GLANCE_SERVICE; do
-                printf 'KILN_%s_PASSWORD=%s\n' "$name" "$(head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24)"
-            done
-        } >"$SECRETS.partial"
-        mv "$SECRETS.partial" "$SECRETS"
-        umask 022
-    fi
+    local name
+    umask 077
+    touch "$SECRETS"
+    cp "$SECRETS" "$SECRETS.partial"
+    for name in "${SECRET_NAMES[@]}"; do
+        grep -q "^KILN_${name}_PASSWORD=" "$SECRETS" && continue
+        printf 'KILN_%s_PASSWORD=%s\n' "$name" "$(head -c 24 /dev/urandom | base64 | tr -d '/+=' | head -c 24)" \
+            >>"$SECRETS.partial"
+    done
+    mv "$SECRETS.partial" "$SECRETS"
+    umask 022
     # shellcheck source=/dev/null
     source "$SECRETS"
-    export KILN_ADMIN_PASSWORD KILN_KILN_PASSWORD KILN_GLANCE_SERVICE_PASSWORD
+    for name in "${SECRET_NAMES[@]}"; do export "KILN_${name}_PASSWORD"; done
 }
 
 # render TEMPLATE DEST: replace @NAME@ with the value of the shell variable NAME; write only if changed.
@@ -213,4 +226,68 @@ install_venv() {
         || die "pip install failed; see $LOGS/install.log"
     echo "$want" >"$stamp"
     say "installed in $((SECONDS - start)) s"
+}
+
+# start_daemon NAME COMMAND...: run a foreground daemon in a session of its own (so that nothing that
+# kills up.sh's process group reaches it), output to logs/NAME.log, pid in run/NAME.pid.
+start_daemon() {
+    local name=$1
+    shift
+    rm -f "$RUN/$name.pid"
+    # 9>&-: the daemon must not inherit up.sh's lock. A background job of a non-interactive shell is no
+    # process group leader, so setsid needs no fork and $! is the daemon itself.
+    setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
+    echo $! >"$RUN/$name.pid"
+    sleep 0.2
+    pid_of "$name" >/dev/null || die "$name exited at once; see $LOGS/$name.log"
+}
+
+# wait_port PORT SECONDS [DAEMON]: until something listens on 127.0.0.1:PORT (fail early when DAEMON died)
+wait_port() {
+    local port=$1 seconds=$2 daemon=${3:-} i
+    for i in $(seq 1 $((seconds * 5))); do
+        port_busy "$port" && return 0
+        if [[ -n $daemon ]] && ! pid_of "$daemon" >/dev/null; then return 1; fi
+        sleep 0.2
+    done
+    return 1
+}
+
+# stop_component NAME: its own pre-stop step, then its daemons, newest first
+stop_component() {
+    local c=$1 d daemons=()
+    if declare -F "${c}_before_stop" >/dev/null; then "${c}_before_stop" || true; fi
+    read -r -a daemons <<<"$("${c}_daemons")"
+    for ((d = ${#daemons[@]} - 1; d >= 0; d--)); do stop_daemon "${daemons[$d]}"; done
+}
+
+# install_debs COMPONENT...: the Debian packages the components need, when any is missing. Package
+# scripts must not start the host's own services (rabbitmq-server's would): a policy-rc.d forbids it
+# for the duration unless the host already has one.
+install_debs() {
+    local c pkgs=() missing=() p policy=/usr/sbin/policy-rc.d made_policy=false
+    for c in "$@"; do
+        if declare -F "${c}_debs" >/dev/null; then
+            read -r -a p <<<"$("${c}_debs")"
+            pkgs+=("${p[@]}")
+        fi
+    done
+    [[ ${#pkgs[@]} -gt 0 ]] || return 0
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [[ ${#missing[@]} -gt 0 ]] || return 0
+    local start=$SECONDS
+    say "installing Debian packages: ${missing[*]}"
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=true
+    fi
+    local rc=0
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}"; } >>"$LOGS/install.log" 2>&1 || rc=$?
+    if $made_policy; then rm -f "$policy"; fi
+    [[ $rc -eq 0 ]] || die "apt-get install ${missing[*]} failed; see $LOGS/install.log"
+    say "installed Debian packages in $((SECONDS - start)) s"
 }

@@ -4,6 +4,9 @@ Run by up.sh with the stack's own venv (openstacksdk comes with python-openstack
 instead of the CLI because each `openstack` call costs 3-4 s here. Idempotent: everything is
 looked up first and created only when missing; passwords are (re)set from secrets.env every run.
 Passwords are read from the environment and never printed.
+
+Two phases: `identity` (as soon as Keystone answers: the services authenticate with their users when
+they start) and `compute` (once Nova answers: the boot-test flavor).
 """
 
 from __future__ import annotations
@@ -50,12 +53,26 @@ def ensure_user(conn: Any, name: str, password: str, project: Any, roles: list[A
     return user
 
 
+# the flavor kiln's Nova boot test uses on this stack; clouds.yaml names it (with the network) for kiln
+BOOT_FLAVOR = {"name": "kiln.boot", "vcpus": 1, "ram": 1024, "disk": 10}
+
+# component -> (service user, service name, service type, description, URL argument)
+SERVICES = {
+    "glance": ("glance", "glance", "image", "OpenStack Image", "glance_url"),
+    "placement": ("placement", "placement", "placement", "Placement API", "placement_url"),
+    "neutron": ("neutron", "neutron", "network", "OpenStack Networking", "neutron_url"),
+    "nova": ("nova", "nova", "compute", "OpenStack Compute", "nova_url"),
+}
+
+
 def clouds_yaml(keystone_url: str, region: str) -> dict[str, Any]:
     def cloud(user: str, password: str, project: str) -> dict[str, Any]:
         return {
             "auth": {"auth_url": keystone_url, "username": user, "password": password, "project_name": project,
                      "user_domain_name": "Default", "project_domain_name": "Default"},
             "region_name": region, "identity_api_version": 3, "interface": "public",
+            # read by kiln's Nova boot test (kiln/nova.py): what to boot candidates with on this cloud
+            "kiln": {"boot_flavor": BOOT_FLAVOR["name"], "boot_network": "none"},
         }
 
     return {"clouds": {
@@ -64,12 +81,29 @@ def clouds_yaml(keystone_url: str, region: str) -> dict[str, Any]:
     }}
 
 
+def ensure_flavor(conn: Any) -> None:
+    """The boot-test flavor, public; recreated when its size changed (flavors are immutable)."""
+    flavor = conn.compute.find_flavor(BOOT_FLAVOR["name"], ignore_missing=True)
+    if flavor is not None and (flavor.vcpus, flavor.ram, flavor.disk) == (
+            BOOT_FLAVOR["vcpus"], BOOT_FLAVOR["ram"], BOOT_FLAVOR["disk"]):
+        return
+    if flavor is not None:
+        conn.compute.delete_flavor(flavor)
+    print(f"creating flavor {BOOT_FLAVOR['name']}")
+    conn.compute.create_flavor(name=BOOT_FLAVOR["name"], vcpus=BOOT_FLAVOR["vcpus"], ram=BOOT_FLAVOR["ram"],
+                               disk=BOOT_FLAVOR["disk"], is_public=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--clouds-yaml", required=True)
     p.add_argument("--keystone-url", required=True)
     p.add_argument("--region", required=True)
     p.add_argument("--glance-url")
+    p.add_argument("--placement-url")
+    p.add_argument("--nova-url")
+    p.add_argument("--neutron-url")
+    p.add_argument("--phase", choices=["identity", "compute"], default="identity")
     p.add_argument("components", nargs="+")
     args = p.parse_args()
     start = time.monotonic()
@@ -79,6 +113,10 @@ def main() -> int:
         project_name="admin", user_domain_name="Default", project_domain_name="Default",
         region_name=args.region, identity_api_version="3",
     )
+    if args.phase == "compute":
+        ensure_flavor(conn)
+        print(f"registered the compute phase in {time.monotonic() - start:.1f} s")
+        return 0
     ident = conn.identity
     domain = ident.find_domain("default", ignore_missing=False)
     admin_role = ident.find_role("admin", ignore_missing=False)
@@ -92,13 +130,19 @@ def main() -> int:
     ensure_user(conn, "kiln", os.environ["KILN_KILN_PASSWORD"], kiln_project,
                 [admin_role, member_role, reader_role], domain)
 
-    if "glance" in args.components:
-        ensure_user(conn, "glance", os.environ["KILN_GLANCE_SERVICE_PASSWORD"], service_project,
-                    [admin_role, member_role, reader_role], domain)
-        service = ident.find_service("glance", ignore_missing=True)
+    for component, (user, name, kind, description, url_arg) in SERVICES.items():
+        if component not in args.components:
+            continue
+        password = os.environ[f"KILN_{user.upper()}_SERVICE_PASSWORD"]
+        # nova acts as a service towards neutron, placement and glance (service tokens): admin + service
+        roles = [admin_role, member_role, reader_role]
+        if component == "nova":
+            roles.append(find_or_create(ident.find_role, ident.create_role, "service"))
+        ensure_user(conn, user, password, service_project, roles, domain)
+        service = ident.find_service(name, ignore_missing=True)
         if service is None:
-            service = ident.create_service(name="glance", type="image", description="OpenStack Image")
-        ensure_endpoints(conn, service, args.glance_url, args.region)
+            service = ident.create_service(name=name, type=kind, description=description)
+        ensure_endpoints(conn, service, getattr(args, url_arg), args.region)
 
     data = yaml.safe_dump(clouds_yaml(args.keystone_url, args.region), sort_keys=False)
     tmp = args.clouds_yaml + ".partial"

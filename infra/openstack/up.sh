@@ -4,6 +4,7 @@
 #
 #   infra/openstack/up.sh                 # keystone glance
 #   infra/openstack/up.sh glance          # the same: components pull in what they need
+#   infra/openstack/up.sh nova            # the whole stack: + rabbitmq placement neutron libvirt nova
 #   KILN_OPENSTACK_DIR=/srv/os infra/openstack/up.sh
 #
 # Idempotent: a component already answering is left running (restarted only when its config changed).
@@ -21,8 +22,24 @@ ensure_dirs
 exec 9>"$KILN_OPENSTACK_DIR/.lock"
 flock -w 600 9 || die "another up.sh or down.sh holds $KILN_OPENSTACK_DIR/.lock"
 
+install_debs "${components[@]}"
 install_venv "${components[@]}"
 load_secrets
+
+# register.py PHASE: identity (projects, users, services, endpoints, clouds.yaml) as soon as Keystone
+# answers, because the services authenticate with their users when they start; compute (the boot-test
+# flavor) once Nova answers
+register() {
+    local t=$SECONDS
+    "$VENV/bin/python" "$INFRA_DIR/register.py" --phase "$1" --clouds-yaml "$CLOUDS_YAML" \
+        --keystone-url "http://$KILN_HOST:$KILN_KEYSTONE_PORT/v3" --region "$KILN_REGION" \
+        --glance-url "http://$KILN_HOST:$KILN_GLANCE_PORT" \
+        --placement-url "http://$KILN_HOST:$KILN_PLACEMENT_PORT" \
+        --nova-url "http://$KILN_HOST:$KILN_NOVA_PORT/v2.1" \
+        --neutron-url "http://$KILN_HOST:$KILN_NEUTRON_PORT" "${components[@]}" \
+        >>"$LOGS/register.log" 2>&1 || die "registration ($1) failed; see $LOGS/register.log"
+    say "registered ($1) in $((SECONDS - t)) s"
+}
 
 for c in "${components[@]}"; do
     t=$SECONDS
@@ -32,25 +49,22 @@ for c in "${components[@]}"; do
     if "${c}_healthy"; then
         if $changed; then
             say "$c: configuration changed; restarting"
-            for d in $("${c}_daemons"); do stop_daemon "$d"; done
+            stop_component "$c"
             "${c}_start"
+            say "$c: started in $((SECONDS - t)) s"
         else
             say "$c: already running"
-            continue
         fi
     else
-        for d in $("${c}_daemons"); do stop_daemon "$d"; done   # a half-dead one: clear it first
+        stop_component "$c"   # a half-dead one: clear it first
         "${c}_start"
+        say "$c: started in $((SECONDS - t)) s"
     fi
-    say "$c: started in $((SECONDS - t)) s"
+    if [[ $c == keystone ]]; then register identity; fi
 done
-
-t=$SECONDS
-"$VENV/bin/python" "$INFRA_DIR/register.py" --clouds-yaml "$CLOUDS_YAML" \
-    --keystone-url "http://$KILN_HOST:$KILN_KEYSTONE_PORT/v3" --region "$KILN_REGION" \
-    --glance-url "http://$KILN_HOST:$KILN_GLANCE_PORT" "${components[@]}" \
-    >>"$LOGS/register.log" 2>&1 || die "registration failed; see $LOGS/register.log"
-say "registered users, services and endpoints in $((SECONDS - t)) s"
+for c in "${components[@]}"; do
+    if [[ $c == nova ]]; then register compute; fi
+done
 say "up in $((SECONDS - start_all)) s: ${components[*]}; logs in $LOGS"
 say "use it with: export OS_CLIENT_CONFIG_FILE=$CLOUDS_YAML OS_CLOUD=kiln-dev"
 echo "$CLOUDS_YAML"

@@ -1,0 +1,92 @@
+# shellcheck shell=bash
+# Nova 34: nova-api (nova.wsgi.osapi_compute under uWSGI), nova-conductor, nova-scheduler and
+# nova-compute with the libvirt driver (QEMU in TCG mode); SQLite databases (API, cell0, cell1), RPC
+# over this stack's RabbitMQ, config drives instead of a metadata service.
+
+nova_requires() { echo keystone glance rabbitmq placement neutron libvirt; }
+
+nova_packages() { echo "nova==34.0.0"; }
+
+nova_debs() { echo genisoimage qemu-utils; }
+
+nova_daemons() { echo nova-api nova-conductor nova-scheduler nova-compute; }
+
+nova_url() { echo "http://$KILN_HOST:$KILN_NOVA_PORT"; }
+
+# the name the compute service registers under: fixed, so that a restart finds its own records
+KILN_NOVA_HOST="${KILN_NOVA_HOST:-kiln-compute}"
+
+nova_manage() {
+    "$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf" "$@" >>"$LOGS/nova-manage.log" 2>&1
+}
+
+nova_configure() {
+    mkdir -p "$ETC/nova" "$DATA/nova/instances" "$DATA/nova/lock"
+    export KILN_OPENSTACK_DIR KILN_HOST KILN_KEYSTONE_PORT KILN_NOVA_PORT KILN_REGION VENV ETC DATA RUN LOGS
+    export KILN_NOVA_SERVICE_PASSWORD KILN_PLACEMENT_SERVICE_PASSWORD KILN_NEUTRON_SERVICE_PASSWORD KILN_NOVA_HOST
+    KILN_TRANSPORT_URL="$(rabbitmq_url)"
+    KILN_LIBVIRT_URI="$(libvirt_uri)"
+    export KILN_TRANSPORT_URL KILN_LIBVIRT_URI
+    local changed=1
+    render "$INFRA_DIR/templates/nova.conf" "$ETC/nova/nova.conf" && changed=0
+    render "$INFRA_DIR/templates/nova-api-uwsgi.ini" "$ETC/nova/uwsgi.ini" && changed=0
+    if ! cmp -s "$VENV/etc/nova/api-paste.ini" "$ETC/nova/api-paste.ini"; then
+        cp "$VENV/etc/nova/api-paste.ini" "$ETC/nova/api-paste.ini"
+        changed=0
+    fi
+    return $changed
+}
+
+nova_prepare() {
+    [[ -f $DATA/nova/.prepared ]] && return 0
+    nova_manage api_db sync || die "nova-manage api_db sync failed; see $LOGS/nova-manage.log"
+    nova_manage cell_v2 map_cell0 --database_connection "sqlite:///$DATA/nova/nova_cell0.sqlite" \
+        || die "nova-manage cell_v2 map_cell0 failed; see $LOGS/nova-manage.log"
+    # exit code 2: a cell with this database and transport already exists (a half-finished earlier run)
+    nova_manage cell_v2 create_cell --name cell1 --verbose || [[ $? -eq 2 ]] \
+        || die "nova-manage cell_v2 create_cell failed; see $LOGS/nova-manage.log"
+    nova_manage db sync || die "nova-manage db sync failed; see $LOGS/nova-manage.log"
+    touch "$DATA/nova/.prepared"
+}
+
+# nova_sql DB QUERY: the first column of the first row (SQLite, read-only)
+nova_sql() {
+    "$VENV/bin/python" - "$DATA/nova/$1.sqlite" "$2" <<'PY'
+import sqlite3, sys
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, timeout=10)
+row = con.execute(sys.argv[2]).fetchone()
+print(row[0] if row else "")
+PY
+}
+
+nova_start() {
+    port_busy "$KILN_NOVA_PORT" && die "nova: port $KILN_NOVA_PORT on $KILN_HOST is taken by another process"
+    local d
+    for d in conductor scheduler compute; do
+        start_daemon "nova-$d" "$VENV/bin/nova-$d" --config-file "$ETC/nova/nova.conf"
+    done
+    start_uwsgi nova-api "$ETC/nova/uwsgi.ini"
+    wait_http "$(nova_url)/" 120 || die "nova-api did not answer within 120 s; see $LOGS/nova-api.log"
+    # the compute node must be in the cell's database and mapped in the API's before anything can be
+    # scheduled onto it
+    local found=""
+    for _ in $(seq 1 120); do
+        for d in conductor scheduler compute; do
+            pid_of "nova-$d" >/dev/null || die "nova-$d exited; see $LOGS/nova-$d.log"
+        done
+        found="$(nova_sql nova "select count(*) from compute_nodes where deleted = 0 and host = '$KILN_NOVA_HOST'" \
+            2>/dev/null || true)"
+        [[ ${found:-0} -gt 0 ]] && break
+        sleep 1
+    done
+    [[ ${found:-0} -gt 0 ]] || die "nova-compute did not register its node within 120 s; see $LOGS/nova-compute.log"
+    nova_manage cell_v2 discover_hosts --verbose || die "nova-manage cell_v2 discover_hosts failed"
+    [[ "$(nova_sql nova_api "select count(*) from host_mappings where host = '$KILN_NOVA_HOST'")" -gt 0 ]] \
+        || die "nova: host $KILN_NOVA_HOST is not mapped to a cell; see $LOGS/nova-manage.log"
+}
+
+nova_healthy() {
+    local d
+    for d in $(nova_daemons); do pid_of "$d" >/dev/null || return 1; done
+    wait_http "$(nova_url)/" 2
+}
