@@ -46,12 +46,14 @@ lint:
 	$(VENV)/bin/mypy
 	shellcheck infra/openstack/*.sh infra/openstack/components/*.sh infra/s3/*.sh
 
-## make openstack: Keystone + Glance on 127.0.0.1; the last line printed is the clouds.yaml (cloud kiln-dev)
+## make openstack: the single-node OpenStack on 127.0.0.1 (Keystone, Glance, RabbitMQ, placement, a Neutron API
+## server, libvirt/QEMU, Nova); the last line printed is the clouds.yaml path (cloud kiln-dev)
 openstack:
-	infra/openstack/up.sh
+	@infra/openstack/up.sh nova
 
+## make openstack-down: stop all of it; nothing of it keeps running (data and venv stay for the next start)
 openstack-down:
-	infra/openstack/down.sh
+	@infra/openstack/down.sh
 
 ## make s3: an S3 server (moto) on 127.0.0.1:9000
 s3:

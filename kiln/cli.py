@@ -155,7 +155,12 @@ def cmd_dib(argv: list[str]) -> int:
 
 
 def cmd_boot_test(args: argparse.Namespace) -> int:
-    """Boot-test a finished build (its output directory) on its own."""
+    """Boot-test a finished build (its output directory) on its own: local QEMU, or a cloud's Nova."""
+    if args.backend == "nova":
+        return _boot_test_nova(args)
+    for flag in ("cloud", "clouds_yaml", "flavor", "network"):
+        if getattr(args, flag):
+            raise SpecError(f"--{flag.replace('_', '-')} is for --backend nova")
     from kiln.boottest import run_boot_test_of_output
 
     results = run_boot_test_of_output(Path(args.output_dir), backend=args.backend,
@@ -163,6 +168,24 @@ def cmd_boot_test(args: argparse.Namespace) -> int:
     for r in results:
         print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
               f"console log: {r.serial_log}")
+    return 0
+
+
+def _boot_test_nova(args: argparse.Namespace) -> int:
+    from kiln import nova
+
+    if args.firmware:
+        raise SpecError("--firmware is for --backend qemu: in Nova the image's hw_firmware_type decides")
+    output = Path(args.output_dir)
+    if not (output / "manifest.json").is_file():
+        raise SpecError(f"{output / 'manifest.json'}: not a kiln build output")
+    result = nova.boot_test_output(output, cloud=args.cloud, clouds_yaml=args.clouds_yaml, flavor=args.flavor,
+                                   network=args.network, timeout=args.timeout)
+    log_path = output / "boot-nova-console.log"
+    log_path.write_text(result.console)
+    print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
+          f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s); server {result.server_id} deleted; "
+          f"console log: {log_path}")
     return 0
 
 
@@ -264,9 +287,15 @@ def parser() -> argparse.ArgumentParser:
 
     bt = sub.add_parser("boot-test", help="boot-test a finished build (an output directory with manifest.json)")
     bt.add_argument("output_dir", metavar="OUTPUT_DIR")
-    bt.add_argument("--backend", choices=["qemu"], default="qemu", help="where to boot it (default: local QEMU)")
-    bt.add_argument("--firmware", type=_csv, help="bios,uefi (default: the spec's)")
+    bt.add_argument("--backend", choices=["qemu", "nova"], default="qemu",
+                    help="where to boot it: local QEMU (default) or a cloud's Nova")
+    bt.add_argument("--firmware", type=_csv, help="qemu: bios,uefi (default: the spec's)")
     bt.add_argument("--timeout", type=int, help="seconds until cloud-init must have finished")
+    bt.add_argument("--cloud", help="nova: a clouds.yaml entry (default: OS_CLOUD)")
+    bt.add_argument("--clouds-yaml", type=Path, help="nova: a clouds.yaml to read instead of the usual places")
+    bt.add_argument("--flavor", help="nova: flavor name or id (default: KILN_NOVA_FLAVOR, clouds.yaml "
+                    "kiln.boot_flavor, else the smallest that fits)")
+    bt.add_argument("--network", help="nova: none (default), auto, or a network name or id")
     bt.set_defaults(func=cmd_boot_test)
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")

@@ -292,11 +292,12 @@ def default_limits(store_root: Path, env: Mapping[str, str] | None = None) -> di
 def cell_demand(spec: ImageSpec, *, boot_test: bool) -> dict[str, int]:
     """The slots one build of `spec` holds on its host while it runs.
 
-    disk: the raw disk plus one converted copy per format, in whole GiB, and 2 GiB for the tree and
-    layers (an upper bound: raw disks are sparse). kvm: one slot while the build may boot a VM.
+    disk: the raw disk plus one converted copy per format, each counted at half the disk size (raw disks
+    are sparse, a fresh image is mostly empty), and 2 GiB for the tree and layers. kvm: one slot while the build may boot a VM.
     """
-    size_gib = math.ceil(spec.size / GIB)
-    demand = {"cpu": 1, "disk": size_gib * (1 + len(spec.formats)) + 2}
+    # raw disks are sparse and an image holds the tree once: half the disk size per file is a safe bound
+    half = math.ceil(spec.size / GIB / 2)
+    demand = {"cpu": 1, "disk": half * (1 + len(spec.formats)) + 2}
     if boot_test and spec.boot_test.enabled:
         demand["kvm"] = 1
     return demand

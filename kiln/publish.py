@@ -391,7 +391,26 @@ def no_gate(candidate: CandidateImage) -> GateResult:
     return GateResult(True, "no gate: promoted without a boot check, as the operator asked")
 
 
-GATES: dict[str, Gate] = {"manifest": manifest_gate, "qemu": qemu_gate, "none": no_gate}
+def nova_gate(candidate: CandidateImage) -> GateResult:
+    """Boot the uploaded candidate in the cloud's own Nova (its firmware, disk bus, config drive) until
+    cloud-init has finished; the server is deleted whatever happens. Flavor and network: kiln/nova.py."""
+    from kiln import glance, nova
+
+    if candidate.cloud is None or candidate.image_id is None:
+        return GateResult(False, "the nova gate boots the uploaded candidate: publish to a glance:CLOUD target "
+                                 "whose cloud has Nova")
+    conn = glance.connect(candidate.cloud, clouds_yaml=candidate.clouds_yaml)
+    timeout = int((candidate.build.spec.get("boot_test") or {}).get("timeout") or nova.DEFAULT_BOOT_TIMEOUT)
+    try:
+        result = nova.boot_test(conn, candidate.image_id, settings=nova.settings_for(conn, boot_timeout=timeout))
+    except nova.NovaBootError as exc:
+        return GateResult(False, f"the Nova boot failed: {exc.reason}", tuple(exc.tail))
+    return GateResult(True, f"booted in Nova on {result.cloud} to cloud-init's end (flavor {result.flavor}, "
+                            f"network {result.network}, ACTIVE in {result.active_seconds:.0f} s, "
+                            f"{result.seconds:.0f} s in all)")
+
+
+GATES: dict[str, Gate] = {"manifest": manifest_gate, "qemu": qemu_gate, "none": no_gate, "nova": nova_gate}
 # gates that judge the build alone, not the uploaded image: run before uploading anything
 LOCAL_GATES: set[Gate] = {manifest_gate, qemu_gate, no_gate}
 

@@ -155,7 +155,7 @@ def test_only_matching_nothing_is_an_error(tmp_path: Path) -> None:
 def test_slot_demand_and_limits(tmp_path: Path) -> None:
     _, cells = load_cells(NIGHTLY)
     spec = cells[0].spec  # 4G, qcow2
-    assert cell_demand(spec, boot_test=True) == {"cpu": 1, "disk": 4 * 2 + 2, "kvm": 1}
+    assert cell_demand(spec, boot_test=True) == {"cpu": 1, "disk": 2 * 2 + 2, "kvm": 1}
     assert "kvm" not in cell_demand(spec, boot_test=False)
     limits = default_limits(tmp_path / "not-yet" / "store", env={})
     assert limits["cpu"] >= 1 and limits["kvm"] >= 1 and limits["disk"] >= 1

@@ -1,0 +1,107 @@
+"""Fixtures of the Nova boot tests: the whole single-node OpenStack (Keystone, Glance, RabbitMQ,
+placement, Neutron API, libvirt, Nova) started once per session through infra/openstack/up.sh and
+stopped at the end unless it was already running, and the default image built (or taken from the cache).
+
+The slow tests here are opt-in: `KILN_TEST_NOVA=1`. They need the stack (about 2 min to start, minutes
+more to install the first time) and boot a Debian guest under TCG (1-2 min each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln import glance, nova
+from kiln.run import run
+from tests.e2e import REPO, kiln_env
+from tests.publish.conftest import digests, manifest_for
+
+NOVA_SWITCH = "KILN_TEST_NOVA"
+SKIP_REASON = (f"Nova boot tests are opt-in: set {NOVA_SWITCH}=1 (they start the whole single-node OpenStack, "
+               f"about 2 min warm and more on a first install, and boot Debian guests under TCG)")
+
+
+def nova_enabled() -> bool:
+    return os.environ.get(NOVA_SWITCH, "") not in ("", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class NovaStack:
+    clouds_yaml: Path
+    cloud: str = "kiln-dev"
+
+
+@contextlib.contextmanager
+def _started_by_us(status: list[str], up: list[str], down: list[str], *, timeout: float) -> Iterator[str]:
+    """Run `up` (its last output line is the result); afterwards run `down` unless `status` said the
+    stack was already up (a developer's running stack stays running)."""
+    was_running = run(status, check=False, quiet=True).returncode == 0
+    result = run(up, quiet=True, timeout=timeout, what=up[0])
+    try:
+        yield result.lines[-1].strip()
+    finally:
+        if not was_running and not os.environ.get("KILN_TEST_KEEP_INFRA"):
+            run(down, check=False, quiet=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def nova_stack() -> Iterator[NovaStack]:
+    infra = REPO / "infra" / "openstack"
+    with _started_by_us([str(infra / "status.sh")], [str(infra / "up.sh"), "nova"], [str(infra / "down.sh")],
+                        timeout=2400) as clouds_yaml:
+        yield NovaStack(Path(clouds_yaml))
+
+
+@pytest.fixture(scope="session")
+def nova_conn(nova_stack: NovaStack) -> Any:
+    return glance.connect(nova_stack.cloud, clouds_yaml=nova_stack.clouds_yaml)
+
+
+@pytest.fixture
+def nova_image_name(nova_conn: Any) -> Iterator[str]:
+    """A stable name of its own; every image kiln made under it is deleted afterwards, and no boot-test
+    server may be left behind."""
+    name = f"kt-nova-{secrets.token_hex(4)}"
+    yield name
+    for image in glance.list_images(nova_conn, {"kiln_name": name}):
+        glance.delete_image(nova_conn, image)
+    assert nova.leftover_servers(nova_conn) == []
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default image, built without its QEMU boot test (or served from kiln's cache)."""
+    out = tmp_path_factory.mktemp("nova-build") / "output"
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "images/debian-12.yaml", "--no-boot-test",
+                           "-o", str(out)], cwd=REPO, env=kiln_env(), capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, f"kiln build failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out
+
+
+def unbootable_build(out: Path, name: str, *, timeout: int = 150) -> Path:
+    """An output directory like `kiln build -o` whose image is a blank 1 GiB disk: no partition table, no
+    bootloader. Nova boots it under SeaBIOS, which says "No bootable device" on the screen only: the
+    serial console stays empty until the boot test's `timeout` (from the spec) runs out."""
+    out.mkdir(parents=True)
+    disk = out / f"{name}.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], quiet=True)
+    build_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    manifest = manifest_for(name, build_id=build_id, firmware=("bios",), boots=[],
+                            images=[{"file": disk.name, "format": "qcow2", "size": disk.stat().st_size,
+                                     **digests(disk)}])
+    manifest["spec"]["boot_test"]["timeout"] = timeout
+    manifest["disk"] = {"size": 1 << 30, "firmware": ["bios"]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "SHA256SUMS").write_text(f"{manifest['images'][0]['sha256']}  {disk.name}\n")
+    return out

@@ -1,0 +1,100 @@
+"""The Nova boot gate against the real single-node OpenStack of infra/openstack (opt-in: KILN_TEST_NOVA=1).
+
+The default image is published as a candidate, booted in Nova until its console shows the boot test's
+marker and cloud-init's end, and promoted; an image that cannot boot is rejected with the console's tail
+and never promoted. No server outlives a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln import glance, nova
+from kiln.publish import GATES, PublishSpec, load_build, managed_images, publish, status_of
+from kiln.qemu import FINISHED_RE
+from tests.e2e import REPO, kiln_env
+from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled, unbootable_build
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not nova_enabled(), reason=SKIP_REASON)]
+
+
+def test_default_image_boots_in_nova_and_is_promoted(nova_stack: NovaStack, nova_conn: Any, default_build: Path,
+                                                     nova_image_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[nova.NovaBootResult] = []
+    real_boot_test = nova.boot_test
+
+    def spy(*args: Any, **kwargs: Any) -> nova.NovaBootResult:
+        result = real_boot_test(*args, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(nova, "boot_test", spy)
+    build = load_build(default_build)
+    spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name)
+    start = time.monotonic()
+    report = publish(build, spec, gate=GATES["nova"], clouds_yaml=nova_stack.clouds_yaml)
+    print(f"publish with the nova gate: {time.monotonic() - start:.0f} s")
+
+    assert len(seen) == 1 and seen[0].passed
+    console = seen[0].console
+    marker_lines = [line for line in console.splitlines() if "KILN-MARKER=KILN-NOVA-" in line]
+    assert marker_lines, console[-3000:]
+    assert FINISHED_RE.search(console), console[-3000:]
+    assert seen[0].flavor == "kiln.boot" and seen[0].network == "none"
+    assert seen[0].root_bytes and seen[0].root_bytes > 4 << 30  # growroot filled the flavor's 10 GiB disk
+
+    [result] = report.glance
+    assert result.action == "uploaded"
+    assert "booted in Nova" in report.gate
+    stable = [i for i in managed_images(nova_conn, nova_image_name) if status_of(i) == "stable"]
+    assert [i.id for i in stable] == [result.image_id]
+    assert stable[0].name == nova_image_name
+    assert nova_conn.compute.find_server(seen[0].server_id, ignore_missing=True) is None
+    assert nova.leftover_servers(nova_conn) == []
+
+
+def test_unbootable_image_is_rejected_with_the_console_tail_and_never_promoted(
+        nova_stack: NovaStack, nova_conn: Any, nova_image_name: str, tmp_path: Path) -> None:
+    out = unbootable_build(tmp_path / "broken", nova_image_name)
+    before = {i.id for i in glance.list_images(nova_conn)}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "publish", str(out), "--to", f"glance:{nova_stack.cloud}",
+         "--clouds-yaml", str(nova_stack.clouds_yaml), "--gate", "nova"],
+        cwd=REPO, env=kiln_env(), capture_output=True, text=True, timeout=900)
+    print(f"publish of an unbootable image with the nova gate: {time.monotonic() - start:.0f} s")
+
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    err = proc.stderr
+    assert "did not pass the boot gate: the Nova boot failed" in err, err[-4000:]
+    assert "Traceback" not in err
+    # the reason, then the console's tail: SeaBIOS found nothing to boot and said so only on the screen
+    assert "the marker and cloud-init's end not on the console within 150 s" in err, err[-4000:]
+    assert "the console log is empty" in err.split("the Nova boot failed", 1)[1], err[-4000:]
+    assert managed_images(nova_conn, nova_image_name) == []
+    assert {i.id for i in glance.list_images(nova_conn)} == before
+    assert nova.leftover_servers(nova_conn) == []
+
+
+def test_boot_test_cli_boots_a_build_in_nova_and_deletes_what_it_made(nova_stack: NovaStack, nova_conn: Any,
+                                                                      tmp_path: Path) -> None:
+    """`kiln boot-test --backend nova` on an unbootable build: a temporary image, a server, both gone after."""
+    out = unbootable_build(tmp_path / "broken", "kt-nova-cli")
+    before = {i.id for i in glance.list_images(nova_conn)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "boot-test", str(out), "--backend", "nova", "--cloud", nova_stack.cloud,
+         "--clouds-yaml", str(nova_stack.clouds_yaml), "--network", "none", "--timeout", "45"],
+        cwd=REPO, env=kiln_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "kiln: error: " in proc.stderr and "console log (last lines)" in proc.stderr, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert {i.id for i in glance.list_images(nova_conn)} == before
+    assert nova.leftover_servers(nova_conn) == []
+    assert json.loads((out / "manifest.json").read_text())["spec"]["name"] == "kt-nova-cli"
