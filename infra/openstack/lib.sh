@@ -207,16 +207,19 @@ requirements_for() {
     } | sort -u
 }
 
-# install_venv COMPONENT...: one pip run for everything, skipped when the same pins are installed
+# install_venv COMPONENT...: one pip run for everything, skipped when the venv already holds these pins
+# (the stamp records the constraints' hash and every requirement installed so far, so `up.sh` after
+# `up.sh nova` installs nothing)
 install_venv() {
-    local req="$KILN_OPENSTACK_DIR/requirements.txt" stamp="$VENV/.kiln-installed" want
-    requirements_for "$@" >"$req.new"
-    want="$(cat "$req.new" "$INFRA_DIR/constraints.txt" | sha256sum | cut -d' ' -f1)"
-    if [[ -x $VENV/bin/python && -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
-        mv "$req.new" "$req"
+    local req="$KILN_OPENSTACK_DIR/requirements.txt" stamp="$VENV/.kiln-installed" cons have
+    requirements_for "$@" >"$req"
+    cons="constraints $(sha256sum <"$INFRA_DIR/constraints.txt" | cut -d' ' -f1)"
+    if [[ -x $VENV/bin/python && -f $stamp ]] && [[ "$(head -n 1 "$stamp")" == "$cons" ]] \
+        && ! grep -vxF -f <(tail -n +2 "$stamp") "$req" >/dev/null; then
         return 0
     fi
-    mv "$req.new" "$req"
+    have=""
+    if [[ -f $stamp ]] && [[ "$(head -n 1 "$stamp")" == "$cons" ]]; then have="$(tail -n +2 "$stamp")"; fi
     local start=$SECONDS
     say "installing $(tr '\n' ' ' <"$req")into $VENV (a few minutes the first time)"
     [[ -x $VENV/bin/python ]] || "$KILN_OPENSTACK_PYTHON" -m venv "$VENV"
@@ -224,7 +227,7 @@ install_venv() {
     "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
         -c "$INFRA_DIR/constraints.txt" -r "$req" >>"$LOGS/install.log" 2>&1 \
         || die "pip install failed; see $LOGS/install.log"
-    echo "$want" >"$stamp"
+    { echo "$cons"; { [[ -z $have ]] || echo "$have"; cat "$req"; } | sort -u; } >"$stamp"
     say "installed in $((SECONDS - start)) s"
 }
 
