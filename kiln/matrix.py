@@ -293,7 +293,8 @@ def cell_demand(spec: ImageSpec, *, boot_test: bool) -> dict[str, int]:
     """The slots one build of `spec` holds on its host while it runs.
 
     disk: the raw disk plus one converted copy per format, each counted at half the disk size (raw disks
-    are sparse, a fresh image is mostly empty), and 2 GiB for the tree and layers. kvm: one slot while the build may boot a VM.
+    are sparse, a fresh image is mostly empty), and 2 GiB for the tree and layers.
+    kvm: one slot while the build may boot a VM.
     """
     # raw disks are sparse and an image holds the tree once: half the disk size per file is a safe bound
     half = math.ceil(spec.size / GIB / 2)
