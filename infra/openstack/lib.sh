@@ -130,11 +130,18 @@ EOF
     return 0
 }
 
+# alive PID: the process exists and is no zombie (PID 1 here does not reap the daemons it inherits)
+alive() {
+    local state
+    state="$(cut -d')' -f2 "/proc/$1/stat" 2>/dev/null | cut -d' ' -f2)" || return 1
+    [[ -n $state && $state != Z && $state != X ]]
+}
+
 pid_of() {  # pid_of DAEMON -> the recorded pid when that process still runs
     local file="$RUN/$1.pid" pid
     [[ -f $file ]] || return 1
     pid="$(tr -d '[:space:]' <"$file")"
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+    [[ -n $pid ]] && alive "$pid" || return 1
     echo "$pid"
 }
 
@@ -179,21 +186,21 @@ start_uwsgi() {
 
 # stop_daemon NAME [GRACE]: SIGTERM the recorded process and its children, SIGKILL what is left
 stop_daemon() {
-    local name=$1 grace=${2:-15} pid kids i
+    local name=$1 grace=${2:-15} pid kids i t0=$SECONDS
     pid="$(pid_of "$name")" || { rm -f "$RUN/$name.pid"; return 0; }
     kids="$(pgrep -P "$pid" || true)"
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 $((grace * 10))); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pid" || break
         sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         say "$name (pid $pid) did not stop in ${grace}s; killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
     rm -f "$RUN/$name.pid"
-    say "stopped $name"
+    say "stopped $name ($((SECONDS - t0)) s)"
 }
 
 # the pinned requirements of the venv for a set of components (one line each, sorted)

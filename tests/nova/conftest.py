@@ -89,7 +89,7 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def unbootable_build(out: Path, name: str, *, timeout: int = 150) -> Path:
+def unbootable_build(out: Path, name: str, *, timeout: int = 60) -> Path:
     """An output directory like `kiln build -o` whose image is a blank 1 GiB disk: no partition table, no
     bootloader. Nova boots it under SeaBIOS, which says "No bootable device" on the screen only: the
     serial console stays empty until the boot test's `timeout` (from the spec) runs out."""

@@ -7,7 +7,6 @@ and never promoted. No server outlives a test.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -76,7 +75,7 @@ def test_unbootable_image_is_rejected_with_the_console_tail_and_never_promoted(
     assert "did not pass the boot gate: the Nova boot failed" in err, err[-4000:]
     assert "Traceback" not in err
     # the reason, then the console's tail: SeaBIOS found nothing to boot and said so only on the screen
-    assert "the marker and cloud-init's end not on the console within 150 s" in err, err[-4000:]
+    assert "the marker and cloud-init's end not on the console within 60 s" in err, err[-4000:]
     assert "the console log is empty" in err.split("the Nova boot failed", 1)[1], err[-4000:]
     assert managed_images(nova_conn, nova_image_name) == []
     assert {i.id for i in glance.list_images(nova_conn)} == before
@@ -90,11 +89,10 @@ def test_boot_test_cli_boots_a_build_in_nova_and_deletes_what_it_made(nova_stack
     before = {i.id for i in glance.list_images(nova_conn)}
     proc = subprocess.run(
         [sys.executable, "-m", "kiln.cli", "boot-test", str(out), "--backend", "nova", "--cloud", nova_stack.cloud,
-         "--clouds-yaml", str(nova_stack.clouds_yaml), "--network", "none", "--timeout", "45"],
+         "--clouds-yaml", str(nova_stack.clouds_yaml), "--network", "none", "--timeout", "30"],
         cwd=REPO, env=kiln_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "kiln: error: " in proc.stderr and "console log (last lines)" in proc.stderr, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     assert {i.id for i in glance.list_images(nova_conn)} == before
     assert nova.leftover_servers(nova_conn) == []
-    assert json.loads((out / "manifest.json").read_text())["spec"]["name"] == "kt-nova-cli"

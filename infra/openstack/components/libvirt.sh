@@ -74,14 +74,16 @@ libvirt_healthy() {
         && timeout 10 virsh -q -c "$(libvirt_uri)" version >/dev/null 2>&1
 }
 
-# every guest QEMU this libvirtd started: pid files under its private /run/libvirt/qemu
+# every guest QEMU this libvirtd started: the domains' pid files under its private /run/libvirt/qemu
+# (driver.pid there is libvirtd's own), checked to still be a QEMU
 libvirt_guest_pids() {
     local f pid
     for f in "$RUN"/libvirt/qemu/*.pid; do
-        [[ -e $f ]] || continue
+        [[ -e $f && $(basename "$f") != driver.pid ]] || continue
         pid="$(tr -d '[:space:]' <"$f")"
-        [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+        [[ -n $pid ]] && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == qemu* ]] && echo "$pid"
     done
+    return 0
 }
 
 # nothing may outlive the stack: destroy running guests (QEMU runs on after libvirtd stops), then kill
