@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from kiln.mounts import reclaim
+from kiln.mounts import reclaim, remove_tree, unmount_under
 from kiln.run import reap_journal
 from kiln.store import Store, _alive
 
@@ -31,7 +30,7 @@ def _owner(workdir: Path) -> int | None:
 def release_workdir(workdir: Path) -> None:
     """Unmount whatever the build's journal still lists and remove its work directory."""
     reclaim(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_tree(workdir)
 
 
 def reclaim_dead_builds(store: Store) -> list[str]:
@@ -44,11 +43,11 @@ def reclaim_dead_builds(store: Store) -> list[str]:
         if pid == os.getpid():
             continue
         killed = reap_journal(workdir)
-        unmounted = reclaim(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
+        unmounted = reclaim(workdir) + unmount_under(workdir)
+        remove_tree(workdir)
         what = [f"{len(killed)} processes killed"] if killed else []
         what += [f"{len(unmounted)} mounts"] if unmounted else []
         done.append(f"reclaimed {workdir}" + (f" ({', '.join(what)})" if what else ""))
-    for tmp in store.clean_tmp():
+    for tmp in store.clean_tmp(before_removing=unmount_under):
         done.append(f"removed unfinished cache entry {tmp.name}")
     return done

@@ -168,6 +168,17 @@ def mount_stack(journal_dir: Path) -> Iterator[MountStack]:
         stack.unmount_all()
 
 
+def unmount_under(path: Path) -> list[str]:
+    """Unmount everything mounted at or below `path`, deepest first: what a killed child (mmdebstrap's
+    own /proc, /sys and /dev in its target) mounted without kiln's journal knowing."""
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    found = sorted((t for t in mounted_targets() if t == prefix[:-1] or t.startswith(prefix)),
+                   key=lambda t: t.count("/"), reverse=True)
+    for t in found:
+        _umount(t)
+    return found
+
+
 def reclaim(journal_dir: Path) -> list[str]:
     """Unmount what a dead build's journal lists (deepest first); returns what was unmounted."""
     journal = journal_dir / JOURNAL
@@ -197,3 +208,19 @@ def ensure_binfmt_misc() -> Path:
         run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_MISC)], quiet=True,
             what="mount binfmt_misc")
     return BINFMT_MISC
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a build's directory, but never through a mount point: a bind of the host's /dev left in a
+    root tree would otherwise have its device nodes deleted. Unmounts what is below first; refuses if
+    anything stays mounted."""
+    import shutil
+
+    if not path.exists():
+        return
+    unmount_under(path)
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    left = [t for t in mounted_targets() if t.startswith(prefix) or t == prefix[:-1]]
+    if left:
+        raise MountError(f"not removing {path}: still mounted below it: {', '.join(sorted(left))}")
+    shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +205,9 @@ class Store:
                              last_use=last_use, path=d))
         return out
 
-    def clean_tmp(self) -> list[Path]:
-        """Remove temporary entries no live process is building (left by a killed build)."""
+    def clean_tmp(self, before_removing: Callable[[Path], object] | None = None) -> list[Path]:
+        """Remove temporary entries no live process is building (left by a killed build); `before_removing`
+        gets each one first (kiln gc unmounts what a killed bootstrap left mounted in it)."""
         removed = []
         for d in self.tmp_dir.iterdir():
             parts = d.name.split(".")
@@ -215,6 +216,8 @@ class Store:
                 continue
             if pid == os.getpid():
                 continue
+            if before_removing is not None:
+                before_removing(d)
             _rmtree(d)
             removed.append(d)
         return removed

@@ -48,7 +48,9 @@ def leftovers(cache: str | None = None) -> list[str]:
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.strip()
     if loops:
         found.append(f"loop devices: {loops}")
-    for line in subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout.splitlines():
+    # kiln's boot tests name their QEMU kiln-boot-*; a cloud's own guests (libvirt, Nova) are not kiln's
+    for line in subprocess.run(["pgrep", "-af", "qemu-system.*-name kiln-boot"], capture_output=True,
+                               text=True).stdout.splitlines():
         if not _zombie(int(line.split()[0])):  # a dead QEMU whose reaper (PID 1 here) never waits for it
             found.append(f"qemu: {line}")
     return found

@@ -132,6 +132,13 @@ def main() -> int:
 
     for component, (user, name, kind, description, url_arg) in SERVICES.items():
         if component not in args.components:
+            # neither asked for nor running: out of the catalog, so that clients do not call a dead service
+            stale = ident.find_service(name, ignore_missing=True)
+            if stale is not None:
+                print(f"removing service {name} ({kind}) from the catalog: it is not running")
+                for endpoint in ident.endpoints(service_id=stale.id):
+                    ident.delete_endpoint(endpoint)
+                ident.delete_service(stale)
             continue
         password = os.environ[f"KILN_{user.upper()}_SERVICE_PASSWORD"]
         # nova acts as a service towards neutron, placement and glance (service tokens): admin + service

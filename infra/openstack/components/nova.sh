@@ -61,25 +61,27 @@ PY
 
 nova_start() {
     port_busy "$KILN_NOVA_PORT" && die "nova: port $KILN_NOVA_PORT on $KILN_HOST is taken by another process"
-    local d
+    local d started
+    started="$(date -u '+%Y-%m-%d %H:%M:%S')"
     for d in conductor scheduler compute; do
         start_daemon "nova-$d" "$VENV/bin/nova-$d" --config-file "$ETC/nova/nova.conf"
     done
     start_uwsgi nova-api "$ETC/nova/uwsgi.ini"
     wait_http "$(nova_url)/" 120 || die "nova-api did not answer within 120 s; see $LOGS/nova-api.log"
-    # the compute node must be in the cell's database and mapped in the API's before anything can be
-    # scheduled onto it
+    # the compute node must be in the cell's database, mapped in the API's, and its service must have
+    # reported since this start (else the scheduler counts it as down) before anything can land on it
     local found=""
     for _ in $(seq 1 120); do
         for d in conductor scheduler compute; do
             pid_of "nova-$d" >/dev/null || die "nova-$d exited; see $LOGS/nova-$d.log"
         done
-        found="$(nova_sql nova "select count(*) from compute_nodes where deleted = 0 and host = '$KILN_NOVA_HOST'" \
-            2>/dev/null || true)"
+        found="$(nova_sql nova "select count(*) from compute_nodes c join services s on s.host = c.host
+            where c.deleted = 0 and s.deleted = 0 and s.binary = 'nova-compute' and c.host = '$KILN_NOVA_HOST'
+            and coalesce(s.updated_at, s.created_at) >= '$started'" 2>/dev/null || true)"
         [[ ${found:-0} -gt 0 ]] && break
         sleep 1
     done
-    [[ ${found:-0} -gt 0 ]] || die "nova-compute did not register its node within 120 s; see $LOGS/nova-compute.log"
+    [[ ${found:-0} -gt 0 ]] || die "nova-compute did not report its node within 120 s; see $LOGS/nova-compute.log"
     nova_manage cell_v2 discover_hosts --verbose || die "nova-manage cell_v2 discover_hosts failed"
     [[ "$(nova_sql nova_api "select count(*) from host_mappings where host = '$KILN_NOVA_HOST'")" -gt 0 ]] \
         || die "nova: host $KILN_NOVA_HOST is not mapped to a cell; see $LOGS/nova-manage.log"
