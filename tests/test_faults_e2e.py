@@ -71,7 +71,7 @@ def test_sigkill_in_a_stage_then_gc_then_clean_rebuild(stage: str, marker: str, 
     if stage == "pack":
         kiln("build", *SMALL, *extra, "--no-boot-test", "--output", str(tmp_path / "warm"),
              "--size", "3G")  # layers cached, so the kill lands in pack
-        extra = [*extra, "--size", "2500M"]
+        extra = [*extra, "--size", f"{2048 + int.from_bytes(os.urandom(2), 'big') % 1000}M"]  # never packed before
     kill_when(["build", *SMALL, *extra, *boot, "--output", str(tmp_path / "killed")], marker, delay=delay)
     out = gc_and_check()
     assert "reclaimed" in out, out
