@@ -128,19 +128,20 @@ def cloud_name(conn: openstack.connection.Connection) -> str:
 
 
 @contextlib.contextmanager
-def sdk_errors(conn: openstack.connection.Connection, what: str) -> Iterator[None]:
-    """Turn openstacksdk and keystoneauth failures into one GlanceError that names the cloud and step."""
+def sdk_errors(conn: openstack.connection.Connection, what: str,
+               error: type[KilnError] = GlanceError) -> Iterator[None]:
+    """Turn openstacksdk and keystoneauth failures into one `error` that names the cloud and step."""
     try:
         yield
     except KilnError:
         raise
     except ks_exceptions.Unauthorized:
-        raise GlanceError(f"cloud {cloud_name(conn)!r}: {what}: authentication failed (check the credentials "
-                          f"in clouds.yaml)") from None
+        raise error(f"cloud {cloud_name(conn)!r}: {what}: authentication failed (check the credentials "
+                    f"in clouds.yaml)") from None
     except ks_exceptions.ConnectFailure as exc:
-        raise GlanceError(f"cloud {cloud_name(conn)!r}: {what}: cannot connect ({exc})") from None
+        raise error(f"cloud {cloud_name(conn)!r}: {what}: cannot connect ({exc})") from None
     except (openstack.exceptions.SDKException, ks_exceptions.ClientException) as exc:
-        raise GlanceError(f"cloud {cloud_name(conn)!r}: {what}: {exc}") from None
+        raise error(f"cloud {cloud_name(conn)!r}: {what}: {exc}") from None
 
 
 def image_api(conn: openstack.connection.Connection) -> image_v2.Proxy:

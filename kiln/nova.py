@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import openstack.exceptions
 from keystoneauth1 import exceptions as ks_exceptions
 
-from kiln import seed
+from kiln import glance, seed
 from kiln.errors import BootTestError, KilnError
 from kiln.qemu import SerialFacts, clean_console
 
@@ -96,23 +96,12 @@ class NovaBootResult:
 
 
 def cloud_label(conn: openstack.connection.Connection) -> str:
-    return str(conn.config.name or "(unnamed cloud)")
+    return glance.cloud_name(conn)
 
 
-@contextlib.contextmanager
-def sdk_errors(conn: openstack.connection.Connection, what: str) -> Iterator[None]:
-    """Turn openstacksdk and keystoneauth failures into one NovaError naming the cloud and the step."""
-    try:
-        yield
-    except KilnError:
-        raise
-    except ks_exceptions.Unauthorized:
-        raise NovaError(f"cloud {cloud_label(conn)!r}: {what}: authentication failed (check the credentials in "
-                        f"clouds.yaml)") from None
-    except ks_exceptions.ConnectFailure as exc:
-        raise NovaError(f"cloud {cloud_label(conn)!r}: {what}: cannot connect ({exc})") from None
-    except (openstack.exceptions.SDKException, ks_exceptions.ClientException) as exc:
-        raise NovaError(f"cloud {cloud_label(conn)!r}: {what}: {exc}") from None
+def sdk_errors(conn: openstack.connection.Connection, what: str) -> contextlib.AbstractContextManager[None]:
+    """openstacksdk and keystoneauth failures as one NovaError naming the cloud and the step."""
+    return glance.sdk_errors(conn, what, error=NovaError)
 
 
 def settings_for(conn: openstack.connection.Connection, *, flavor: str | None = None, network: str | None = None,

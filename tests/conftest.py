@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.upstream_fixtures import published, server  # noqa: F401  (fixtures of the upstream tests)
+
 
 @pytest.fixture
 def make_element(tmp_path: Path) -> Callable[..., Path]:

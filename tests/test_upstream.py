@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,18 +37,6 @@ from tests import upstream_fixtures as uf
 
 SHA256 = "a" * 64
 SHA512 = "b" * 128
-
-
-@pytest.fixture(scope="session")
-def published(tmp_path_factory: pytest.TempPathFactory) -> uf.Published:
-    return uf.publish(tmp_path_factory.mktemp("upstream"))
-
-
-@pytest.fixture(scope="module")
-def server(published: uf.Published) -> Iterator[uf.FixtureServer]:
-    srv = uf.FixtureServer(published.root)
-    yield srv
-    srv.close()
 
 
 # ---------------------------------------------------------------------------------------------- the base: block

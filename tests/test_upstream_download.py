@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,18 +15,6 @@ from kiln.verify import ChecksumMismatchError, Digest
 from tests import upstream_fixtures as uf
 
 FAST = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
-
-
-@pytest.fixture(scope="session")
-def published(tmp_path_factory: pytest.TempPathFactory) -> uf.Published:
-    return uf.publish(tmp_path_factory.mktemp("upstream"))
-
-
-@pytest.fixture(scope="module")
-def server(published: uf.Published) -> Iterator[uf.FixtureServer]:
-    srv = uf.FixtureServer(published.root)
-    yield srv
-    srv.close()
 
 
 def _digest(path: Path) -> Digest:

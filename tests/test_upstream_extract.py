@@ -42,18 +42,6 @@ DISK_SKIP = ("lost+found", "boot/lost+found")
 FAT = ("boot/efi",)
 
 
-@pytest.fixture(scope="session")
-def published(tmp_path_factory: pytest.TempPathFactory) -> uf.Published:
-    return uf.publish(tmp_path_factory.mktemp("upstream"))
-
-
-@pytest.fixture(scope="module")
-def server(published: uf.Published) -> Iterator[uf.FixtureServer]:
-    srv = uf.FixtureServer(published.root)
-    yield srv
-    srv.close()
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     base = tmp_path_factory.getbasetemp()

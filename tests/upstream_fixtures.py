@@ -21,9 +21,12 @@ import socket
 import stat
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kiln.run import output, run
 
@@ -389,3 +392,19 @@ def mounts_and_loops(under: Path) -> list[str]:
     """
     lines = output(["findmnt", "-rn", "-o", "TARGET,SOURCE"]).splitlines() + output(["losetup", "-a"]).splitlines()
     return [line for line in lines if str(under) in line]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+# shared by the upstream test modules (imported into tests/conftest.py)
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    return publish(tmp_path_factory.mktemp("upstream"))
+
+
+@pytest.fixture(scope="module")
+def server(published: Published) -> Iterator[FixtureServer]:
+    srv = FixtureServer(published.root)
+    yield srv
+    srv.close()
