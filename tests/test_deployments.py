@@ -10,6 +10,7 @@ the first run also bootstraps each store.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_matrix_cells_run_on_both_workers(stack: PrefectStack, tmp_path: Path) -
     assert "on worker-a" in summary["data"] and "on worker-b" in summary["data"]
     # each cell held its own host's slots
     logs = "\n".join(stack.logs(cells[0]["id"]) + stack.logs(cells[1]["id"]))
-    assert "holding 1 cpu, 6 disk on host-" in logs
+    assert re.search(r"holding 1 cpu, \d+ disk on host-", logs), logs[-2000:]
     for host in ("host-a", "host-b"):
         limit = stack.call("GET", f"/v2/concurrency_limits/kiln-{host}-cpu")
         assert limit["limit"] >= 1 and limit["active_slots"] == 0
