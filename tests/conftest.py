@@ -56,3 +56,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = kiln_env()["KILN_STATE"]
     if (Path(state) / "prefect" / "server.json").exists():
         stop_server(Path(state))
+    # the test stores grow by a few GiB per run (every fault variant is a new package layer): trim them so
+    # that runs on the same machine do not fill its disk
+    from kiln.spec import parse_size
+    from kiln.store import Store
+
+    cache = Path(kiln_env()["KILN_CACHE"])
+    for store_dir in [cache, *cache.parent.glob(cache.name + "-*")]:
+        if (store_dir / "entries").is_dir():
+            Store(store_dir).gc(parse_size("6G"))
