@@ -42,8 +42,20 @@ WORKER_STOP_GRACE = 40.0  # the worker gives its runs 30 s after SIGTERM before 
 
 
 def api(api_url: str, method: str, path: str, body: Mapping[str, Any] | None = None, *,
-        timeout: float = 30.0) -> tuple[int, Any]:
-    """One call of the Prefect REST API: (HTTP status, decoded JSON or None). Never through a proxy."""
+        timeout: float = 30.0, attempts: int = 5) -> tuple[int, Any]:
+    """One call of the Prefect REST API: (HTTP status, decoded JSON or None). Never through a proxy.
+
+    A 503 (a young server on SQLite answers so while its database is busy) is retried with backoff."""
+    for attempt in range(attempts):
+        status, answer = _api_once(api_url, method, path, body, timeout=timeout)
+        if status != 503 or attempt + 1 == attempts:
+            return status, answer
+        time.sleep(0.5 * 2**attempt)
+    return status, answer
+
+
+def _api_once(api_url: str, method: str, path: str, body: Mapping[str, Any] | None, *,
+              timeout: float) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method,
                                  headers={"Content-Type": "application/json"})
