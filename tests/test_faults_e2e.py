@@ -67,6 +67,9 @@ def gc_and_check(env: dict[str, str] | None = None) -> str:
 ])
 def test_sigkill_in_a_stage_then_gc_then_clean_rebuild(stage: str, marker: str, extra: list[str], delay: float,
                                                       tmp_path: Path) -> None:
+    # a fresh nonce in the spec's env: every step from the package install on is new, so the stage to be
+    # killed really runs (a cache warm from an earlier run would skip it)
+    extra = [*extra, "--env", f"KILN_TEST_NONCE={os.urandom(4).hex()}"]
     boot = [] if stage == "boot test" else ["--no-boot-test"]
     if stage == "pack":
         kiln("build", *SMALL, *extra, "--no-boot-test", "--output", str(tmp_path / "warm"),
