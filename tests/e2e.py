@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,19 @@ def _zombie(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@contextlib.contextmanager
+def started_by_us(status: list[str], up: list[str], down: list[str], *, timeout: float,
+                  down_timeout: float = 300) -> Iterator[str]:
+    """Run `up` (its last output line is the result); afterwards run `down` unless `status` said the
+    service was already up before (a developer's running stack stays running)."""
+    from kiln.run import run
+
+    was_running = run(status, check=False, quiet=True).returncode == 0
+    result = run(up, quiet=True, timeout=timeout, what=up[0])
+    try:
+        yield result.lines[-1].strip()
+    finally:
+        if not was_running and not os.environ.get("KILN_TEST_KEEP_INFRA"):
+            run(down, check=False, quiet=True, timeout=down_timeout)

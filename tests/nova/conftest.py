@@ -10,7 +10,6 @@ about 2.5 min more to install and initialise it the first time) and boot Debian 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -26,7 +25,7 @@ import pytest
 
 from kiln import glance, nova
 from kiln.run import run
-from tests.e2e import REPO, kiln_env
+from tests.e2e import REPO, kiln_env, started_by_us
 from tests.publish.conftest import digests, manifest_for
 
 NOVA_SWITCH = "KILN_TEST_NOVA"
@@ -44,23 +43,12 @@ class NovaStack:
     cloud: str = "kiln-dev"
 
 
-@contextlib.contextmanager
-def _started_by_us(status: list[str], up: list[str], down: list[str], *, timeout: float) -> Iterator[str]:
-    """Run `up` (its last output line is the result); afterwards run `down` unless `status` said the
-    stack was already up (a developer's running stack stays running)."""
-    was_running = run(status, check=False, quiet=True).returncode == 0
-    result = run(up, quiet=True, timeout=timeout, what=up[0])
-    try:
-        yield result.lines[-1].strip()
-    finally:
-        if not was_running and not os.environ.get("KILN_TEST_KEEP_INFRA"):
-            run(down, check=False, quiet=True, timeout=300)
 
 
 @pytest.fixture(scope="package")
 def nova_stack() -> Iterator[NovaStack]:
     infra = REPO / "infra" / "openstack"
-    with _started_by_us([str(infra / "status.sh")], [str(infra / "up.sh"), "nova"], [str(infra / "down.sh")],
+    with started_by_us([str(infra / "status.sh")], [str(infra / "up.sh"), "nova"], [str(infra / "down.sh")],
                         timeout=2400) as clouds_yaml:
         yield NovaStack(Path(clouds_yaml))
 

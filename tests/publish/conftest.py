@@ -5,7 +5,6 @@ running), and small but real builds: a few MiB image made with qemu-img, manifes
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ import pytest
 
 from kiln import glance, s3
 from kiln.run import run
+from tests.e2e import started_by_us
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -33,17 +33,6 @@ class OpenStack:
     cloud: str = "kiln-dev"
 
 
-@contextlib.contextmanager
-def _started_by_us(status: list[str], up: list[str], down: list[str], *, timeout: float) -> Iterator[str]:
-    """Run `up` (its last output line is the result); afterwards run `down` unless `status` said the
-    service was already up before (a developer's running stack stays running)."""
-    was_running = run(status, check=False, quiet=True).returncode == 0
-    result = run(up, quiet=True, timeout=timeout, what=up[0])
-    try:
-        yield result.lines[-1].strip()
-    finally:
-        if not was_running and not os.environ.get("KILN_TEST_KEEP_INFRA"):
-            run(down, check=False, quiet=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +40,7 @@ def openstack_stack() -> Iterator[OpenStack]:
     """Keystone and Glance on 127.0.0.1 (installed on first use: about 1.5 min cold)."""
     base = Path(os.environ.get("KILN_OPENSTACK_DIR", "/var/lib/kiln-openstack"))
     infra = ROOT / "infra" / "openstack"
-    with _started_by_us([str(infra / "status.sh"), "keystone", "glance"], [str(infra / "up.sh")],
+    with started_by_us([str(infra / "status.sh"), "keystone", "glance"], [str(infra / "up.sh")],
                         [str(infra / "down.sh")], timeout=1800) as clouds_yaml:
         yield OpenStack(Path(clouds_yaml), base / "venv")
 
@@ -62,7 +51,7 @@ def s3_stack() -> Iterator[dict[str, str]]:
     infra = ROOT / "infra" / "s3"
     base = Path(os.environ.get("KILN_S3_DIR", "/var/lib/kiln-s3"))
     status = ["bash", "-c", f'kill -0 "$(cat {base / "moto.pid"} 2>/dev/null)" 2>/dev/null']
-    with _started_by_us(status, [str(infra / "up.sh")], [str(infra / "down.sh")], timeout=600) as env_file, \
+    with started_by_us(status, [str(infra / "up.sh")], [str(infra / "down.sh")], timeout=600) as env_file, \
             pytest.MonkeyPatch.context() as mp:
         env = dict(raw.split("=", 1) for raw in Path(env_file).read_text().split() if "=" in raw)
         for key, value in env.items():
