@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
 
@@ -30,6 +30,8 @@ from kiln.errors import KilnError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+T = TypeVar("T")
 
 log = logging.getLogger("kiln.s3")
 
@@ -119,16 +121,22 @@ def _fail(exc: Exception, what: str) -> S3Error:
     return S3Error(f"{what}: {exc}")
 
 
-def head(s3: S3Client, bucket: str, key: str) -> dict[str, Any] | None:
-    """The object's HEAD response (metadata, ETag, checksum), or None when there is no such object."""
+def _unless_missing(call: Callable[[], T], bucket: str, key: str) -> T | None:
+    """`call()`, or None when the object does not exist; other failures become an S3Error."""
     try:
-        return dict(s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
+        return call()
     except botocore.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise _fail(exc, f"s3://{bucket}/{key}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise _fail(exc, f"s3://{bucket}/{key}") from None
+
+
+def head(s3: S3Client, bucket: str, key: str) -> dict[str, Any] | None:
+    """The object's HEAD response (metadata, ETag, checksum), or None when there is no such object."""
+    return _unless_missing(lambda: dict(s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")),
+                           bucket, key)
 
 
 def _part_size(size: int, part_size: int) -> int:
@@ -268,14 +276,7 @@ def put_bytes(s3: S3Client, data: bytes, bucket: str, key: str, *, metadata: Map
 
 def get_bytes(s3: S3Client, bucket: str, key: str) -> bytes | None:
     """A small object's content, or None when it does not exist."""
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise _fail(exc, f"s3://{bucket}/{key}") from None
-    except botocore.exceptions.BotoCoreError as exc:
-        raise _fail(exc, f"s3://{bucket}/{key}") from None
+    return _unless_missing(lambda: s3.get_object(Bucket=bucket, Key=key)["Body"].read(), bucket, key)
 
 
 def list_prefixes(s3: S3Client, bucket: str, prefix: str) -> list[str]:
