@@ -14,6 +14,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 
+from kiln.boottest import boot_firmware
 from kiln.elements import PHASES
 from kiln.gc import release_workdir
 from kiln.options import BuildOptions
@@ -38,14 +39,6 @@ def _stage(stages: Stages, name: str, task: Task[..., Any], *args: Any) -> Any:
     result = state.result()
     stages[name] = {"seconds": round(time.monotonic() - start, 2), "cached": state.name == "Cached"}
     return result
-
-
-def boot_firmware(spec: ImageSpec) -> list[str]:
-    """The firmware to boot-test with: arm64 machines have no BIOS, only UEFI (AAVMF)."""
-    wanted = [f.value for f in spec.boot_test.firmware]
-    if spec.arch.value == "arm64":
-        return [f for f in wanted if f == "uefi"] or ["uefi"]
-    return wanted
 
 
 @flow(name="build-image", log_prints=True, persist_result=True)

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from kiln import qemu, seed
+from kiln.errors import BootTestError
 from kiln.plan import digest
 from kiln.run import tracked
-from kiln.spec import BootTestSpec
+from kiln.spec import BootTestSpec, ImageSpec
 from kiln.store import Store
 
 BOOT_VERSION = "1"
@@ -70,9 +71,44 @@ def user_data(marker: str, *, root_password: str | None) -> str:
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
 
 
+def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]:
+    """The firmware to boot-test with: the spec's (or `wanted`); arm64 machines have no BIOS, only UEFI."""
+    chosen = wanted or [f.value for f in spec.boot_test.firmware]
+    if spec.arch.value == "arm64":
+        return [f for f in chosen if f == "uefi"] or ["uefi"]
+    return chosen
+
+
+def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, workdir: Path,
+              accel: str) -> BootOutcome:
+    """One local QEMU boot of `image` with a fresh NoCloud seed (marker, and a root password to log in
+    with when the settings ask for it); raises BootTestError unless cloud-init finished (and root got in)."""
+    marker = "KILN-BOOT-" + secrets.token_hex(8)
+    password = secrets.token_urlsafe(12) if settings.root_login else None
+    boot_dir = workdir / f"boot-{firmware}"
+    iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
+                                 meta_data=seed.boot_test_meta_data())
+    try:
+        with tracked(workdir):
+            result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
+                                    workdir=boot_dir, accel=accel, memory_mib=settings.memory,
+                                    cpus=settings.cpus, timeout=effective_timeout(settings, arch),
+                                    extra_login=("root", password) if password else None)
+    finally:
+        iso.unlink(missing_ok=True)
+    if settings.root_login and not result.login_ok:
+        raise BootTestError(f"boot test ({firmware}): cloud-init finished, but root could not log in with "
+                            f"the password set through user-data; console log: {result.serial_log}")
+    return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
+                       accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
+                       login_ok=result.login_ok, serial_log=str(result.serial_log))
+
+
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
                  settings: BootTestSpec, workdir: Path, state_dir: Path, kernel: Path | None,
                  rebuild: bool = False) -> BootOutcome:
+    """A passed boot of this image under `firmware`: from the store (keyed by the image's sha256), or
+    booted now and stored."""
     key = boot_key(image_sha256, firmware, arch, settings)
     with store.lock(key):
         if not rebuild and store.valid(key):
@@ -80,39 +116,20 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
             data = store.data(key)
             result = json.loads((data / "boot.json").read_text())
             return BootOutcome(**{**result, "cached": True, "serial_log": str(data / "serial.log")})
-        accel = qemu.probe_accel(kernel, state_dir=state_dir)
-        marker = "KILN-BOOT-" + secrets.token_hex(8)
-        password = secrets.token_urlsafe(12) if settings.root_login else None
-        boot_dir = workdir / f"boot-{firmware}"
-        iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
-                                     meta_data=seed.boot_test_meta_data())
-        with tracked(workdir):
-            result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
-                                    workdir=boot_dir, accel=accel, memory_mib=settings.memory,
-                                    cpus=settings.cpus, timeout=effective_timeout(settings, arch),
-                                    extra_login=("root", password) if password else None)
-        outcome = BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
-                              accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
-                              login_ok=result.login_ok, serial_log=str(result.serial_log))
-        if settings.root_login and not result.login_ok:
-            from kiln.errors import BootTestError
-
-            raise BootTestError(f"boot test ({firmware}): cloud-init finished, but root could not log in with "
-                                f"the password set through user-data; console log: {result.serial_log}")
+        outcome = boot_once(image, firmware=firmware, arch=arch, settings=settings, workdir=workdir,
+                            accel=qemu.probe_accel(kernel, state_dir=state_dir))
         with store.new_entry(key, kind="boot", description=f"boot test {firmware} of {image.name}") as tmp:
-            shutil.copyfile(result.serial_log, tmp / "data" / "serial.log")
+            shutil.copyfile(outcome.serial_log, tmp / "data" / "serial.log")
             record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
             (tmp / "data" / "boot.json").write_text(json.dumps(record))
-        shutil.rmtree(boot_dir / "seed.iso", ignore_errors=True)
         return outcome
 
 
 def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: list[str] | None = None,
                             timeout: int | None = None) -> list[BootOutcome]:
     """Boot the image of a finished build (OUTPUT_DIR with manifest.json) under each firmware, uncached."""
-    from kiln.errors import BootTestError, SpecError
+    from kiln.errors import SpecError
     from kiln.prefect_server import state_dir
-    from kiln.spec import ImageSpec
 
     manifest_path = output / "manifest.json"
     try:
@@ -129,24 +146,7 @@ def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: li
     settings = spec.boot_test
     if timeout:
         settings = settings.model_copy(update={"timeout": timeout})
-    wanted = firmware or [f.value for f in settings.firmware]
-    if spec.arch.value == "arm64":
-        wanted = [f for f in wanted if f == "uefi"] or ["uefi"]
-    results = []
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
-    for fw in wanted:
-        marker = "KILN-BOOT-" + secrets.token_hex(8)
-        boot_dir = workdir / fw
-        iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=None),
-                                     meta_data=seed.boot_test_meta_data())
-        with tracked(workdir):
-            r = qemu.boot_test(image, firmware=fw, arch=spec.arch.value, marker=marker, seed_iso=iso,
-                               workdir=boot_dir, accel=qemu.probe_accel(None, state_dir=state_dir()),
-                               memory_mib=settings.memory, cpus=settings.cpus,
-                               timeout=effective_timeout(settings, spec.arch.value))
-        if not r.passed:  # pragma: no cover - boot_test raises on failure
-            raise BootTestError(f"boot test {fw} failed")
-        results.append(BootOutcome(firmware=fw, passed=True, seconds=round(r.seconds, 1), accel=r.accel,
-                                   root_bytes=r.root_bytes, disk_bytes=r.disk_bytes, login_ok=r.login_ok,
-                                   serial_log=str(r.serial_log)))
-    return results
+    accel = qemu.probe_accel(None, state_dir=state_dir())
+    return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel)
+            for fw in boot_firmware(spec, firmware)]
