@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import Task, flow, get_run_logger
@@ -68,8 +69,10 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
         if options.boot_test and spec.boot_test.enabled:
             bootable = next((i for i in images if i.format == "qcow2"), images[0])
             for firmware in boot_firmware(spec):
-                boots.append(_stage(stages, f"boot_test {firmware}", boot_test, ctx, bootable, firmware,
-                                    packed.kernel))
+                name = f"boot_test {firmware}"
+                outcome = _stage(stages, name, boot_test, ctx, bootable, firmware, packed.kernel)
+                # Prefect's cached result is the outcome of the run that booted: mark it as not booted now
+                boots.append(replace(outcome, cached=True) if stages[name]["cached"] else outcome)
         else:
             logger.info("boot test skipped")
 

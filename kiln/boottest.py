@@ -10,7 +10,7 @@ import json
 import secrets
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,8 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
             shutil.copyfile(outcome.serial_log, tmp / "data" / "serial.log")
             record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
             (tmp / "data" / "boot.json").write_text(json.dumps(record))
-        return outcome
+        # the console log the store keeps, not the build's work directory, which goes with the build
+        return replace(outcome, serial_log=str(store.data(key) / "serial.log"))
 
 
 def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: list[str] | None = None,
