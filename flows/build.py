@@ -9,23 +9,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 
-from kiln.boottest import boot_firmware
+from kiln.boottest import BootOutcome, boot_firmware, nova_outcome
 from kiln.elements import PHASES
 from kiln.gc import release_workdir
 from kiln.options import BuildOptions
 from kiln.run import terminate_all
-from kiln.spec import ImageSpec
-from tasks.boot_test import boot_test
+from kiln.spec import BootBackend, ImageSpec
+from tasks.boot_test import boot_test, boot_test_nova
 from tasks.convert import convert_image
 from tasks.customize import customize_phase
 from tasks.fetch_base import fetch_base
-from tasks.outputs import write_outputs
+from tasks.outputs import record_boot_tests, write_outputs
 from tasks.pack import pack_disk
 from tasks.plan import new_build_id, plan_build
 from tasks.publish import publish_build
@@ -33,13 +34,22 @@ from tasks.publish import publish_build
 Stages = dict[str, dict[str, Any]]
 
 
-def _stage(stages: Stages, name: str, task: Task[..., Any], *args: Any) -> Any:
+def _stage(stages: Stages, name: str, task: Task[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a stage's task, record its wall time and whether Prefect served it from the cache."""
     start = time.monotonic()
-    state: State[Any] = task(*args, return_state=True)  # type: ignore[assignment]
+    state: State[Any] = task(*args, return_state=True, **kwargs)  # type: ignore[assignment]
     result = state.result()
     stages[name] = {"seconds": round(time.monotonic() - start, 2), "cached": state.name == "Cached"}
     return result
+
+
+def _boot_in_nova(stages: Stages, spec: ImageSpec, output: str) -> BootOutcome:
+    """The finished build booted in the Nova of boot_test.cloud, as a temporary image."""
+    bt = spec.boot_test
+    result = _stage(stages, "boot_test nova", boot_test_nova, bt.cloud, None, output=output, flavor=bt.flavor,
+                    network=bt.network, timeout=bt.timeout)
+    firmware = "uefi" if spec.arch.value == "arm64" else "bios"  # what Nova boots a BIOS+UEFI disk with
+    return nova_outcome(result, firmware=firmware, console_log=Path(output) / "boot-nova-console.log")
 
 
 @flow(name="build-image", log_prints=True, persist_result=True)
@@ -66,7 +76,14 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
                              "cached": all(f.state.name == "Cached" for f in futures)}
 
         boots = []
-        if options.boot_test and spec.boot_test.enabled:
+        boot_wanted = options.boot_test and spec.boot_test.enabled
+        in_nova = boot_wanted and spec.boot_test.backend == BootBackend.nova
+        publishing = options.publish and bool(spec.publish.targets)
+        gate_in_nova = in_nova and publishing and bool(spec.publish.glance_clouds)
+        if in_nova:
+            logger.info("boot test in Nova: %s", "the candidate, before promotion" if gate_in_nova else
+                        f"a temporary image in cloud {spec.boot_test.cloud}")
+        elif boot_wanted:
             bootable = next((i for i in images if i.format == "qcow2"), images[0])
             for firmware in boot_firmware(spec):
                 name = f"boot_test {firmware}"
@@ -77,9 +94,11 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
             logger.info("boot test skipped")
 
         report = write_outputs(ctx, options, build_id, packed, images, boots, stages)
-        if options.publish and spec.publish.targets:
-            # the gate reads the boot results this run just wrote into the manifest
-            report["published"] = publish_build(report["output"], spec.publish)
+        if in_nova and not gate_in_nova:
+            report = record_boot_tests(report, [_boot_in_nova(stages, spec, report["output"])])
+        if publishing:
+            # the gate reads the boot results this run wrote into the manifest, or boots the candidate in Nova
+            report["published"] = publish_build(report["output"], spec.publish, "nova" if gate_in_nova else None)
     except BaseException:
         # a cancelled run (Prefect's TerminationSignal), Ctrl-C or a failure: children of tasks in other
         # threads (conversions) are not interrupted by the exception, so kill them before tearing down

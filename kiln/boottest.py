@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -22,6 +22,9 @@ from kiln.plan import digest
 from kiln.run import tracked
 from kiln.spec import BootTestSpec, ImageSpec
 from kiln.store import Store
+
+if TYPE_CHECKING:
+    from kiln.nova import NovaBootResult
 
 BOOT_VERSION = "1"
 
@@ -37,6 +40,7 @@ class BootOutcome:
     login_ok: bool | None
     serial_log: str
     cached: bool = False
+    backend: str = "qemu"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +106,14 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                        accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
                        login_ok=result.login_ok, serial_log=str(result.serial_log))
+
+
+def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:
+    """A passed boot in a cloud's Nova as a boot test result of the build; its console kept in `console_log`."""
+    console_log.write_text(result.console)
+    return BootOutcome(firmware=firmware, passed=result.passed, seconds=result.seconds,
+                       accel=f"nova on {result.cloud} ({result.flavor})", root_bytes=result.root_bytes,
+                       disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova")
 
 
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,

@@ -50,6 +50,10 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
     p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
     p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
+    p.add_argument("--boot-backend", choices=["qemu", "nova"],
+                   help="boot test under local QEMU (default) or in a cloud's Nova (see --boot-cloud)")
+    p.add_argument("--boot-cloud", metavar="NAME",
+                   help="nova boot test: the clouds.yaml cloud (default: the spec's glance publish target)")
     p.add_argument("--boot-root-login", action="store_true", default=None,
                    help="boot test: set a root password through user-data and log in with it (cloud-init-cfg)")
     p.add_argument("--dib-elements", action="store_true",
@@ -72,8 +76,8 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
         "add_elements": args.elements or None, "add_packages": args.packages or None,
         "env": dict(args.env) if args.env else None,
         "secrets": _secrets_from_env(args.secret) or None,
-        "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login)) if v}
-        or None,
+        "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login),
+                                        ("backend", args.boot_backend), ("cloud", args.boot_cloud)) if v} or None,
     }
     if args.spec is not None:
         return load_spec(args.spec, overrides)
@@ -109,6 +113,13 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
     for b in report["boot_test"]:
         print(f"  boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} "
               f"({b['seconds']:.0f} s, {b['accel']}{', cached' if b.get('cached') else ''})")
+    published = report.get("published") or {}
+    if published.get("gate"):
+        print(f"  boot gate: {published['gate']}")
+    for g in published.get("glance", []):
+        print(f"  glance:   {g['cloud']}: {g['name']} = {g['image_id']} ({g['action']})")
+    for s3 in published.get("s3", []):
+        print(f"  s3:       {s3['url']}")
     return 0
 
 

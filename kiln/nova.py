@@ -327,6 +327,13 @@ def leftover_servers(conn: openstack.connection.Connection) -> list[str]:
         return [f"{s.id} ({s.name}, {s.status})" for s in conn.compute.servers(name=f"^{SERVER_PREFIX}")]
 
 
+def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None = None, flavor: str | None = None,
+                   network: str | None = None, timeout: int | None = None) -> NovaBootResult:
+    """Boot an image already in Glance (a publish candidate) in the Nova of `cloud`."""
+    conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
+    return boot_test(conn, image_id, settings=settings_for(conn, flavor=flavor, network=network, boot_timeout=timeout))
+
+
 # ---------------------------------------------------------------------------------------------------
 # `kiln boot-test OUTPUT_DIR --backend nova`
 

@@ -71,10 +71,26 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
+class BootBackend(StrEnum):
+    qemu = "qemu"
+    nova = "nova"
+
+
 class BootTestSpec(StrictModel):
-    """How the local QEMU boot test runs."""
+    """How the boot test runs: under kiln's own QEMU during the build, or in a cloud's Nova."""
 
     enabled: bool = True
+    backend: BootBackend = Field(
+        default=BootBackend.qemu,
+        description="qemu: boot under local QEMU in the build (every firmware); nova: boot in the cloud's Nova "
+        "instead, the way the cloud boots its images (the candidate of a glance:CLOUD publish target, or else a "
+        "temporary image in boot_test.cloud)",
+    )
+    cloud: str | None = Field(default=None, description="nova: the clouds.yaml cloud to boot in when the spec "
+                                                        "publishes to no Glance target")
+    flavor: str | None = Field(default=None, description="nova: flavor name or id (default: the smallest that fits)")
+    network: str | None = Field(default=None, description="nova: none, auto, or a network name or id (default: "
+                                                          "none, or the cloud's kiln.boot_network)")
     # plain defaults (pydantic copies them), so the Prefect UI form shows them pre-selected
     firmware: list[Firmware] = Field(default=[Firmware.bios, Firmware.uefi], min_length=1)
     timeout: int = Field(default=900, ge=30, le=7200, description="seconds until cloud-init must have finished")
@@ -177,6 +193,14 @@ class ImageSpec(StrictModel):
     def _default_name(self) -> ImageSpec:
         if not self.name:
             object.__setattr__(self, "name", f"{self.distro.value}-{self.release}-{self.arch.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _nova_needs_a_cloud(self) -> ImageSpec:
+        bt = self.boot_test
+        if bt.enabled and bt.backend == BootBackend.nova and not bt.cloud and not self.publish.glance_clouds:
+            raise ValueError("boot_test.backend nova needs a cloud to boot in: set boot_test.cloud, or publish "
+                             "to a glance:CLOUD target (its candidate is booted before promotion)")
         return self
 
 

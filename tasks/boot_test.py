@@ -1,4 +1,4 @@
-"""boot_test: boot the image under local QEMU (KVM where it really works, TCG otherwise)."""
+"""boot_test: boot the image under local QEMU (KVM where it really works, TCG otherwise), or in a cloud's Nova."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from kiln import nova
 from kiln.boottest import BootOutcome, boot_checked, boot_key
 from kiln.convert import ImageOutput
 from kiln.customize import BuildContext
@@ -29,3 +30,24 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
     get_run_logger().info("boot test %s: passed in %.0f s (%s)%s", firmware, outcome.seconds, outcome.accel,
                           " [cached]" if outcome.cached else "")
     return outcome
+
+
+# Never cached: a boot in the cloud is the cloud's verdict today (its hypervisors, its Nova), and the server
+# it makes is deleted whatever happens, also when this run is cancelled (SIGTERM is handled in kiln.nova).
+@task(name="boot_test_nova", task_run_name="boot_test nova {cloud}")
+def boot_test_nova(cloud: str | None, image_id: str | None = None, *, output: str | None = None,
+                   clouds_yaml: Path | None = None, flavor: str | None = None, network: str | None = None,
+                   timeout: int | None = None) -> nova.NovaBootResult:
+    """Boot in the Nova of `cloud`: the Glance image `image_id` (a publish candidate), or else the image of
+    the finished build in `output` (as already in Glance, or uploaded for the test and deleted after)."""
+    if image_id is not None:
+        result = nova.boot_candidate(cloud, image_id, clouds_yaml=clouds_yaml, flavor=flavor, network=network,
+                                     timeout=timeout)
+    elif output is not None:
+        result = nova.boot_test_output(Path(output), cloud=cloud, clouds_yaml=clouds_yaml, flavor=flavor,
+                                       network=network, timeout=timeout)
+    else:
+        raise ValueError("boot_test_nova needs an image_id or a build output")
+    get_run_logger().info("boot test in Nova on %s: passed in %.0f s (server %s, flavor %s, network %s)",
+                          result.cloud, result.seconds, result.server_id, result.flavor, result.network)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,15 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
     logger.info("manifest: %s", out / "manifest.json")
     return {"output": str(out), "images": [f["path"] for f in files], "manifest": str(out / "manifest.json"),
             "summary": summary, "boot_test": manifest["boot_test"], "timings": stages}
+
+
+@task(name="record_boot_tests")
+def record_boot_tests(report: dict[str, Any], boots: list[BootOutcome]) -> dict[str, Any]:
+    """Add boot results that came after the outputs were written (a boot in Nova needs the finished build)
+    to manifest.json, the summary and the report."""
+    out = Path(report["output"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["boot_test"] = [*manifest.get("boot_test", []), *(b.as_dict() for b in boots)]
+    manifest["timings"] = report["timings"]
+    write_manifest(out, manifest)
+    return {**report, "boot_test": manifest["boot_test"], "summary": markdown_summary(manifest)}

@@ -47,15 +47,30 @@ def host_env() -> dict[str, str]:
     return {"DIB_DISTRIBUTION_MIRROR": "http://mirror.invalid/debian", "PATH": os.environ.get("PATH", "")}
 
 
+_SERVER_BEFORE = pytest.StashKey[bool]()
+
+
+def _server_file() -> Path:
+    from tests.e2e import kiln_env
+
+    return Path(kiln_env()["KILN_STATE"]) / "prefect" / "server.json"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # a server already running belongs to another test run on this machine (or to the developer)
+    session.config.stash[_SERVER_BEFORE] = _server_file().exists()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop the Prefect server the end-to-end tests' kiln commands started (it outlives each command by
-    design, so that the next one reuses it)."""
+    design, so that the next one reuses it) and trim the test stores; neither when the server was already
+    running at the start: another test run may still be using both."""
     from kiln.prefect_server import stop_server
     from tests.e2e import kiln_env
 
-    state = kiln_env()["KILN_STATE"]
-    if (Path(state) / "prefect" / "server.json").exists():
-        stop_server(Path(state))
+    if session.config.stash.get(_SERVER_BEFORE, False) or not _server_file().exists():
+        return
+    stop_server(Path(kiln_env()["KILN_STATE"]))
     # the test stores grow by a few GiB per run (every fault variant is a new package layer): trim them so
     # that runs on the same machine do not fill its disk
     from kiln.spec import parse_size

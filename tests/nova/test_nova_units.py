@@ -235,3 +235,37 @@ def test_the_nova_gate_turns_a_failed_boot_into_a_failed_result_with_the_tail(mo
     assert result.detail.startswith("the Nova boot failed: GRUB dropped to its rescue shell")
     assert result.log_tail[-1] == "grub rescue>"
     assert compute.existing == {}
+
+
+def test_the_nova_gate_boots_with_the_specs_flavor_network_and_timeout() -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def boot(cloud: str | None, image_id: str, **kwargs: Any) -> Any:
+        calls.append((cloud, image_id, kwargs))
+        return SimpleNamespace(cloud=cloud, flavor="m1.small", network="private", active_seconds=10.0, seconds=70.0)
+
+    build = SimpleNamespace(spec={"boot_test": {"timeout": 300, "flavor": "m1.small", "network": "private"}})
+    result = nova_gate(CandidateImage("x", build=build, image=None, cloud="c", image_id="img"),  # type: ignore[arg-type]
+                       boot=boot)
+    assert result.passed and "flavor m1.small" in result.detail
+    assert calls == [("c", "img", {"clouds_yaml": None, "flavor": "m1.small", "network": "private", "timeout": 300})]
+
+
+def test_the_flows_publish_step_boots_in_nova_through_the_boot_test_task() -> None:
+    from tasks.boot_test import boot_test_nova
+    from tasks.publish import gate_for
+
+    gate = gate_for("nova")
+    assert gate.func is nova_gate and gate.keywords == {"boot": boot_test_nova}  # type: ignore[attr-defined]
+    assert gate_for("manifest") is GATES["manifest"]
+
+
+def test_a_nova_boot_test_needs_a_cloud_to_boot_in() -> None:
+    from kiln.errors import SpecError
+    from kiln.spec import spec_from_dict
+
+    with pytest.raises(SpecError, match=r"spec.yaml: .*boot_test.backend nova needs a cloud.*boot_test.cloud"):
+        spec_from_dict({"boot_test": {"backend": "nova"}}, "spec.yaml")
+    assert spec_from_dict({"boot_test": {"backend": "nova", "cloud": "c"}}, "s").boot_test.cloud == "c"
+    assert spec_from_dict({"boot_test": {"backend": "nova"}, "publish": {"targets": ["glance:c"]}}, "s")
+    assert spec_from_dict({"boot_test": {"backend": "nova", "enabled": False}}, "s")  # nothing to boot

@@ -181,6 +181,14 @@ def test_manifest_gate_fails_a_failed_an_untested_and_a_half_tested_build() -> N
     assert not half.passed and "uefi" in half.detail
 
 
+def test_manifest_gate_takes_a_boot_in_nova_for_any_firmware() -> None:
+    nova_boot = {"firmware": "bios", "passed": True, "seconds": 70.0, "accel": "nova on c (m1)", "backend": "nova"}
+    result = manifest_gate(_candidate(boots=[nova_boot]))  # the spec asked for bios and uefi
+    assert result.passed and "nova on c" in result.detail
+    failed = manifest_gate(_candidate(boots=[{**nova_boot, "passed": False, "tail": ["grub rescue>"]}]))
+    assert not failed.passed and failed.log_tail == ("grub rescue>",)
+
+
 def test_load_build_reads_a_build_and_catches_a_changed_or_unlisted_file(make_build: MakeBuild) -> None:
     out = make_build("n1", formats=("qcow2", "raw"))
     build = load_build(out)
