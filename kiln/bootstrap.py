@@ -1,4 +1,4 @@
-"""The base root tree of a Debian-family image, bootstrapped with mmdebstrap from a mirror.
+"""The base root tree of a Debian or Ubuntu image, bootstrapped with mmdebstrap from a mirror.
 
 Downloaded .debs are shared through a package cache directory (hard-linked in before and out after),
 so a changed package set downloads only what is new. The result is the bottom layer of the stack.
@@ -17,7 +17,14 @@ log = logging.getLogger("kiln.bootstrap")
 
 BOOTSTRAP_VERSION = "2"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
-COMPONENTS = ("main",)
+COMPONENTS = {"debian": ("main",), "ubuntu": ("main", "universe")}
+# the archive keyring mmdebstrap checks an Ubuntu mirror's Release files with (the host's apt keyrings
+# are Debian's); the spec's mirror_keyring overrides it
+UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
+
+
+def components(distro: str) -> tuple[str, ...]:
+    return COMPONENTS.get(distro, COMPONENTS["debian"])
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class BootstrapRequest:
     mirror: str
     include: tuple[str, ...] = ()
     release_digest: str = ""  # of the mirror's InRelease: a new publication means a new base
+    keyring: str | None = None  # checks the mirror's Release files; None: the host's apt keyrings
 
     def key_fields(self) -> dict[str, object]:
         return {
@@ -38,9 +46,11 @@ class BootstrapRequest:
             "arch": self.arch,
             "mirror": self.mirror,
             "variant": VARIANT,
-            "components": list(COMPONENTS),
+            "components": list(components(self.distro)),
             "include": sorted(self.include),
             "release_digest": self.release_digest,
+            # the key that vouches for the base (its path says nothing: the mirror's digest covers content)
+            **({"keyring": self.keyring} if self.keyring else {}),
         }
 
 
@@ -50,7 +60,7 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         "mmdebstrap",
         f"--variant={VARIANT}",
         f"--architectures={req.arch}",
-        f"--components={','.join(COMPONENTS)}",
+        f"--components={','.join(components(req.distro))}",
         "--aptopt=Acquire::Retries 3",
         # keep the package lists: DIB elements run apt-get in pre-install.d, before any update of theirs;
         # the cleanup element removes them at the end of the build
@@ -61,10 +71,29 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         f"--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' "
         f"-exec cp -l -n -t {cache}/ {{}} + 2>/dev/null || true",
     ]
+    if req.keyring:
+        argv.append(f"--keyring={req.keyring}")
     if req.include:
         argv.append("--include=" + ",".join(sorted(req.include)))
     argv += [req.release, str(target), req.mirror]
     return argv
+
+
+def archive_keyring(distro: str, spec_keyring: Path | None) -> str | None:
+    """The keyring for the bootstrap mirror: the spec's, else Ubuntu's archive keyring for Ubuntu, else
+    None (the host's apt keyrings, which hold Debian's)."""
+    from kiln.errors import SpecError
+
+    if spec_keyring is not None:
+        if not spec_keyring.is_file():
+            raise SpecError(f"mirror_keyring {spec_keyring}: no such file")
+        return str(spec_keyring.resolve())
+    if distro == "ubuntu":
+        if not UBUNTU_KEYRING.is_file():
+            raise SpecError(f"distro ubuntu: no keyring for the Ubuntu archive ({UBUNTU_KEYRING} is missing): "
+                            "install Ubuntu's ubuntu-keyring package, or set mirror_keyring to the archive key")
+        return str(UBUNTU_KEYRING)
+    return None
 
 
 def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: float = 1800) -> None:

@@ -70,13 +70,33 @@ def host_mirrors(apt_dir: Path | None = None) -> list[str]:
     return found
 
 
-def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None) -> str:
-    """The spec's mirror, else DIB_DISTRIBUTION_MIRROR, else the host's first apt mirror."""
+def host_distro(os_release: Path = Path("/etc/os-release")) -> str:
+    try:
+        for line in os_release.read_text().splitlines():
+            if line.startswith("ID="):
+                return line[3:].strip().strip('"')
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None, *, distro: str = "debian",
+                   bootstrapped: bool = True) -> str:
+    """The spec's mirror, else DIB_DISTRIBUTION_MIRROR, else the host's first apt mirror: for Debian, or
+    for Ubuntu on an Ubuntu host. Other distros, and an Ubuntu upstream image on another host, get none
+    (""): their image brings its own repositories."""
     env = os.environ if env is None else env
     if spec_mirror:
         return spec_mirror.rstrip("/")
     if env.get("DIB_DISTRIBUTION_MIRROR"):
         return env["DIB_DISTRIBUTION_MIRROR"].rstrip("/")
+    if distro not in ("debian", "ubuntu"):
+        return ""
+    if distro != "debian" and host_distro() != distro:
+        if not bootstrapped:
+            return ""
+        raise SpecError(f"distro {distro}: no mirror: this host's apt sources are not {distro}'s; set the spec's "
+                        f"'mirror' (or DIB_DISTRIBUTION_MIRROR) to a {distro} archive mirror")
     mirrors = host_mirrors()
     if not mirrors:
         raise SpecError(

@@ -19,7 +19,13 @@ import yaml
 from kiln.elements import Element, ResolvedElements
 from kiln.errors import ElementError
 
-FAMILIES = {"debian": "debian", "ubuntu": "debian"}
+# DIB's distro families: pkg-map's "family" tables and the package manager install-packages uses
+FAMILIES = {"debian": "debian", "ubuntu": "debian", "fedora": "redhat", "centos": "redhat", "rocky": "redhat",
+            "almalinux": "redhat", "rhel": "redhat"}
+
+
+def family_of(distro: str) -> str:
+    return FAMILIES.get(distro, distro)
 PACKAGE_PHASES = ("pre-install.d", "install.d", "post-install.d")
 _KNOWN_KEYS = {"phase", "arch", "not-arch", "uninstall", "when", "installtype", "dib_python_version"}
 
@@ -63,7 +69,7 @@ def _pkg_map(element: Element) -> dict[str, Any]:
 
 def map_package(name: str, pkg_map: Mapping[str, Any], *, distro: str, release: str) -> str:
     """Translate a package name with DIB's pkg-map precedence: release, distro, family, default."""
-    family = FAMILIES.get(distro, distro)
+    family = family_of(distro)
     candidates = [
         pkg_map.get("release", {}).get(distro, {}).get(release, {}),
         pkg_map.get("distro", {}).get(distro, {}),

@@ -103,6 +103,7 @@ def hook_env(spec: ImageSpec, mirror: str, element_names: Sequence[str],
     env.update({
         "DIB_RELEASE": spec.release,
         "DISTRO_NAME": spec.distro.value,
+        "KILN_PACKAGE_FAMILY": packages.family_of(spec.distro.value),  # which package manager install-packages runs
         "ARCH": spec.arch.value,
         "DIB_DISTRIBUTION_MIRROR": mirror,
         "IMAGE_ELEMENT": " ".join(element_names),
@@ -122,7 +123,7 @@ def hook_env(spec: ImageSpec, mirror: str, element_names: Sequence[str],
 def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_elements: bool = False,
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
-    mirror = resolve_mirror(spec.mirror, host_env)
+    mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
     library = [elements.dib_library()] if dib_elements else []
     path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), library)
     requested = [spec.distro.value, *spec.elements]
@@ -153,7 +154,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
         base_key = digest(base_key_fields(upstream))
     else:
         req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
-                                         release_digest=release_digest(mirror, spec.release))
+                                         release_digest=release_digest(mirror, spec.release),
+                                         keyring=bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring))
         base_key = digest(req.key_fields())
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,

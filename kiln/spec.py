@@ -30,6 +30,15 @@ _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 class Distro(StrEnum):
     debian = "debian"
+    ubuntu = "ubuntu"
+    fedora = "fedora"
+    centos = "centos"
+    rocky = "rocky"
+    almalinux = "almalinux"
+
+
+# the distros kiln bootstraps with mmdebstrap; the others start from their cloud image (a `base:` block)
+BOOTSTRAPPED = {Distro.debian, Distro.ubuntu}
 
 
 class Arch(StrEnum):
@@ -124,7 +133,10 @@ class ImageSpec(StrictModel):
     formats: list[ImageFormat] = Field(default=[ImageFormat.qcow2], min_length=1)
     compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
     qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
-    mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources")
+    mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources "
+                               "(Debian only: an Ubuntu spec names its mirror)")
+    mirror_keyring: Path | None = Field(default=None, description="keyring that signs the mirror's Release files; "
+                                        "default: the host's apt keyrings (Ubuntu: ubuntu-archive-keyring.gpg)")
     base: BaseSpec | None = Field(default=None, description="start from an upstream cloud image (verified) instead "
                                                            "of bootstrapping; see docs/upstream-images.md")
     boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
@@ -193,6 +205,14 @@ class ImageSpec(StrictModel):
     def _default_name(self) -> ImageSpec:
         if not self.name:
             object.__setattr__(self, "name", f"{self.distro.value}-{self.release}-{self.arch.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _base_for_distros_kiln_cannot_bootstrap(self) -> ImageSpec:
+        if self.distro not in BOOTSTRAPPED and self.base is None:
+            raise ValueError(f"distro {self.distro.value}: kiln bootstraps only "
+                             f"{' and '.join(d.value for d in sorted(BOOTSTRAPPED))}; start from the distro's cloud "
+                             f"image with a base: block (base: {{source: {self.distro.value}}} or base.url)")
         return self
 
     @model_validator(mode="after")

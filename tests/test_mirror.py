@@ -77,3 +77,15 @@ def test_dead_mirror_is_a_clear_error() -> None:
     s.close()
     with pytest.raises(MirrorUnavailable, match=f"mirror http://127.0.0.1:{port} does not answer"):
         release_digest(f"http://127.0.0.1:{port}", "bookworm", timeout=2, backoff=0.1)
+
+
+def test_ubuntu_needs_a_mirror_of_its_own_on_a_debian_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kiln.mirror.host_distro", lambda: "debian")
+    with pytest.raises(SpecError, match="distro ubuntu: no mirror.*'mirror'"):
+        resolve_mirror(None, {}, distro="ubuntu")
+    assert resolve_mirror("http://u.invalid/ubuntu/", {}, distro="ubuntu") == "http://u.invalid/ubuntu"
+    assert resolve_mirror(None, {"DIB_DISTRIBUTION_MIRROR": "http://u.invalid/u"}, distro="ubuntu") == \
+        "http://u.invalid/u"
+    # an upstream Ubuntu image, or a Red Hat family one, brings its own repositories
+    assert resolve_mirror(None, {}, distro="ubuntu", bootstrapped=False) == ""
+    assert resolve_mirror(None, {}, distro="fedora", bootstrapped=False) == ""

@@ -135,3 +135,20 @@ def test_malformed_package_installs_names_element(make_element: Callable[..., Pa
     make_element("late")
     with pytest.raises(ElementError, match=r"element 'early': package 'x' has phase 'nowhere.d'"):
         plan_for(make_element, host_env)
+
+
+def test_the_redhat_family_maps_packages_and_tells_install_packages(host_env: dict[str, str]) -> None:
+    from kiln.packages import map_package
+    from kiln.plan import hook_env
+
+    pkg_map = {"family": {"debian": {"web": "apache2"}, "redhat": {"web": "httpd"}},
+               "distro": {"rocky": {"web": "httpd-rocky"}}}
+    assert map_package("web", pkg_map, distro="fedora", release="41") == "httpd"
+    assert map_package("web", pkg_map, distro="rocky", release="9") == "httpd-rocky"
+    assert map_package("web", pkg_map, distro="ubuntu", release="noble") == "apache2"
+    spec = spec_from_dict({"distro": "fedora", "release": "41", "base": {"url": "http://h.invalid/f.qcow2",
+                                                                       "checksum": "sha256:" + "0" * 64}}, "s")
+    env = hook_env(spec, "", ["fedora"], host_env)
+    assert env["DISTRO_NAME"] == "fedora" and env["KILN_PACKAGE_FAMILY"] == "redhat"
+    debian = hook_env(spec_from_dict({}, "s"), "http://m.invalid/debian", ["debian"], host_env)
+    assert debian["KILN_PACKAGE_FAMILY"] == "debian"

@@ -88,3 +88,38 @@ def test_flags_add_elements_and_override_scalars(tmp_path: Path) -> None:
 
 def test_merge_ignores_unset_flags() -> None:
     assert merge_overrides({"release": "bookworm"}, {"release": None}) == {"release": "bookworm"}
+
+
+def test_a_distro_kiln_cannot_bootstrap_needs_a_base() -> None:
+    with pytest.raises(SpecError, match=r"s.yaml: .*distro rocky: kiln bootstraps only debian and ubuntu.*base:"):
+        spec_from_dict({"distro": "rocky", "release": "9"}, "s.yaml")
+    spec = spec_from_dict({"distro": "rocky", "release": "9", "base": {"source": "rocky"}}, "s.yaml")
+    assert spec.distro.value == "rocky"
+    assert spec_from_dict({"distro": "ubuntu", "release": "noble"}, "s.yaml").name == "ubuntu-noble-amd64"
+
+
+def test_ubuntu_bootstraps_main_and_universe_against_its_archive_keyring(tmp_path: Path) -> None:
+    from kiln.bootstrap import BootstrapRequest, archive_keyring, mmdebstrap_argv
+
+    key = tmp_path / "ubuntu-archive-keyring.gpg"
+    key.write_bytes(b"key")
+    req = BootstrapRequest("ubuntu", "noble", "amd64", "http://u.invalid/ubuntu",
+                           keyring=archive_keyring("ubuntu", key))
+    argv = mmdebstrap_argv(req, tmp_path / "root", tmp_path / "debs")
+    assert "--components=main,universe" in argv and f"--keyring={key}" in argv
+    assert argv[-3:] == ["noble", str(tmp_path / "root"), "http://u.invalid/ubuntu"]
+    debian = BootstrapRequest("debian", "bookworm", "amd64", "http://d.invalid/debian")
+    assert "--components=main" in mmdebstrap_argv(debian, tmp_path / "r", tmp_path / "d")
+    assert "keyring" not in debian.key_fields() and req.key_fields()["components"] == ["main", "universe"]
+    with pytest.raises(SpecError, match="mirror_keyring .*: no such file"):
+        archive_keyring("ubuntu", tmp_path / "missing.gpg")
+
+
+def test_ubuntu_without_its_archive_keyring_is_refused_before_bootstrapping(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    from kiln.bootstrap import archive_keyring
+
+    monkeypatch.setattr("kiln.bootstrap.UBUNTU_KEYRING", tmp_path / "none.gpg")
+    with pytest.raises(SpecError, match="distro ubuntu: no keyring for the Ubuntu archive.*mirror_keyring"):
+        archive_keyring("ubuntu", None)
+    assert archive_keyring("debian", None) is None
