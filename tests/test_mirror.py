@@ -81,7 +81,7 @@ def test_dead_mirror_is_a_clear_error() -> None:
 
 def test_ubuntu_needs_a_mirror_of_its_own_on_a_debian_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kiln.mirror.host_distro", lambda: "debian")
-    with pytest.raises(SpecError, match="distro ubuntu: no mirror.*'mirror'"):
+    with pytest.raises(SpecError, match=r"distro ubuntu: no mirror.*'mirror'"):
         resolve_mirror(None, {}, distro="ubuntu")
     assert resolve_mirror("http://u.invalid/ubuntu/", {}, distro="ubuntu") == "http://u.invalid/ubuntu"
     assert resolve_mirror(None, {"DIB_DISTRIBUTION_MIRROR": "http://u.invalid/u"}, distro="ubuntu") == \

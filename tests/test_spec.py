@@ -111,7 +111,7 @@ def test_ubuntu_bootstraps_main_and_universe_against_its_archive_keyring(tmp_pat
     debian = BootstrapRequest("debian", "bookworm", "amd64", "http://d.invalid/debian")
     assert "--components=main" in mmdebstrap_argv(debian, tmp_path / "r", tmp_path / "d")
     assert "keyring" not in debian.key_fields() and req.key_fields()["components"] == ["main", "universe"]
-    with pytest.raises(SpecError, match="mirror_keyring .*: no such file"):
+    with pytest.raises(SpecError, match=r"mirror_keyring .*: no such file"):
         archive_keyring("ubuntu", tmp_path / "missing.gpg")
 
 
@@ -120,6 +120,6 @@ def test_ubuntu_without_its_archive_keyring_is_refused_before_bootstrapping(monk
     from kiln.bootstrap import archive_keyring
 
     monkeypatch.setattr("kiln.bootstrap.UBUNTU_KEYRING", tmp_path / "none.gpg")
-    with pytest.raises(SpecError, match="distro ubuntu: no keyring for the Ubuntu archive.*mirror_keyring"):
+    with pytest.raises(SpecError, match=r"distro ubuntu: no keyring for the Ubuntu archive.*mirror_keyring"):
         archive_keyring("ubuntu", None)
     assert archive_keyring("debian", None) is None
