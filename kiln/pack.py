@@ -16,6 +16,7 @@ from pathlib import Path
 from kiln import disk
 from kiln.customize import BuildContext, layer_stack
 from kiln.mounts import MountStack
+from kiln.packages import family_of
 from kiln.plan import digest
 from kiln.run import output, tracked
 
@@ -42,8 +43,14 @@ def pack_key(ctx: BuildContext) -> str:
                    "arch": spec.arch.value})
 
 
-def list_packages(root: Path) -> list[dict[str, str]]:
-    """Installed packages of a Debian-family tree, read from its dpkg database without chrooting."""
+RPM_DBS = ("usr/lib/sysimage/rpm", "var/lib/rpm")  # Fedora 36+ and EL 9+ first, then the classic place
+
+
+def list_packages(root: Path, family: str = "debian") -> list[dict[str, str]]:
+    """Installed packages of the tree, read from its package database without chrooting: dpkg's for the
+    Debian family, rpm's (with the host's rpm) for the Red Hat family."""
+    if family == "redhat":
+        return _rpm_packages(root)
     admindir = root / "var/lib/dpkg"
     if not admindir.is_dir():
         return []
@@ -55,6 +62,19 @@ def list_packages(root: Path) -> list[dict[str, str]]:
         if len(parts) == 4 and parts[0].startswith("ii"):
             packages.append({"name": parts[1], "version": parts[2], "arch": parts[3]})
     return packages
+
+
+def _rpm_packages(root: Path) -> list[dict[str, str]]:
+    dbpath = next((root / d for d in RPM_DBS if (root / d).is_dir() and any((root / d).iterdir())), None)
+    if dbpath is None:
+        return []
+    if shutil.which("rpm") is None:
+        log.warning("no rpm on this host: the manifest lists no packages of this image (install rpm)")
+        return []
+    text = output(["rpm", f"--dbpath={dbpath.resolve()}", "-qa", "--qf", r"%{NAME}\t%{EVR}\t%{ARCH}\n"])
+    packages = [dict(zip(("name", "version", "arch"), line.split("\t"), strict=True))
+                for line in text.splitlines() if line.count("\t") == 2]
+    return sorted(packages, key=lambda p: p["name"])
 
 
 def _load(ctx: BuildContext, key: str) -> PackOutput:
@@ -87,7 +107,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
             pack_layer.mkdir()
             disk.write_boot_files(pack_layer, tree, layout)
             merged = mounts.overlay([pack_layer, *lowers], ctx.workdir / "merged")
-            packages = list_packages(merged)
+            packages = list_packages(merged, family_of(ctx.plan.spec.distro.value))
             result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
             kernel = merged / str(result.kernel).lstrip("/")
             if kernel.exists():

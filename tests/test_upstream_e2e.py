@@ -7,15 +7,16 @@ cloud images."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kiln.run import run
 from kiln.store import Store
 from tests.e2e import kiln, kiln_env, leftovers, manifest
-from tests.test_build_e2e import seed_build  # noqa: F401  (the session's image, built once)
+from tests.test_build_e2e import debugfs_cat, root_offset, seed_build  # noqa: F401  (seed_build: the session's image)
 from tests.upstream_fixtures import FixtureServer, GpgKey, _sha256, make_key
 
 pytestmark = pytest.mark.slow
@@ -84,4 +85,77 @@ def test_badly_signed_upstream_is_refused_and_nothing_is_cached(
     err = proc.stderr.split("kiln: error:")[-1]
     assert "signature" in err.lower() and "Traceback" not in err
     assert {e.key for e in store.entries()} == before
+    assert leftovers() == []
+
+
+HELLO_SPEC = """Name: kiln-hello-rpm
+Version: 1.0
+Release: 1
+Summary: kiln's dnf test package
+License: MIT
+BuildArch: noarch
+%description
+One file, for kiln's dnf test.
+%install
+mkdir -p %{buildroot}/usr/share/kiln-hello
+echo "hello from an rpm" > %{buildroot}/usr/share/kiln-hello/hello.txt
+%files
+/usr/share/kiln-hello/hello.txt
+"""
+
+
+def rpm_repository(root: Path) -> Path:
+    """A real dnf repository: one noarch RPM built with rpmbuild, indexed with createrepo_c."""
+    (root / "hello.spec").write_text(HELLO_SPEC)
+    run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {root / 'rpmbuild'}", str(root / "hello.spec")],
+        quiet=True)
+    repo = root / "repo"
+    repo.mkdir()
+    for rpm in (root / "rpmbuild" / "RPMS").rglob("*.rpm"):
+        shutil.copy(rpm, repo)
+    run(["createrepo_c", "-q", str(repo)], quiet=True)
+    return repo
+
+
+def test_redhat_family_packages_go_through_dnf_and_the_redhat_pkg_map(
+        published: tuple[FixtureServer, GpgKey, GpgKey, Path], make_element: Callable[..., Path],
+        tmp_path: Path) -> None:
+    """distro: fedora on an upstream base: install-packages runs dnf (KILN_PACKAGE_FAMILY=redhat) and
+    package-installs names go through pkg-map's redhat family. The base is this session's Debian image
+    (no Fedora mirror is reachable here), so an earlier hook puts Debian's own dnf and rpm into it and
+    points dnf at a repository served on 127.0.0.1; what installs the package is a real dnf."""
+    server, key, _, _ = published
+    repo = FixtureServer(rpm_repository(tmp_path / "rpm"))
+    try:
+        make_element("dnf-from-debian", hooks={"pre-install.d/10-dnf": (
+            "set -eu\napt-get update -q\n"
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dnf rpm\n"
+            "mkdir -p /etc/yum.repos.d\n"
+            f"printf '[kiln-test]\\nname=kiln test\\nbaseurl={repo.url('')}\\ngpgcheck=0\\n' "
+            "> /etc/yum.repos.d/kiln-test.repo\n")})
+        make_element("hello", deps=["dnf-from-debian"], files={
+            "package-installs.yaml": "hello-tool:\n",
+            "pkg-map": '{"family": {"redhat": {"hello-tool": "kiln-hello-rpm"}, "debian": {"hello-tool": "hello"}}}',
+        })
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(
+            "name: redhat-family\ndistro: fedora\nrelease: '41'\nelements: [hello]\nformats: [raw]\n"
+            "base:\n"
+            f"  url: {server.url('cloud.qcow2')}\n"
+            f"  checksum_url: {server.url('SHA256SUMS')}\n"
+            f"  signature_url: {server.url('SHA256SUMS.gpg')}\n"
+            f"  keyring: {key.keyring}\n")
+        proc = kiln("build", str(spec), "--elements-path", str(make_element.root),  # type: ignore[attr-defined]
+                    "--no-boot-test", "--output", str(tmp_path / "out"))
+    finally:
+        repo.close()
+    out = proc.stdout + proc.stderr
+    assert "kiln-hello-rpm" in out and "dnf" in out.lower()
+    m = manifest(tmp_path / "out")
+    installed = {p["name"]: p for p in m["packages"]}
+    assert installed["kiln-hello-rpm"]["version"] == "1.0-1" and installed["kiln-hello-rpm"]["arch"] == "noarch"
+    assert "hello" not in installed  # the debian family's name was not used
+    raw = tmp_path / "out" / "redhat-family.raw"
+    assert debugfs_cat(raw, root_offset(raw), "/usr/share/kiln-hello/hello.txt") == "hello from an rpm\n"
+    assert debugfs_cat(raw, root_offset(raw), "/etc/os-release") is not None
     assert leftovers() == []
