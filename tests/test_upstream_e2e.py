@@ -106,6 +106,7 @@ echo "hello from an rpm" > %{buildroot}/usr/share/kiln-hello/hello.txt
 
 def rpm_repository(root: Path) -> Path:
     """A real dnf repository: one noarch RPM built with rpmbuild, indexed with createrepo_c."""
+    root.mkdir(parents=True)
     (root / "hello.spec").write_text(HELLO_SPEC)
     run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {root / 'rpmbuild'}", str(root / "hello.spec")],
         quiet=True)
@@ -130,7 +131,8 @@ def test_redhat_family_packages_go_through_dnf_and_the_redhat_pkg_map(
         make_element("dnf-from-debian", hooks={"pre-install.d/10-dnf": (
             "set -eu\napt-get update -q\n"
             "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dnf rpm\n"
-            "mkdir -p /etc/yum.repos.d\n"
+            # Debian's rpm keeps its database in ~/.rpmdb; a Red Hat family image keeps it here
+            "mkdir -p /etc/rpm /etc/yum.repos.d\necho '%_dbpath /var/lib/rpm' > /etc/rpm/macros.dbpath\n"
             f"printf '[kiln-test]\\nname=kiln test\\nbaseurl={repo.url('')}\\ngpgcheck=0\\n' "
             "> /etc/yum.repos.d/kiln-test.repo\n")})
         make_element("hello", deps=["dnf-from-debian"], files={
