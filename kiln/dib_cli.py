@@ -17,7 +17,10 @@ from typing import Any
 from kiln.errors import SpecError
 from kiln.spec import ImageSpec, spec_from_dict
 
-DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian"}
+DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ubuntu", "ubuntu-minimal": "ubuntu",
+                   "fedora": "fedora", "centos": "centos"}
+# DIB_RELEASE when unset; Fedora has no default (DIB's fedora element asks for one too)
+DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9"}
 ARCHES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
 # accepted for compatibility; they change nothing in kiln (it uses no tmpfs and always scrubs the environment)
@@ -90,10 +93,14 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         hook_env["DIB_OFFLINE"] = "1"
     if args.image_cache:
         hook_env["DIB_IMAGE_CACHE"] = args.image_cache
+    distro = DISTRO_ELEMENTS[distros[0]]
+    release = env.get("DIB_RELEASE") or DEFAULT_RELEASES.get(distro)
+    if not release:
+        raise SpecError(f"kiln dib: element {distros[0]}: set DIB_RELEASE (e.g. DIB_RELEASE=41)")
     data: dict[str, Any] = {
         "name": out.name,
-        "distro": DISTRO_ELEMENTS[distros[0]],
-        "release": env.get("DIB_RELEASE") or "bookworm",
+        "distro": distro,
+        "release": release,
         "arch": arch,
         "elements": elements,
         "packages": [p for group in args.packages for p in group.split(",") if p],
@@ -101,6 +108,8 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         "formats": formats,
         "compress": not args.uncompressed,
     }
+    if distro not in ("debian", "ubuntu"):
+        data["base"] = {}  # as DIB's element does: start from the distribution's published cloud image
     if args.image_size:
         data["size"] = f"{args.image_size}G"
     if args.qemu_img_options:

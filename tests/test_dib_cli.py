@@ -48,3 +48,12 @@ def test_boot_test_knobs_from_the_environment() -> None:
 def test_unsupported_input_is_a_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse(argv, {})
+
+
+def test_other_distribution_elements_pick_the_distro_and_its_base() -> None:
+    ubuntu, _ = parse(["-o", "u", "ubuntu-minimal", "vm"], {"DIB_DISTRIBUTION_MIRROR": "http://u.invalid/ubuntu"})
+    assert ubuntu.distro.value == "ubuntu" and ubuntu.release == "noble" and ubuntu.base is None
+    centos, _ = parse(["-o", "c", "centos", "vm"], {"DIB_RELEASE": "10"})
+    assert centos.distro.value == "centos" and centos.release == "10" and centos.base is not None
+    with pytest.raises(SpecError, match="element fedora: set DIB_RELEASE"):
+        parse(["-o", "f", "fedora", "vm"], {})
