@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import shlex
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln.run import run
@@ -25,6 +26,13 @@ UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
 
 def components(distro: str) -> tuple[str, ...]:
     return COMPONENTS.get(distro, COMPONENTS["debian"])
+
+
+def always_included(distro: str) -> tuple[str, ...]:
+    """Packages the bootstrap asks for by name: mmdebstrap's minbase takes apt only where the archive
+    gives it Priority: required, as Debian's does; for Ubuntu kiln names it, as debootstrap's minbase
+    does (it costs nothing where the archive already has it required)."""
+    return ("apt",) if distro == "ubuntu" else ()
 
 
 @dataclass(frozen=True)
@@ -49,9 +57,15 @@ class BootstrapRequest:
             "components": list(components(self.distro)),
             "include": sorted(self.include),
             "release_digest": self.release_digest,
-            # the key that vouches for the base (its path says nothing: the mirror's digest covers content)
-            **({"keyring": self.keyring} if self.keyring else {}),
+            # the key that vouches for the base, by content (where the file lies says nothing)
+            **({"keyring": _file_digest(Path(self.keyring))} if self.keyring else {}),
         }
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> list[str]:
@@ -65,6 +79,9 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         # keep the package lists: DIB elements run apt-get in pre-install.d, before any update of theirs;
         # the cleanup element removes them at the end of the build
         "--skip=cleanup/apt/lists",
+        # keep the essential packages' .debs until the customize hook has shared them (mmdebstrap deletes
+        # them once installed; the end of the bootstrap empties the archives anyway)
+        "--skip=essential/unlink",
         "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives",
         f"--setup-hook=find {cache} -maxdepth 1 -name '*.deb' "
         "-exec cp -l -t \"$1\"/var/cache/apt/archives/ {} + 2>/dev/null || true",
@@ -96,9 +113,24 @@ def archive_keyring(distro: str, spec_keyring: Path | None) -> str | None:
     return None
 
 
+def readable_keyring(keyring: Path, directory: Path) -> Path:
+    """A copy of `keyring` that apt's unprivileged `_apt` user can read, named as apt wants it: `.asc`
+    for an armored key, `.gpg` for a binary one (the operator's file may be neither, and under a private
+    directory)."""
+    data = keyring.read_bytes()
+    copy = directory / ("mirror-keyring.asc" if data.lstrip().startswith(b"-----BEGIN PGP") else "mirror-keyring.gpg")
+    copy.write_bytes(data)
+    copy.chmod(0o644)
+    directory.chmod(0o755)
+    return copy
+
+
 def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: float = 1800) -> None:
     """Bootstrap `req` into the empty directory `target`."""
     deb_cache.mkdir(parents=True, exist_ok=True)
     log.info("bootstrapping %s %s %s from %s", req.distro, req.release, req.arch, req.mirror)
-    run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout,
-        what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")
+    with tempfile.TemporaryDirectory(prefix="kiln-keyring-") as keys:
+        if req.keyring:
+            req = replace(req, keyring=str(readable_keyring(Path(req.keyring), Path(keys))))
+        run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout,
+            what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")

@@ -154,6 +154,7 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
         base_key = digest(base_key_fields(upstream))
     else:
         req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
+                                         include=bootstrap.always_included(spec.distro.value),
                                          release_digest=release_digest(mirror, spec.release),
                                          keyring=bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring))
         base_key = digest(req.key_fields())
