@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import time
@@ -104,6 +105,25 @@ class Store:
         for d in (self.entries_dir, self.tmp_dir, self.locks_dir, self.work_root):
             d.mkdir(parents=True, exist_ok=True)
         self._verified: set[str] = set()
+
+    @property
+    def identity(self) -> str:
+        """A random id this store got when it was created: records kept elsewhere about its entries (Prefect's
+        cached results) name it, so that they never stand for another store, or for this path's next store."""
+        path = self.root / "store-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        tmp = self.tmp_dir / f"store-id.{os.getpid()}"
+        tmp.write_text(secrets.token_hex(8) + "\n")
+        try:
+            os.link(tmp, path)  # the first writer wins; a concurrent one reads its id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_text().strip()
 
     @staticmethod
     def short(key: str) -> str:

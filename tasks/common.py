@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,23 +24,30 @@ def prefect_cache_key(store: Store, key: str, *, entries_valid: bool,
 
     Prefect computes a task's cache key before the task runs and stores the result under it, so the key
     must be the same whether or not the store holds the stage's entries yet (the first build then leaves
-    a record the second build hits). A record under a key whose entries are gone (gc'd, corrupted) is
-    stale: the key's generation is bumped so that Prefect runs the task again instead of trusting it.
+    a record the second build hits). The key names the store (results hold paths into it), and a record
+    under a key whose entries are gone (gc'd, corrupted) is stale: the key's generation moves past it so
+    that Prefect runs the task again instead of trusting it.
     """
     gen_file = _generation_file(store, key)
     try:
         generation = int(gen_file.read_text())
     except (OSError, ValueError):
         generation = 0
-    name = f"kiln-{key}-{generation}"
-    if entries_valid or not record_exists(name):
-        return name
-    generation += 1
-    gen_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = gen_file.with_name(f"{gen_file.name}.{generation}.tmp")
-    tmp.write_text(str(generation))
-    tmp.replace(gen_file)
-    return f"kiln-{key}-{generation}"
+
+    def name(gen: int) -> str:
+        return f"kiln-{key}-{store.identity}-{gen}"
+
+    if entries_valid:
+        return name(generation)
+    first = generation
+    while record_exists(name(generation)):
+        generation += 1
+    if generation != first:
+        gen_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = gen_file.with_name(f"{gen_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(str(generation))
+        tmp.replace(gen_file)
+    return name(generation)
 
 
 def store_key(key_of: Callable[[dict[str, Any]], tuple[BuildContext, list[str]]]) -> Callable[

@@ -35,3 +35,22 @@ def test_keys_of_different_stages_differ(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert (prefect_cache_key(store, "a", entries_valid=True, record_exists=lambda _: False)
             != prefect_cache_key(store, "b", entries_valid=True, record_exists=lambda _: False))
+
+
+def test_two_stores_never_share_a_record(tmp_path: Path) -> None:
+    """Prefect's result storage is shared by every store on the machine; results hold paths into one."""
+    records: set[str] = set()
+    a, b, c = Store(tmp_path / "a"), Store(tmp_path / "b"), Store(tmp_path / "c")
+    for store in (a, b):
+        records.add(prefect_cache_key(store, "k", entries_valid=False, record_exists=records.__contains__))
+    # a third, fresh store: no record of another store is taken for its own
+    assert prefect_cache_key(c, "k", entries_valid=False, record_exists=records.__contains__) not in records
+    assert Store(tmp_path / "a").identity == a.identity != b.identity
+
+
+def test_a_generation_skips_every_stale_record(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    records: set[str] = set()
+    for _ in range(3):  # built, gc'd, built again, gc'd ...
+        records.add(prefect_cache_key(store, "k", entries_valid=False, record_exists=records.__contains__))
+    assert len(records) == 3
