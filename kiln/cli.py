@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -335,10 +336,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+STOP_GRACE_ENV = "KILN_STOP_GRACE"  # seconds a signalled kiln gets to tear down before it exits anyway
+_stopping = threading.Event()
+
+
+def _exit_after_grace(grace: float) -> None:
+    time.sleep(grace)
+    print(f"kiln: still running {grace:.0f} s after the signal (a Prefect server that stopped answering?); "
+          "exiting now: the next kiln command or `kiln gc` reclaims what is left", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def _on_signal(signum: int, _frame: object) -> None:
+    """Children are killed at once, then the main thread unwinds (hooks, mounts, QEMU torn down). Prefect
+    reports the crash to its server on the way out; if that server is gone, its retries would keep kiln
+    alive for minutes, so a watchdog ends the process after a grace period."""
     from kiln.run import terminate_all
 
     terminate_all()
+    if not _stopping.is_set():
+        _stopping.set()
+        grace = float(os.environ.get(STOP_GRACE_ENV) or 120)
+        threading.Thread(target=_exit_after_grace, args=(grace,), daemon=True, name="kiln-stop-grace").start()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
