@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kiln.checksums import file_digests
 from kiln.run import run
 
 log = logging.getLogger("kiln.bootstrap")
@@ -19,13 +20,15 @@ log = logging.getLogger("kiln.bootstrap")
 BOOTSTRAP_VERSION = "2"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
 COMPONENTS = {"debian": ("main",), "ubuntu": ("main", "universe")}
+# the distros kiln bootstraps with mmdebstrap; the others start from their cloud image (a `base:` block)
+BOOTSTRAPPED = frozenset(COMPONENTS)
 # the archive keyring mmdebstrap checks an Ubuntu mirror's Release files with (the host's apt keyrings
 # are Debian's); the spec's mirror_keyring overrides it
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
 
 
 def components(distro: str) -> tuple[str, ...]:
-    return COMPONENTS.get(distro, COMPONENTS["debian"])
+    return COMPONENTS[distro]
 
 
 def always_included(distro: str) -> tuple[str, ...]:
@@ -58,14 +61,8 @@ class BootstrapRequest:
             "include": sorted(self.include),
             "release_digest": self.release_digest,
             # the key that vouches for the base, by content (where the file lies says nothing)
-            **({"keyring": _file_digest(Path(self.keyring))} if self.keyring else {}),
+            **({"keyring": file_digests(Path(self.keyring), ("sha256",))["sha256"]} if self.keyring else {}),
         }
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> list[str]:

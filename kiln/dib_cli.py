@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kiln.bootstrap import BOOTSTRAPPED
 from kiln.errors import SpecError
 from kiln.spec import ImageSpec, spec_from_dict
 
@@ -108,7 +109,7 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         "formats": formats,
         "compress": not args.uncompressed,
     }
-    if distro not in ("debian", "ubuntu"):
+    if distro not in BOOTSTRAPPED:
         data["base"] = {}  # as DIB's element does: start from the distribution's published cloud image
     if args.image_size:
         data["size"] = f"{args.image_size}G"

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from kiln.bootstrap import BOOTSTRAPPED
 from kiln.errors import KilnError, SpecError
 
 APT_DIR = Path("/etc/apt")
@@ -70,14 +71,10 @@ def host_mirrors(apt_dir: Path | None = None) -> list[str]:
     return found
 
 
-def host_distro(os_release: Path = Path("/etc/os-release")) -> str:
-    try:
-        for line in os_release.read_text().splitlines():
-            if line.startswith("ID="):
-                return line[3:].strip().strip('"')
-    except OSError:
-        pass
-    return ""
+def host_distro() -> str:
+    from kiln.extract import read_os_release
+
+    return read_os_release(Path("/")).get("ID", "")
 
 
 def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None, *, distro: str = "debian",
@@ -90,7 +87,7 @@ def resolve_mirror(spec_mirror: str | None, env: Mapping[str, str] | None = None
         return spec_mirror.rstrip("/")
     if env.get("DIB_DISTRIBUTION_MIRROR"):
         return env["DIB_DISTRIBUTION_MIRROR"].rstrip("/")
-    if distro not in ("debian", "ubuntu"):
+    if distro not in BOOTSTRAPPED:
         return ""
     if distro != "debian" and host_distro() != distro:
         if not bootstrapped:

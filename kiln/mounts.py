@@ -168,12 +168,15 @@ def mount_stack(journal_dir: Path) -> Iterator[MountStack]:
         stack.unmount_all()
 
 
+def _mounted_under(path: Path) -> list[str]:
+    top = str(path.resolve()).rstrip("/")
+    return [t for t in mounted_targets() if t == top or t.startswith(top + "/")]
+
+
 def unmount_under(path: Path) -> list[str]:
     """Unmount everything mounted at or below `path`, deepest first: what a killed child (mmdebstrap's
     own /proc, /sys and /dev in its target) mounted without kiln's journal knowing."""
-    prefix = str(path.resolve()).rstrip("/") + "/"
-    found = sorted((t for t in mounted_targets() if t == prefix[:-1] or t.startswith(prefix)),
-                   key=lambda t: t.count("/"), reverse=True)
+    found = sorted(_mounted_under(path), key=lambda t: t.count("/"), reverse=True)
     for t in found:
         _umount(t)
     return found
@@ -219,8 +222,7 @@ def remove_tree(path: Path) -> None:
     if not path.exists():
         return
     unmount_under(path)
-    prefix = str(path.resolve()).rstrip("/") + "/"
-    left = [t for t in mounted_targets() if t.startswith(prefix) or t == prefix[:-1]]
+    left = _mounted_under(path)
     if left:
         raise MountError(f"not removing {path}: still mounted below it: {', '.join(sorted(left))}")
     shutil.rmtree(path, ignore_errors=True)

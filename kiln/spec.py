@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from kiln.bootstrap import BOOTSTRAPPED
 from kiln.errors import SpecError
 from kiln.publish import PublishSpec
 from kiln.upstream import BaseSpec
@@ -35,10 +36,6 @@ class Distro(StrEnum):
     centos = "centos"
     rocky = "rocky"
     almalinux = "almalinux"
-
-
-# the distros kiln bootstraps with mmdebstrap; the others start from their cloud image (a `base:` block)
-BOOTSTRAPPED = {Distro.debian, Distro.ubuntu}
 
 
 class Arch(StrEnum):
@@ -209,9 +206,9 @@ class ImageSpec(StrictModel):
 
     @model_validator(mode="after")
     def _base_for_distros_kiln_cannot_bootstrap(self) -> ImageSpec:
-        if self.distro not in BOOTSTRAPPED and self.base is None:
+        if self.distro.value not in BOOTSTRAPPED and self.base is None:
             raise ValueError(f"distro {self.distro.value}: kiln bootstraps only "
-                             f"{' and '.join(d.value for d in sorted(BOOTSTRAPPED))}; start from the distro's cloud "
+                             f"{' and '.join(sorted(BOOTSTRAPPED))}; start from the distro's cloud "
                              f"image with a base: block (base: {{source: {self.distro.value}}} or base.url)")
         return self
 
