@@ -115,7 +115,8 @@ class Store:
             return path.read_text().strip()
         except FileNotFoundError:
             pass
-        tmp = self.tmp_dir / f"store-id.{os.getpid()}"
+        # named as a temporary entry of this process (NAME.PID.RANDOM), so clean_tmp leaves it alone
+        tmp = self.tmp_dir / f"store-id.{os.getpid()}.{secrets.token_hex(4)}"
         tmp.write_text(secrets.token_hex(8) + "\n")
         try:
             os.link(tmp, path)  # the first writer wins; a concurrent one reads its id

@@ -3,7 +3,10 @@ whose store entries are gone."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from kiln.store import Store
 from tasks.common import prefect_cache_key
@@ -54,3 +57,18 @@ def test_a_generation_skips_every_stale_record(tmp_path: Path) -> None:
     for _ in range(3):  # built, gc'd, built again, gc'd ...
         records.add(prefect_cache_key(store, "k", entries_valid=False, record_exists=records.__contains__))
     assert len(records) == 3
+
+
+def test_the_store_id_being_written_is_not_taken_for_an_abandoned_entry(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path)
+    seen: list[list[Path]] = []
+    real_link = os.link
+
+    def link_after_a_gc(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        seen.append(Store(tmp_path).clean_tmp())  # another kiln's gc runs while the id is being written
+        real_link(src, dst)
+
+    monkeypatch.setattr("kiln.store.os.link", link_after_a_gc)
+    assert len(store.identity) == 16
+    assert seen == [[]] and list(store.tmp_dir.iterdir()) == []
