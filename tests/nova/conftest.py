@@ -43,8 +43,6 @@ class NovaStack:
     cloud: str = "kiln-dev"
 
 
-
-
 @pytest.fixture(scope="package")
 def nova_stack() -> Iterator[NovaStack]:
     infra = REPO / "infra" / "openstack"

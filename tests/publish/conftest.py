@@ -33,8 +33,6 @@ class OpenStack:
     cloud: str = "kiln-dev"
 
 
-
-
 @pytest.fixture(scope="session")
 def openstack_stack() -> Iterator[OpenStack]:
     """Keystone and Glance on 127.0.0.1 (installed on first use: about 1.5 min cold)."""
