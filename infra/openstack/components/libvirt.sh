@@ -32,7 +32,17 @@ libvirt_configure() {
     return $changed
 }
 
-libvirt_prepare() { :; }
+# What libvirt-daemon-system would create and kiln does not install (its scripts set up a host libvirtd):
+# the mount points kiln's directories are bound over, and the QEMU user libvirtd resolves when its QEMU
+# driver loads, before it reads qemu.conf ("Failed to parse user 'libvirt-qemu'" without it).
+libvirt_prepare() {
+    mkdir -p /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt
+    getent group kvm >/dev/null || groupadd --system kvm
+    getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null \
+        || useradd --system --gid kvm --groups libvirt-qemu --home-dir /var/lib/libvirt \
+            --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+}
 
 # libvirt_ns_start NAME COMMAND...: COMMAND in a new mount namespace with kiln's libvirt directories
 # bound over the host's
@@ -52,7 +62,7 @@ libvirt_ns_start() {
 
 libvirt_start() {
     [[ -d /etc/libvirt && -d /var/lib/libvirt && -d /var/cache/libvirt && -d /var/log/libvirt ]] \
-        || die "libvirt: the Debian packages did not create /etc/libvirt, /var/lib/libvirt, … (mount points)"
+        || die "libvirt: /etc/libvirt, /var/lib/libvirt, /var/cache/libvirt or /var/log/libvirt is missing (libvirt_prepare makes them)"
     rm -f "$RUN/libvirt/virtlogd-sock" "$RUN/libvirt/virtlogd-admin-sock" "$(libvirt_socket)"
     libvirt_ns_start virtlogd /usr/sbin/virtlogd --config /etc/libvirt/virtlogd.conf \
         --pid-file /run/libvirt/virtlogd.pid
