@@ -17,7 +17,7 @@ from kiln.run import run
 
 log = logging.getLogger("kiln.bootstrap")
 
-BOOTSTRAP_VERSION = "2"  # bump when the bootstrap's command line changes what it produces
+BOOTSTRAP_VERSION = "3"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
 COMPONENTS = {"debian": ("main",), "ubuntu": ("main", "universe")}
 # the distros kiln bootstraps with mmdebstrap; the others start from their cloud image (a `base:` block)
@@ -45,8 +45,21 @@ class BootstrapRequest:
     arch: str
     mirror: str
     include: tuple[str, ...] = ()
-    release_digest: str = ""  # of the mirror's InRelease: a new publication means a new base
+    # (suite, mirror, InRelease sha256) of every suite, the release first: a new upload to any of them
+    # means a new base. Empty: the release alone from `mirror`, unpinned (tests and upstream bases).
+    suites: tuple[tuple[str, str, str], ...] = ()
     keyring: str | None = None  # checks the mirror's Release files; None: the host's apt keyrings
+
+    @property
+    def release_digest(self) -> str:
+        return self.suites[0][2] if self.suites else ""
+
+    def sources(self) -> list[str]:
+        """mmdebstrap's mirror arguments: one sources.list line per suite."""
+        comps = " ".join(components(self.distro))
+        if not self.suites:
+            return [self.mirror]
+        return [f"deb {mirror} {suite} {comps}" for suite, mirror, _ in self.suites]
 
     def key_fields(self) -> dict[str, object]:
         return {
@@ -59,7 +72,7 @@ class BootstrapRequest:
             "variant": VARIANT,
             "components": list(components(self.distro)),
             "include": sorted(self.include),
-            "release_digest": self.release_digest,
+            "suites": [list(s) for s in self.suites],
             # the key that vouches for the base, by content (where the file lies says nothing)
             **({"keyring": file_digests(Path(self.keyring), ("sha256",))["sha256"]} if self.keyring else {}),
         }
@@ -89,7 +102,7 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
         argv.append(f"--keyring={req.keyring}")
     if req.include:
         argv.append("--include=" + ",".join(sorted(req.include)))
-    argv += [req.release, str(target), req.mirror]
+    argv += [req.release, str(target), *req.sources()]
     return argv
 
 
@@ -125,7 +138,8 @@ def readable_keyring(keyring: Path, directory: Path) -> Path:
 def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: float = 1800) -> None:
     """Bootstrap `req` into the empty directory `target`."""
     deb_cache.mkdir(parents=True, exist_ok=True)
-    log.info("bootstrapping %s %s %s from %s", req.distro, req.release, req.arch, req.mirror)
+    log.info("bootstrap: %s %s %s from %s (suites %s)", req.distro, req.release, req.arch, req.mirror,
+             ", ".join(s[0] for s in req.suites) or req.release)
     with tempfile.TemporaryDirectory(prefix="kiln-keyring-") as keys:
         if req.keyring:
             req = replace(req, keyring=str(readable_keyring(Path(req.keyring), Path(keys))))

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln import bootstrap, elements, packages
+from kiln import bootstrap, elements, packages, suites
 from kiln.errors import ElementError
-from kiln.mirror import release_digest, resolve_mirror
+from kiln.mirror import release_digest, resolve_mirror, resolve_security_mirror
 from kiln.run import redact_value
 from kiln.secrets import secret_digest
 from kiln.spec import ImageSpec
@@ -33,7 +33,8 @@ IMAGE_PACKAGES_STEP = "zz-image-packages"
 KILN_OWNER = "kiln"
 # environment names from the host that reach hooks: the DIB_* family, as diskimage-builder does
 HOST_ENV_PREFIXES = ("DIB_",)
-HOST_ENV_SKIP = {"DIB_DISTRIBUTION_MIRROR"}  # resolved into the plan's mirror instead
+# resolved into the plan's mirrors instead
+HOST_ENV_SKIP = {"DIB_DISTRIBUTION_MIRROR", "DIB_DEBIAN_SECURITY_MIRROR"}
 
 
 def digest(obj: object) -> str:
@@ -80,6 +81,14 @@ class BuildPlan:
     base_key: str
     steps: list[Step] = field(default_factory=list)
     upstream: PinnedBase | None = None  # the verified upstream image the base is extracted from
+    suites_opted_out: list[str] = field(default_factory=list)  # default suites the spec's `suites` leaves out
+
+    @property
+    def suites(self) -> tuple[suites.SuiteSource, ...]:
+        """The suites a bootstrapped base comes from, the release first (none for an upstream base)."""
+        if self.upstream is not None:
+            return ()
+        return tuple(suites.SuiteSource(*s) for s in self.bootstrap.suites)
 
     @property
     def tree_key(self) -> str:
@@ -120,6 +129,24 @@ def hook_env(spec: ImageSpec, mirror: str, element_names: Sequence[str],
     return env
 
 
+def image_apt_env(spec: ImageSpec, sources: Sequence[suites.SuiteSource], security_mirror: str) -> dict[str, str]:
+    """What the cleanup element's apt-sources hook writes into a bootstrapped image: its deb822 sources at
+    the image's mirrors, signed by the distribution's keyring (or the spec's mirror_keyring, copied in)."""
+    if packages.family_of(spec.distro.value) != "debian":
+        return {}
+    env: dict[str, str] = {"KILN_APT_SOURCES_NAME": f"{spec.distro.value}.sources"}
+    signed_by = suites.DISTRO_KEYRINGS[spec.distro.value]
+    if spec.mirror_keyring is not None:
+        signed_by = suites.image_keyring_path(spec.mirror_keyring.read_bytes(), spec.distro.value)
+        env.update(KILN_APT_KEYRING=str(spec.mirror_keyring.resolve()), KILN_APT_KEYRING_IMAGE=signed_by)
+    build_mirror = sources[0].mirror if sources else ""
+    env["KILN_APT_SOURCES"] = suites.apt_sources(
+        spec.distro.value, sources, bootstrap.components(spec.distro.value),
+        image_mirror=spec.image_mirror or build_mirror,
+        image_security_mirror=spec.image_security_mirror or security_mirror or build_mirror, signed_by=signed_by)
+    return env
+
+
 def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_elements: bool = False,
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
@@ -131,6 +158,18 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
     infos = [ElementInfo(e.name, str(e.path), e.content_hash) for e in resolved.elements]
     hashes = {i.name: i.hash for i in infos}
     env = hook_env(spec, mirror, resolved.names, host_env)
+    suite_names = spec.suites or suites.default_suites(spec.release)
+    sources: tuple[suites.SuiteSource, ...] = ()
+    if spec.base is None:
+        bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring)  # a missing keyring named first
+        security_mirror = ""
+        if any(n.endswith("-" + suites.SECURITY_POCKET) for n in suite_names):
+            security_mirror = resolve_security_mirror(spec.security_mirror, host_env, distro=spec.distro.value,
+                                                      mirror=mirror)
+            env["DIB_DEBIAN_SECURITY_MIRROR"] = security_mirror
+        sources = suites.suite_sources(spec.release, suite_names, mirror=mirror, security_mirror=security_mirror,
+                                       digest=release_digest)
+        env.update(image_apt_env(spec, sources, security_mirror))
     if library:
         env["_LIB"] = str(library[0].parent / "lib")  # DIB's own shell library, which some of its elements source
     env_files = elements.environment_files(resolved)
@@ -153,14 +192,15 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
         req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror)
         base_key = digest(base_key_fields(upstream))
     else:
+        keyring = bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring)
         req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
                                          include=bootstrap.always_included(spec.distro.value),
-                                         release_digest=release_digest(mirror, spec.release),
-                                         keyring=bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring))
+                                         suites=tuple((s.name, s.mirror, s.digest) for s in sources),
+                                         keyring=keyring)
         base_key = digest(req.key_fields())
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,
-                     upstream=upstream)
+                     upstream=upstream, suites_opted_out=suites.opted_out(spec.release, suite_names))
 
     actions = packages.package_actions(resolved, distro=spec.distro.value, release=spec.release,
                                        arch=spec.arch.value, env=env)

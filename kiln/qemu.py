@@ -228,7 +228,9 @@ def qemu_argv(
         argv += ["-drive", f"file={_opt(seed_iso)},if=none,id=seed0,format=raw,readonly=on",
                  "-device", "virtio-blk-pci,drive=seed0"]
     # no option ROM: neither SeaBIOS nor OVMF wastes time trying to boot from the network
-    argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    # restrict=on: the guest gets DHCP and nothing beyond; it cannot reach the host's loopback (10.0.2.2), where
+    # the Prefect API, the S3 server and the OpenStack services listen, nor anything else
+    argv += ["-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile="]
     argv += ["-device", "virtio-rng-pci"]
     argv += ["-chardev", f"socket,id=serial0,path={_opt(serial_socket)},server=on,wait=on,"
                          f"logfile={_opt(serial_log)},logappend=off",

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -22,6 +23,7 @@ from pydantic import (
 from kiln.bootstrap import BOOTSTRAPPED
 from kiln.errors import SpecError
 from kiln.publish import PublishSpec
+from kiln.suites import check_suites
 from kiln.upstream import BaseSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -132,6 +134,15 @@ class ImageSpec(StrictModel):
     qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
     mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources "
                                "(Debian only: an Ubuntu spec names its mirror)")
+    security_mirror: str | None = Field(default=None, description="mirror of the -security suite; default: "
+                                        "DIB_DEBIAN_SECURITY_MIRROR, else the host's apt sources' security entry "
+                                        "(Ubuntu: the mirror)")
+    suites: list[str] | None = Field(default=None, description="suites to build from, the release first; default: "
+                                     "the release, -updates and -security (opting out is recorded in the manifest)")
+    image_mirror: str | None = Field(default=None, description="mirror the image's own apt sources name; default: "
+                                     "the build's mirror")
+    image_security_mirror: str | None = Field(default=None, description="security mirror the image's apt sources "
+                                              "name; default: the build's security mirror")
     mirror_keyring: Path | None = Field(default=None, description="keyring that signs the mirror's Release files; "
                                         "default: the host's apt keyrings (Ubuntu: ubuntu-archive-keyring.gpg)")
     base: BaseSpec | None = Field(default=None, description="start from an upstream cloud image (verified) instead "
@@ -191,12 +202,24 @@ class ImageSpec(StrictModel):
             raise ValueError(f"{v!r} is not a qemu-img option list (name=value,name=value)")
         return v
 
-    @field_validator("mirror")
+    @field_validator("mirror", "security_mirror", "image_mirror", "image_security_mirror")
     @classmethod
     def _mirror(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(https?|file)://\S+$", v):
             raise ValueError(f"mirror {v!r} must be an http(s):// or file:// URL")
         return v.rstrip("/") if v else v
+
+    @field_validator("suites")
+    @classmethod
+    def _suites(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return v
+        for name in v:
+            check_name(name, "suite")
+        try:
+            return check_suites(str(info.data.get("release", "")), v)
+        except SpecError as exc:
+            raise ValueError(str(exc).removeprefix("suites: ")) from None
 
     @model_validator(mode="after")
     def _default_name(self) -> ImageSpec:

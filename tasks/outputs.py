@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from kiln.bootstrap import components
 from kiln.boottest import BootOutcome
 from kiln.convert import ImageOutput
 from kiln.customize import BuildContext
@@ -22,6 +23,7 @@ from kiln.manifest import (
 )
 from kiln.options import BuildOptions
 from kiln.pack import PackOutput
+from kiln.suites import origin_counts, package_origins
 
 
 @task(name="outputs")
@@ -37,6 +39,13 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         dest = install_file(image.path, out / image.path.name)
         files.append({"file": dest.name, "path": str(dest), "format": image.format, "size": image.size,
                       "sha256": image.sha256, "sha512": image.sha512})
+    package_list = packed.packages
+    if plan.suites and packed.packages:
+        package_list = package_origins(packed.packages, plan.suites, arch=plan.spec.arch.value,
+                                       components=components(plan.spec.distro.value))
+        logger.info("outputs: %d of %d packages from the security suite%s", sum(
+            1 for p in package_list if str(p["suite"]).endswith("-security")), len(package_list),
+            f" (suites left out by the spec: {', '.join(plan.suites_opted_out)})" if plan.suites_opted_out else "")
     manifest = base_manifest(build_id=build_id)
     manifest.update({
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -46,14 +55,17 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         "base": ({"kind": "upstream", "key": plan.base_key, **plan.upstream.manifest()} if plan.upstream else
                  {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
                   "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror,
-                  "release_digest": plan.bootstrap.release_digest}),
+                  "release_digest": plan.bootstrap.release_digest,
+                  "suites": [s.as_dict() for s in plan.suites], "suites_opted_out": plan.suites_opted_out}),
         "tree_key": plan.tree_key,
         "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "key": s.key} for s in plan.steps],
         "disk": {"size": plan.spec.size, "root_uuid": packed.root_uuid, "esp_serial": packed.esp_serial,
                  "cmdline": packed.cmdline, "key": packed.key,
                  # what the disk boots with: GRUB for BIOS (amd64 only) and GRUB EFI on the ESP
                  "firmware": ["uefi"] if plan.spec.arch.value == "arm64" else ["bios", "uefi"]},
-        "packages": packed.packages,
+        "packages": package_list,
+        "package_origins": origin_counts(package_list),
+        "security_updates": sum(1 for p in package_list if str(p.get("suite", "")).endswith("-security")),
         "images": [{k: v for k, v in f.items() if k != "path"} for f in files],
         "timings": stages,
         "boot_test": [b.as_dict() for b in boots],

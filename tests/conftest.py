@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import e2e
 from tests.upstream_fixtures import published, server  # noqa: F401  (fixtures of the upstream tests)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_roots(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What this session's leftover checks look under, besides the test store: its own temporary tree."""
+    e2e.SESSION_ROOTS[:] = [str(tmp_path_factory.getbasetemp())]
 
 
 @pytest.fixture

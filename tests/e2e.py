@@ -38,22 +38,32 @@ def manifest(output: Path) -> dict[str, Any]:
     return data
 
 
+# the directories this test session made (its pytest base temp, set by conftest): leftovers() looks at what
+# lies under them and under the test store, never at another process's mounts, loop devices or guests
+SESSION_ROOTS: list[str] = []
+
+
 def leftovers(cache: str | None = None) -> list[str]:
-    """kiln's mounts, loop devices and QEMU processes still on the machine."""
-    cache = cache or kiln_env()["KILN_CACHE"]
+    """The mounts, loop devices and kiln QEMU processes of this test session still on the machine: those
+    under the test store (`cache`) or the session's temporary directories."""
+    roots = [cache or kiln_env()["KILN_CACHE"], *SESSION_ROOTS]
+
+    def ours(text: str) -> bool:
+        return any(root and root in text for root in roots)
+
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             target = line.split()[4]
-            if target.startswith(cache):
+            if any(target.startswith(root) for root in roots):
                 found.append(f"mount {target}")
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.strip()
-    if loops:
-        found.append(f"loop devices: {loops}")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()
+    found += [f"loop device: {line}" for line in loops if ours(line)]
     # kiln's boot tests name their QEMU kiln-boot-*; a cloud's own guests (libvirt, Nova) are not kiln's
     for line in subprocess.run(["pgrep", "-af", "qemu-system.*-name kiln-boot"], capture_output=True,
                                text=True).stdout.splitlines():
-        if not _zombie(int(line.split()[0])):  # a dead QEMU whose reaper (PID 1 here) never waits for it
+        # a dead QEMU whose reaper (PID 1 here) never waits for it is not running
+        if ours(line) and not _zombie(int(line.split()[0])):
             found.append(f"qemu: {line}")
     return found
 

@@ -254,7 +254,7 @@ def test_argv_bios_tcg() -> None:
     assert "virtio-blk-pci,drive=disk0,bootindex=0" in devices
     assert "virtio-blk-pci,drive=seed0" in devices
     assert any(d.startswith("virtio-net-pci,netdev=net0") for d in devices)
-    assert _pairs(argv, "-netdev") == ["user,id=net0"]
+    assert _pairs(argv, "-netdev") == ["user,id=net0,restrict=on"]
     chardev = _pairs(argv, "-chardev")[0]
     assert chardev.startswith("socket,id=serial0,path=/s/serial.sock,server=on,wait=on")
     assert "logfile=/w/serial-bios.log" in chardev
