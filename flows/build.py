@@ -98,7 +98,8 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
             report = record_boot_tests(report, [_boot_in_nova(stages, spec, report["output"])])
         if publishing:
             # the gate reads the boot results this run wrote into the manifest, or boots the candidate in Nova
-            report["published"] = publish_build(report["output"], spec.publish, "nova" if gate_in_nova else None)
+            report["published"] = publish_build(report["output"], spec.publish, "nova" if gate_in_nova else None,
+                                                only_changed=options.only_changed)
     except BaseException:
         # a cancelled run (Prefect's TerminationSignal), Ctrl-C or a failure: children of tasks in other
         # threads (conversions) are not interrupted by the exception, so kill them before tearing down

@@ -54,6 +54,7 @@ from kiln.matrix import (
     summary_table,
 )
 from kiln.options import BuildOptions
+from kiln.publish import PublishSpec
 from kiln.spec import ImageSpec
 from kiln.store import Store
 
@@ -130,7 +131,8 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
     with host_slots(spec, options):
         report = build_image(spec, options)
     row = {"images": json.dumps(report["images"]), "manifest": report["manifest"], "output": report["output"],
-           "boot_test": json.dumps(report["boot_test"]), "host": socket.gethostname()}
+           "boot_test": json.dumps(report["boot_test"]), "host": socket.gethostname(),
+           "published": json.dumps(report.get("published"))}
     create_table_artifact(table=[row], description=RESULT_ARTIFACT)
     return report
 
@@ -196,6 +198,7 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
             result.images = list(report["images"])
             result.manifest = report["manifest"]
             result.boot_test = list(report["boot_test"])
+            result.published = report.get("published")
     else:
         if cell.spec.secrets:
             raise MatrixError(f"cell {cell.name}: its spec has secrets, which a deployment's parameters would carry "
@@ -216,6 +219,7 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
             result.images = json.loads(row["images"])
             result.manifest = row["manifest"]
             result.boot_test = json.loads(row["boot_test"])
+            result.published = json.loads(row.get("published") or "null")
     result.seconds = round(time.monotonic() - start, 1)
     if result.ok:
         logger.info("cell %s: built in %.0f s", cell.name, result.seconds)
@@ -228,14 +232,18 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
 
 
 def run_matrix(matrix: str, *, only: Sequence[str] = (), output: str = "output", options: BuildOptions | None = None,
-               deployment: str | None = None) -> tuple[str, list[CellResult]]:
+               deployment: str | None = None, publish_targets: Sequence[str] | None = None,
+               ) -> tuple[str, list[CellResult]]:
     """The body both `build_matrix` and `nightly_refresh` run: every selected cell at once, their results
-    (in matrix order), the summary artifact and `<output>/matrix.json`. Returns (matrix name, results)."""
+    (in matrix order), the summary artifact and `<output>/matrix.json`. Returns (matrix name, results).
+    `publish_targets` replaces the targets of every cell's `publish:` section."""
     logger = get_run_logger()
     options = options or BuildOptions()
     path = Path(matrix)
     spec_file, cells = load_cells(path)
     cells = select(cells, only, str(path))
+    if publish_targets is not None:
+        cells = [with_targets(c, publish_targets) for c in cells]
     logger.info("matrix %s: %d cells: %s%s", spec_file.name, len(cells), ", ".join(c.name for c in cells),
                 f" (on deployment {deployment})" if deployment else " (in this process)")
     futures: list[PrefectFuture[CellResult]] = []
@@ -264,6 +272,12 @@ def run_matrix(matrix: str, *, only: Sequence[str] = (), output: str = "output",
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / SUMMARY_FILE)
     return spec_file.name, results
+
+
+def with_targets(cell: Cell, targets: Sequence[str]) -> Cell:
+    """`cell` with its spec's publish targets replaced (validated as the spec's own would be)."""
+    publish = PublishSpec.model_validate({**cell.spec.publish.model_dump(mode="json"), "targets": list(targets)})
+    return cell.model_copy(update={"spec": cell.spec.model_copy(update={"publish": publish})})
 
 
 def raise_if_failed(name: str, results: Sequence[CellResult]) -> None:

@@ -142,7 +142,7 @@ def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: li
                             timeout: int | None = None) -> list[BootOutcome]:
     """Boot the image of a finished build (OUTPUT_DIR with manifest.json) under each firmware, uncached."""
     from kiln.errors import SpecError
-    from kiln.prefect_server import state_dir
+    from kiln.state import state_dir
 
     manifest_path = output / "manifest.json"
     try:

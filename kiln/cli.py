@@ -17,6 +17,7 @@ from kiln import __version__
 from kiln.errors import KilnError, SpecError
 from kiln.options import BuildOptions
 from kiln.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
+from kiln.state import state_dir
 
 log = logging.getLogger("kiln.cli")
 
@@ -88,7 +89,7 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
 def _start_prefect() -> None:
     from kiln import prefect_server
 
-    state = prefect_server.state_dir()
+    state = state_dir()
     url = prefect_server.ensure_server(state)
     prefect_server.configure_environment(url, state)
 
@@ -266,11 +267,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     from kiln import prefect_server
 
     if args.server_cmd == "start":
-        print(prefect_server.ensure_server(prefect_server.state_dir()))
+        print(prefect_server.ensure_server(state_dir()))
     elif args.server_cmd == "stop":
-        print("stopped" if prefect_server.stop_server(prefect_server.state_dir()) else "not running")
+        print("stopped" if prefect_server.stop_server(state_dir()) else "not running")
     else:
-        status = prefect_server.server_status(prefect_server.state_dir())
+        status = prefect_server.server_status(state_dir())
         print(json.dumps(status, indent=2) if status else "not running")
     return 0
 

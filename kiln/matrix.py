@@ -41,6 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kiln.errors import SpecError
+from kiln.pkgdiff import diff_from_dict
 from kiln.spec import ImageSpec, merge_overrides, read_spec_file, spec_from_dict
 
 AXES = ("distro", "release", "arch")
@@ -70,6 +71,9 @@ class MatrixFile(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict, description="the image spec every cell starts from")
     axes: dict[Axis, dict[str, dict[str, Any]]] = Field(min_length=1)
     exclude: list[dict[Axis, str]] = Field(default_factory=list)
+    publish: dict[str, Any] | None = Field(default=None, description="the `publish:` section every cell's spec "
+                                           "gets (its image name is the cell's name); the nightly refresh "
+                                           "publishes what changed there")
 
     @field_validator("name")
     @classmethod
@@ -118,6 +122,8 @@ class MatrixFile(BaseModel):
 
     @model_validator(mode="after")
     def _template_and_excludes(self) -> MatrixFile:
+        if self.publish is not None and "publish" in self.base:
+            raise ValueError("publish is set twice: at the top of the matrix and in base; keep one")
         both = sorted(set(self.base) & set(self.axes))
         if both:
             raise ValueError(f"base.{both[0]}: {both[0]!r} is an axis of this matrix; set it under 'axes' only")
@@ -180,7 +186,10 @@ def expand(matrix: MatrixFile, source: str = "matrix") -> list[Cell]:
         chosen: dict[str, str] = {axis: value for (axis, _), (value, _) in zip(axes, combo, strict=True)}
         if any(all(chosen.get(a) == v for a, v in rule.items()) for rule in matrix.exclude):
             continue
-        data = merge_overrides(dict(matrix.base), dict(chosen))
+        base = dict(matrix.base)
+        if matrix.publish is not None:
+            base["publish"] = matrix.publish
+        data = merge_overrides(base, dict(chosen))
         for _value, fields in combo:
             data = merge_overrides(data, fields)
         label = ", ".join(f"{k}={v}" for k, v in chosen.items())
@@ -324,14 +333,31 @@ class CellResult(BaseModel):
     flow_run_id: str | None = None
     flow_run_name: str | None = None
     worker: str | None = None
+    published: dict[str, Any] | None = None  # the publish step's report (status published or unchanged)
 
     @property
     def ok(self) -> bool:
         return self.status == "built"
 
+    @property
+    def publish_status(self) -> str:
+        """published, unchanged, or - (not published: no targets, or the cell failed first)."""
+        return str((self.published or {}).get("status") or "-")
+
 
 def _cell_text(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def publish_text(r: CellResult) -> str:
+    """What the publish step did for a cell, in one line (its package diff summary when it published)."""
+    p = r.published or {}
+    if p.get("status") == "unchanged":
+        return "unchanged"
+    if p.get("status") == "published":
+        diff = (p.get("diff") or {}).get("summary")
+        return f"published ({diff} since {p['replaces']})" if diff and p.get("replaces") else "published"
+    return "-"
 
 
 def summary_table(matrix_name: str, results: Sequence[CellResult], *, ui_url: str | None = None) -> str:
@@ -339,8 +365,10 @@ def summary_table(matrix_name: str, results: Sequence[CellResult], *, ui_url: st
     built = sum(r.ok for r in results)
     axes = list(results[0].axes) if results else []
     lines = [f"# Matrix {matrix_name}: {built} of {len(results)} cells built", ""]
-    lines.append("| cell | " + " | ".join(axes) + " | result | seconds | images | boot test | run |")
-    lines.append("|---|" + "---|" * len(axes) + "---|---:|---|---|---|")
+    publishing = any(r.published for r in results)
+    lines.append("| cell | " + " | ".join(axes) + " | result | seconds | images | boot test | run |"
+                 + (" published |" if publishing else ""))
+    lines.append("|---|" + "---|" * len(axes) + "---|---:|---|---|---|" + ("---|" if publishing else ""))
     for r in results:
         boots = ", ".join(f"{b.get('firmware')} {'passed' if b.get('passed') else 'FAILED'}" for b in r.boot_test)
         images = ", ".join(Path(p).name for p in r.images)
@@ -351,7 +379,15 @@ def summary_table(matrix_name: str, results: Sequence[CellResult], *, ui_url: st
             run += f" on {r.worker}"
         result = {"built": "built", "failed": "**FAILED**", "cancelled": "cancelled", "crashed": "**CRASHED**"}
         lines.append(f"| {r.name} | " + " | ".join(r.axes.get(a, "") for a in axes)
-                     + f" | {result[r.status]} | {r.seconds:.0f} | {images or '-'} | {boots or 'skipped'} | {run} |")
+                     + f" | {result[r.status]} | {r.seconds:.0f} | {images or '-'} | {boots or 'skipped'} | {run} |"
+                     + (f" {_cell_text(publish_text(r))} |" if publishing else ""))
+    changes = [r for r in results if (r.published or {}).get("diff")]
+    if changes:
+        lines += ["", "## Package changes", ""]
+        for r in changes:
+            diff = diff_from_dict((r.published or {})["diff"])
+            lines.append(f"- **{r.name}** (since {(r.published or {}).get('replaces')}): {diff.summary()}")
+            lines += [f"  - `{_cell_text(line.strip())}`" for line in diff.lines()]
     failures = [r for r in results if not r.ok]
     if failures:
         lines += ["", "## Failures", ""]

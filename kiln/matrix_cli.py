@@ -17,6 +17,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.options import BuildOptions
+from kiln.state import state_dir
 
 log = logging.getLogger("kiln.matrix_cli")
 
@@ -45,6 +46,24 @@ def register(subparsers: Any) -> None:
                    "pool's workers instead of in this process")
     m.set_defaults(func=cmd_matrix)
 
+    r = subparsers.add_parser("refresh", help="the nightly refresh in this process: build every cell, publish "
+                              "what changed", description="Build every cell of a matrix file as `kiln matrix` "
+                              "does, and publish each cell that built and booted to the matrix's publish: targets "
+                              "(or --to): only where the stable image lacks its content (packages, elements, spec), "
+                              "with a package diff against the stable it replaces; a cell with nothing new is "
+                              "reported unchanged. The same flow as the nightly-refresh deployment.")
+    r.add_argument("matrix", type=Path, help="matrix file, e.g. images/nightly.yaml")
+    r.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE[,AXIS=VALUE]",
+                   help="refresh only the cells matching every axis given (repeatable)")
+    r.add_argument("--to", action="append", dest="targets", metavar="TARGET",
+                   help="glance:CLOUD or s3://BUCKET/PREFIX (repeatable; replaces the matrix's publish targets)")
+    r.add_argument("-o", "--output", default="output/nightly", help="output directory (default: ./output/nightly)")
+    r.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot tests (the manifest gate then "
+                   "refuses to publish)")
+    r.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    r.add_argument("--json", action="store_true", help="print every cell's result as JSON on stdout")
+    r.set_defaults(func=cmd_refresh)
+
     s = subparsers.add_parser("serve", help="the Prefect server, kiln's deployments and a worker, with the UI",
                               description="Start (or reuse) the local Prefect server, create the process work "
                               "pool 'kiln', register deployments/prefect.yaml and run a worker on this host "
@@ -60,7 +79,7 @@ def register(subparsers: Any) -> None:
 def _start_prefect(port: int | None = None) -> tuple[str, Path]:
     from kiln import prefect_server
 
-    state = prefect_server.state_dir()
+    state = state_dir()
     url = prefect_server.ensure_server(state, port=port)
     prefect_server.configure_environment(url, state)
     return url, state
@@ -102,6 +121,49 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             print(f"      boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} ({b['seconds']:.0f} s)")
         if cell["error"]:
             print("      " + cell["error"].strip().splitlines()[0])
+    print(f"  summary:  {summary_path}")
+    return 0 if state.is_completed() else 1
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from kiln.gc import reclaim_dead_builds
+    from kiln.matrix import load_cells, publish_text, select
+    from kiln.store import Store
+
+    spec_file, cells = load_cells(args.matrix)
+    cells = select(cells, args.only, str(args.matrix))
+    if args.cache:
+        os.environ["KILN_CACHE"] = args.cache
+    for line in reclaim_dead_builds(Store(Path(args.cache) if args.cache else None)):
+        log.warning("%s", line)
+    _start_prefect()
+    from flows.matrix import SUMMARY_FILE
+    from flows.refresh import nightly_refresh
+
+    print(f"kiln: refresh {spec_file.name}: {len(cells)} cells: {', '.join(c.name for c in cells)}", file=sys.stderr,
+          flush=True)
+    start = time.monotonic()
+    state = nightly_refresh(str(args.matrix), only=args.only, output=args.output, boot_test=not args.no_boot_test,
+                            deployment=None, publish_targets=args.targets, return_state=True)
+    summary_path = Path(args.output) / SUMMARY_FILE
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        raise KilnError(f"refresh {spec_file.name} ended {state.name} without a summary: {state.message}") from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0 if state.is_completed() else 1
+    from kiln.matrix import CellResult
+    from kiln.pkgdiff import diff_from_dict
+
+    print(f"\nkiln: refresh {spec_file.name} in {time.monotonic() - start:.0f} s")
+    for cell in summary["cells"]:
+        r = CellResult.model_validate(cell)
+        print(f"  {r.name:<28} {r.status if r.ok else r.status.upper():<10} "
+              f"{publish_text(r) if r.ok else (r.error or '').strip().splitlines()[0:1]}")
+        if r.ok and (r.published or {}).get("diff"):
+            for line in diff_from_dict((r.published or {})["diff"]).lines():
+                print("    " + line.strip())
     print(f"  summary:  {summary_path}")
     return 0 if state.is_completed() else 1
 

@@ -14,6 +14,8 @@ class BuildOptions(BaseModel):
     no_cache: bool = Field(default=False, description="rebuild every step, replacing cached entries")
     boot_test: bool = Field(default=True, description="boot the image under QEMU before calling it done")
     publish: bool = Field(default=True, description="publish to the spec's publish targets (Glance, S3)")
+    only_changed: bool = Field(default=False, description="publish only where the stable image lacks this build's "
+                               "content (packages, elements, spec), with a package diff (the nightly refresh)")
     dib_elements: bool = Field(default=False, description="search the installed diskimage-builder's elements too")
     checksum_files: bool = Field(default=False, description="write <image>.md5 and <image>.sha256 (DIB --checksum)")
     break_at: str | None = Field(default=None, description="drop into a shell: before-<phase>, after-<phase>, "

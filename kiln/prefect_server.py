@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ServerError
+from kiln.state import state_dir
 
 log = logging.getLogger("kiln.prefect_server")
 
@@ -58,21 +59,6 @@ KILN_LOGGER = "kiln"
 
 
 # --------------------------------------------------------------------------------------- paths
-
-
-def state_dir() -> Path:
-    """kiln's state directory: `$KILN_STATE`, else `/var/lib/kiln` as root, else `~/.local/state/kiln`.
-
-    For a non-root user `$XDG_STATE_HOME/kiln` is used when `XDG_STATE_HOME` is set.
-    """
-    env = os.environ.get("KILN_STATE")
-    if env:
-        return Path(env).expanduser().absolute()
-    if os.geteuid() == 0:
-        return Path("/var/lib/kiln")
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
-    return base.absolute() / "kiln"
 
 
 def prefect_home(state: Path) -> Path:

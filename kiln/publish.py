@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln import s3
 from kiln.errors import KilnError
+from kiln.pkgdiff import content_digest
 
 if TYPE_CHECKING:
     import openstack.connection
@@ -67,6 +68,7 @@ P_ELEMENTS = "kiln_elements_sha256"
 P_ELEMENT = "kiln_element_"
 P_BASE = "kiln_base_checksum"
 P_VERSION = "kiln_version"
+P_CONTENT = "kiln_content_sha256"  # packages, elements and spec: equal for a rebuild that changed nothing
 
 ARCHITECTURES = {"amd64": "x86_64", "arm64": "aarch64"}
 DEBIAN_VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
@@ -322,6 +324,7 @@ def glance_properties(build: Build, image: BuildImage, spec: PublishSpec, *, nam
         P_ELEMENTS: canonical_sha256(sorted(elements.items())),
         P_BASE: str(base.get("sha256") or base.get("checksum") or base.get("key") or ""),
         P_VERSION: str(manifest.get("kiln_version", "")),
+        P_CONTENT: content_digest(manifest),
     })
     for element, digest in sorted(elements.items()):
         props[_element_key(element)] = digest
@@ -603,10 +606,25 @@ def _gate_failed(cloud: str, name: str, result: GateResult) -> GateFailedError:
     return GateFailedError(f"cloud {cloud!r}: {name}: the candidate did not pass the boot gate: {result.detail}{tail}")
 
 
-def publish_glance(conn: openstack.connection.Connection, build: Build, spec: PublishSpec, *, gate: Gate,
-                   name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
-                   progress: ProgressFactory = _no_progress) -> GlanceReport:
-    """Upload (or find) the candidate, run the gate, promote it. Publishing the same content again
+@dataclass
+class StagedGlance:
+    """A Glance target between its gate and its promotion: the candidate that passed (or the stable image
+    that already holds this content), not yet visible under the stable name."""
+
+    conn: openstack.connection.Connection
+    cloud: str
+    name: str
+    props: dict[str, str]
+    candidate: GlanceImage | None = None
+    uploaded: bool = False
+    gate: str = ""
+    already_stable: GlanceImage | None = None
+
+
+def stage_glance(conn: openstack.connection.Connection, build: Build, spec: PublishSpec, *, gate: Gate,
+                 name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
+                 progress: ProgressFactory = _no_progress) -> StagedGlance:
+    """Upload (or find) the candidate and run the gate; promote nothing. Publishing the same content again
     uploads nothing. A failed gate deletes a candidate uploaded for this run and raises GateFailedError;
     a gate that judges the build alone (LOCAL_GATES) runs before the upload."""
     from kiln import glance
@@ -615,14 +633,12 @@ def publish_glance(conn: openstack.connection.Connection, build: Build, spec: Pu
     image = build.image(spec.disk_format)
     cloud = glance.cloud_name(conn)
     props = glance_properties(build, image, spec, name=name)
+    staged = StagedGlance(conn, cloud, name, props)
     same = [i for i in managed_images(conn, name) if i.hash_value == image.sha512]
     stable = [i for i in same if status_of(i) == Status.stable]
     if stable:
-        # no upload, no gate; only metadata the spec may have changed since (no request when nothing did)
-        facing = {k: v for k, v in props.items() if not k.startswith("kiln_")}
-        glance.patch_image(conn, stable[0], visibility=spec.visibility.value, properties=facing, add_tags=spec.tags)
-        log.info("%s: %s already holds this build's content (image %s); nothing uploaded", cloud, name, stable[0].id)
-        return GlanceReport(cloud, name, stable[0].id, "already-stable")
+        staged.already_stable = stable[0]
+        return staged
     reusable = newest_first(i for i in same if status_of(i) in (Status.candidate, Status.previous, Status.retired))
     withdrawn = [i for i in same if status_of(i) == Status.withdrawn]
     if withdrawn and not reusable and not allow_withdrawn:
@@ -634,24 +650,60 @@ def publish_glance(conn: openstack.connection.Connection, build: Build, spec: Pu
         if not result.passed:
             raise _gate_failed(cloud, name, result)
     if reusable or withdrawn:
-        candidate = (reusable or withdrawn)[0]
-        uploaded = False
-        log.info("%s: image %s (%s) already holds this content; no upload", cloud, candidate.id, status_of(candidate))
+        staged.candidate = (reusable or withdrawn)[0]
+        log.info("%s: image %s (%s) already holds this content; no upload", cloud, staged.candidate.id,
+                 status_of(staged.candidate))
     else:
-        candidate = upload_candidate(conn, build, image, spec, name=name, progress=progress)
-        uploaded = True
+        staged.candidate = upload_candidate(conn, build, image, spec, name=name, progress=progress)
+        staged.uploaded = True
     if result is None:
-        result = run_gate(gate, CandidateImage(name, build, image, cloud=cloud, image_id=candidate.id,
+        result = run_gate(gate, CandidateImage(name, build, image, cloud=cloud, image_id=staged.candidate.id,
                                                clouds_yaml=clouds_yaml))
     if not result.passed:
-        if uploaded or status_of(candidate) == Status.candidate:
-            glance.delete_image(conn, candidate)
-            log.warning("%s: deleted candidate %s; %s stays as it was", cloud, candidate.id, name)
+        discard_staged(staged)
         raise _gate_failed(cloud, name, result)
-    previous_id, retired = promote(conn, glance.get_image(conn, candidate.id), name=name, spec=spec,
-                                   properties=props)
-    return GlanceReport(cloud, name, candidate.id, "uploaded" if uploaded else "reused", gate=result.detail,
-                        previous_id=previous_id, retired_ids=retired)
+    staged.gate = result.detail
+    return staged
+
+
+def discard_staged(staged: StagedGlance) -> None:
+    """Delete the candidate this run uploaded (or a candidate it found); the stable image stays as it was."""
+    from kiln import glance
+
+    c = staged.candidate
+    if c is not None and (staged.uploaded or status_of(c) == Status.candidate):
+        glance.delete_image(staged.conn, c)
+        log.warning("%s: deleted candidate %s; %s stays as it was", staged.cloud, c.id, staged.name)
+        staged.candidate = None
+
+
+def finish_glance(staged: StagedGlance, spec: PublishSpec) -> GlanceReport:
+    """Promote a staged candidate (or refresh the metadata of the stable image that already holds it)."""
+    from kiln import glance
+
+    conn, name = staged.conn, staged.name
+    if staged.already_stable is not None:
+        # no upload, no gate; only metadata the spec may have changed since (no request when nothing did)
+        facing = {k: v for k, v in staged.props.items() if not k.startswith("kiln_")}
+        glance.patch_image(conn, staged.already_stable, visibility=spec.visibility.value, properties=facing,
+                           add_tags=spec.tags)
+        log.info("%s: %s already holds this build's content (image %s); nothing uploaded", staged.cloud, name,
+                 staged.already_stable.id)
+        return GlanceReport(staged.cloud, name, staged.already_stable.id, "already-stable")
+    assert staged.candidate is not None
+    previous_id, retired = promote(conn, glance.get_image(conn, staged.candidate.id), name=name, spec=spec,
+                                   properties=staged.props)
+    return GlanceReport(staged.cloud, name, staged.candidate.id, "uploaded" if staged.uploaded else "reused",
+                        gate=staged.gate, previous_id=previous_id, retired_ids=retired)
+
+
+def publish_glance(conn: openstack.connection.Connection, build: Build, spec: PublishSpec, *, gate: Gate,
+                   name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
+                   progress: ProgressFactory = _no_progress) -> GlanceReport:
+    """One Glance target: stage (candidate and gate), then promote."""
+    staged = stage_glance(conn, build, spec, gate=gate, name=name, allow_withdrawn=allow_withdrawn,
+                          clouds_yaml=clouds_yaml, progress=progress)
+    return finish_glance(staged, spec)
 
 
 @dataclass
@@ -852,9 +904,12 @@ class PublishReport:
 
 def publish(build: Build, spec: PublishSpec, *, gate: Gate = manifest_gate, allow_withdrawn: bool = False,
             clouds_yaml: Path | None = None, progress: ProgressFactory = _no_progress,
-            in_use: Callable[[GlanceImage], bool] | None = None) -> PublishReport:
-    """Publish to every target of `spec`: each Glance cloud (candidate, gate, promotion, retention), then,
-    only when the gate passed, each S3 location (upload, retention)."""
+            in_use: Callable[[GlanceImage], bool] | None = None,
+            gates: Mapping[str, Gate] | None = None) -> PublishReport:
+    """Publish to every target of `spec`: every Glance cloud staged first (candidate and gate, each cloud
+    with its own gate from `gates`, else `gate`), and only when every one passed, each promoted (with
+    retention); a gate failing on one cloud deletes the candidates of all, so no cloud is left
+    half-promoted. Then, only when the gate passed, each S3 location (upload, retention)."""
     from kiln import glance
 
     if not spec.targets:
@@ -862,11 +917,19 @@ def publish(build: Build, spec: PublishSpec, *, gate: Gate = manifest_gate, allo
                            "publish.targets in the spec")
     name = spec.name or build.name
     report = PublishReport()
-    for cloud in spec.glance_clouds:
-        conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
-        result = publish_glance(conn, build, spec, gate=gate, name=name, allow_withdrawn=allow_withdrawn,
-                                clouds_yaml=clouds_yaml, progress=progress)
-        kept = retain_glance(conn, name, keep=spec.keep, in_use=in_use)
+    staged: list[StagedGlance] = []
+    try:
+        for cloud in spec.glance_clouds:
+            conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
+            staged.append(stage_glance(conn, build, spec, gate=(gates or {}).get(cloud, gate), name=name,
+                                       allow_withdrawn=allow_withdrawn, clouds_yaml=clouds_yaml, progress=progress))
+    except BaseException:
+        for done in staged:
+            discard_staged(done)
+        raise
+    for done in staged:
+        result = finish_glance(done, spec)
+        kept = retain_glance(done.conn, name, keep=spec.keep, in_use=in_use)
         result.deleted_ids, result.kept_in_use_ids = kept.deleted, kept.kept_in_use
         report.glance.append(result)
         report.gate = report.gate or result.gate

@@ -54,6 +54,18 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_publish)
 
+    d = sub.add_parser("diff", help="the package diff between two builds (output dirs, manifests, S3 or Glance)",
+                       description="Packages added, removed, upgraded (old -> new) and downgraded from OLD to NEW; "
+                       "those that came from a security suite are marked. OLD and NEW: an output directory or "
+                       "manifest.json; s3://BUCKET/PREFIX/NAME (its stable build) or .../NAME/BUILD_ID; "
+                       "glance:CLOUD/NAME (the stable image, its manifest from this host's publish records).")
+    d.add_argument("old", metavar="OLD")
+    d.add_argument("new", metavar="NEW")
+    d.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    d.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
+    d.add_argument("--json", action="store_true", help="print the diff as JSON")
+    d.set_defaults(func=cmd_diff)
+
     r = sub.add_parser("rollback", help="restore the previous image of NAME in Glance",
                        description="The stable image is withdrawn (hidden, renamed NAME-withdrawn-BUILD) and the "
                        "previous one takes the stable name again.")
@@ -85,11 +97,13 @@ def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from kiln.publish import load_build, publish, terminal_progress
+    from kiln.refresh import record_published
 
     build = load_build(args.output)
     spec = spec_from_args(build.publish_spec(), args)
     report = publish(build, spec, gate=GATES[args.gate], allow_withdrawn=args.allow_withdrawn,
                      clouds_yaml=args.clouds_yaml, progress=terminal_progress)
+    record_published(build, spec.name or build.name)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
         return 0
@@ -107,6 +121,23 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"  {s.url}: {len(s.uploaded)} uploaded, {len(s.skipped)} already there, under {s.prefix}")
         if s.deleted_builds:
             print(f"    retention deleted: {', '.join(s.deleted_builds)}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from kiln.pkgdiff import package_diff
+    from kiln.refresh import manifest_of
+
+    old = manifest_of(args.old, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
+    new = manifest_of(args.new, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
+    diff = package_diff(old, new)
+    if args.json:
+        print(json.dumps(diff.as_dict(), indent=2))
+        return 0
+    print(f"kiln: {old.get('spec', {}).get('name', '?')} {diff.old_build} -> {new.get('spec', {}).get('name', '?')} "
+          f"{diff.new_build}: {diff.summary()}")
+    for line in diff.lines():
+        print(line)
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _key_file() -> Path:
-    from kiln.prefect_server import state_dir
+    from kiln.state import state_dir
 
     return state_dir() / "secret-key"
 

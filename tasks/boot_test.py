@@ -10,7 +10,7 @@ from kiln import nova
 from kiln.boottest import BootOutcome, boot_checked, boot_key
 from kiln.convert import ImageOutput
 from kiln.customize import BuildContext
-from kiln.prefect_server import state_dir
+from kiln.state import state_dir
 from tasks.common import store_key
 
 

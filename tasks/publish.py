@@ -9,8 +9,10 @@ from typing import Any
 
 from prefect import task
 
+from kiln import glance
 from kiln.glance import ChecksumMismatchError
 from kiln.publish import GATES, Gate, PublishError, PublishSpec, load_build, nova_gate, publish
+from kiln.refresh import publish_changes, record_published
 from kiln.s3 import S3ChecksumError
 from tasks.boot_test import boot_test_nova
 
@@ -26,21 +28,31 @@ def _transient(task: object, task_run: object, state: object) -> bool:
     return False
 
 
-def choose_gate(spec: PublishSpec) -> str:
-    """Nova when a Glance target's cloud has a compute endpoint (the cloud boots the candidate the way it
-    boots every image), else the verdict of kiln's local boot test recorded in the manifest."""
-    from kiln import glance
-
+def choose_gates(spec: PublishSpec, gate: str | None = None) -> dict[str, Gate]:
+    """The gate of each Glance cloud: `gate` when the build says (its boot test is the candidate's Nova
+    boot), else Nova for a cloud with a compute endpoint (it boots the candidate the way it boots every
+    image) and the verdict of kiln's local boot test recorded in the manifest for one without."""
+    chosen = {}
     for cloud in spec.glance_clouds:
-        if glance.has_compute(glance.connect(cloud)):
-            return "nova"
-    return "manifest"
+        name = gate or ("nova" if glance.has_compute(glance.connect(cloud)) else "manifest")
+        chosen[cloud] = gate_for(name)
+    return chosen
 
 
 @task(name="publish", retries=2, retry_delay_seconds=[30, 120], retry_jitter_factor=0.5,
       retry_condition_fn=_transient)
-def publish_build(output: str, spec: PublishSpec, gate: str | None = None) -> dict[str, Any]:
-    return asdict(publish(load_build(Path(output)), spec, gate=gate_for(gate or choose_gate(spec))))
+def publish_build(output: str, spec: PublishSpec, gate: str | None = None,
+                  only_changed: bool = False) -> dict[str, Any]:
+    """Publish the build in `output` to `spec`'s targets; with `only_changed` (the nightly refresh), only
+    to the targets whose stable image does not already have its content, with a package diff."""
+    build = load_build(Path(output))
+    gates = choose_gates(spec, gate)
+    local = GATES["manifest"]  # S3 alone: the verdict of the boot test the build recorded
+    if only_changed:
+        return publish_changes(build, spec, gate=local, gates=gates).as_dict()
+    report = asdict(publish(build, spec, gate=local, gates=gates))
+    record_published(build, spec.name or build.name)
+    return {"status": "published", **report}
 
 
 def gate_for(name: str) -> Gate:

@@ -99,7 +99,8 @@ def digests(path: Path) -> dict[str, str]:
 
 def manifest_for(name: str, *, build_id: str, arch: str = "amd64", boots: list[dict[str, Any]] | None = None,
                  firmware: tuple[str, ...] = ("bios", "uefi"), publish: dict[str, Any] | None = None,
-                 images: list[dict[str, Any]] | None = None, created: str | None = None) -> dict[str, Any]:
+                 images: list[dict[str, Any]] | None = None, created: str | None = None,
+                 packages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A manifest shaped like the one `kiln build` writes (the fields publishing reads, and a few more)."""
     spec: dict[str, Any] = {
         "name": name, "distro": "debian", "release": "bookworm", "arch": arch,
@@ -120,7 +121,7 @@ def manifest_for(name: str, *, build_id: str, arch: str = "amd64", boots: list[d
         "base": {"kind": "bootstrap", "key": hashlib.sha256(b"base").hexdigest(), "distro": "debian",
                  "release": "bookworm", "arch": arch},
         "disk": {"size": 4 * 1024**3},
-        "packages": [], "images": images or [], "timings": {},
+        "packages": packages or [], "images": images or [], "timings": {},
         "boot_test": boots if boots is not None else [
             {"firmware": f, "passed": True, "seconds": 95.0, "accel": "tcg"} for f in firmware],
         "published": [],
