@@ -7,6 +7,7 @@ sha256, the firmware and the boot settings. A failed boot is never stored.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -58,10 +59,16 @@ def effective_timeout(settings: BootTestSpec, arch: str) -> int:
     return settings.timeout
 
 
+BOOT_GENERATION_ENV = "KILN_BOOT_GENERATION"
+
+
 def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec) -> str:
+    """The key of a passed boot. KILN_BOOT_GENERATION, when set, is part of it: a new value boots every image
+    once more (the test suite sets a fresh one per session, so a boot it asserts on ran in that session)."""
+    generation = os.environ.get(BOOT_GENERATION_ENV, "")
     return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
                    "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
-                   "root_login": settings.root_login})
+                   "root_login": settings.root_login, **({"generation": generation} if generation else {})})
 
 
 def user_data(marker: str, *, root_password: str | None) -> str:

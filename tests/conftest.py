@@ -10,6 +10,10 @@ import pytest
 from tests import e2e
 from tests.upstream_fixtures import published, server  # noqa: F401  (fixtures of the upstream tests)
 
+# every boot a test asserts on runs in this session: a fresh boot generation makes every boot key new (a
+# second build of the same image within the session still finds its boot cached, as it should)
+os.environ.setdefault("KILN_BOOT_GENERATION", f"test-session-{os.getpid()}-{os.urandom(4).hex()}")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def session_roots(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -54,6 +54,7 @@ def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path,
     assert set(boots) == {"bios", "uefi"}
     for b in boots.values():
         assert b["passed"], b
+        assert b["cached"] is False, b  # booted in this session (its boot generation), not an old result
         # the boot disk is 1 GiB larger than the 4 GiB image: a root fs above 4 GiB was grown
         assert b["root_bytes"] > 4.2 * 1024**3, b
         assert b["disk_bytes"] - b["root_bytes"] < 0.5 * 1024**3, b
@@ -62,7 +63,46 @@ def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path,
 def test_seed_example_root_password_login(seed_build: tuple[Path, dict[str, Any], float]) -> None:
     _, m, _ = seed_build
     for b in m["boot_test"]:
-        assert b["login_ok"] is True, b
+        assert b["login_ok"] is True and b["cached"] is False, b
+
+
+def _suite_versions(mirror: str, suite: str) -> dict[str, list[str]]:
+    """Every version of every package the suite's main/binary-amd64 index offers (read as apt reads it)."""
+    import lzma
+
+    from kiln.mirror import fetch_url
+
+    versions: dict[str, list[str]] = {}
+    name = ""
+    text = lzma.decompress(fetch_url(f"{mirror}/dists/{suite}/main/binary-amd64/Packages.xz")).decode()
+    for line in text.splitlines():
+        if line.startswith("Package:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("Version:"):
+            versions.setdefault(name, []).append(line.split(":", 1)[1].strip())
+    return versions
+
+
+def test_every_package_is_at_the_newest_version_the_mirrors_suites_offer(
+        seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    """The image is built from bookworm, -updates and -security: no suite of the host's mirror offers a newer
+    version of any installed package, and the security uploads (there are always some) are in."""
+    _, m, _ = seed_build
+    suites = m["base"]["suites"]
+    assert [s["name"] for s in suites] == ["bookworm", "bookworm-updates", "bookworm-security"]
+    offered: dict[str, list[str]] = {}
+    for s in suites:
+        for name, versions in _suite_versions(s["mirror"], s["name"]).items():
+            offered.setdefault(name, []).extend(versions)
+    stale = []
+    for p in m["packages"]:
+        newer = [v for v in offered.get(p["name"], []) if subprocess.run(
+            ["dpkg", "--compare-versions", v, "gt", p["version"]]).returncode == 0]
+        if newer:
+            stale.append(f"{p['name']} {p['version']} (offered: {', '.join(newer)})")
+    assert stale == [], stale
+    assert m["security_updates"] > 0 and m["package_origins"]["bookworm-security"] == m["security_updates"]
+    assert {p["suite"] for p in m["packages"]} <= {s["name"] for s in suites}
 
 
 def test_outputs_manifest_and_checksums(seed_build: tuple[Path, dict[str, Any], float]) -> None:

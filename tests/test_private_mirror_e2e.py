@@ -38,19 +38,21 @@ def ftparchive(args: list[str], *, cwd: Path) -> str:
     return subprocess.run(["apt-ftparchive", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
 
-def publish_suite(archive: Path, suite: str, pool: str | None, key: GpgKey) -> None:
-    """dists/SUITE with main (the .debs under pool/POOL, none for None) and an empty universe, signed."""
+def publish_suite(archive: Path, suite: str, pool: str | None, key: GpgKey,
+                  components: tuple[str, ...] = ("main", "universe")) -> None:
+    """dists/SUITE with main (the .debs under pool/POOL, none for None) and the other components empty,
+    signed."""
     dists = archive / "dists" / suite
-    for component in ("main", "universe"):
+    for component in components:
         (dists / component / "binary-amd64").mkdir(parents=True, exist_ok=True)
+        (dists / component / "binary-amd64" / "Packages").write_text("")
     packages = ftparchive(["packages", f"pool/{pool}"], cwd=archive) if pool else ""
     (dists / "main" / "binary-amd64" / "Packages").write_text(packages)
-    (dists / "universe" / "binary-amd64" / "Packages").write_text("")
     for old in ("Release", "InRelease"):
         (dists / old).unlink(missing_ok=True)
     release = ftparchive(["-o", f"APT::FTPArchive::Release::Suite={suite}",
                           "-o", f"APT::FTPArchive::Release::Codename={suite}",
-                          "-o", "APT::FTPArchive::Release::Components=main universe",
+                          "-o", f"APT::FTPArchive::Release::Components={' '.join(components)}",
                           "-o", "APT::FTPArchive::Release::Architectures=amd64", "release", "."], cwd=dists)
     (dists / "Release").write_text(release)
     key.sign(dists / "Release", dists / "InRelease", clear=True)
