@@ -1,13 +1,16 @@
-"""The Prefect UI in headless Chromium: the build-image deployment's form and a finished build's summary.
+"""The Prefect UI in headless Chromium: the build-image deployment's form filled in and submitted as a
+person would, the run it started completing, and the finished build's summary.
 
-A real Prefect server on 127.0.0.1 with kiln's deployments and a process worker; one small build runs
-through the build-image deployment (as the form's Run button would start it); then Chromium (Debian's
-`chromium` and `chromium-driver`, driven by Selenium) opens the deployment's custom-run form and the
-run's summary artifact. Screenshots go to test-artifacts/ (gitignored). About 2-3 minutes here.
+A real Prefect server on 127.0.0.1 with kiln's deployments and a process worker. Chromium (Debian's
+`chromium` and `chromium-driver`, driven by Selenium) opens the deployment's custom-run form, types the
+image's name, adds its elements, sets the size and the build options (output directory, element path,
+boot test off), clicks Submit; the worker builds it; then Chromium opens the run's summary artifact.
+Screenshots go to test-artifacts/ (gitignored). About 2-3 minutes here.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -76,31 +79,94 @@ def wait_for_text(driver: object, texts: list[str], timeout: float = 90) -> str:
     raise AssertionError(f"{missing} never appeared (screenshot {shot}); page text:\n{body[:3000]}")
 
 
-def test_build_image_form_and_a_finished_runs_summary(stack: PrefectStack, browser: object, tmp_path: Path) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    spec = {"name": "ui-small", "release": "bookworm", "arch": "amd64", "elements": ["vm", "small-step"],
-            "size": 2 * 1024**3}  # the form takes bytes: see the report (ImageSpec.size schema)
-    run_id = stack.run_deployment("build-on-host/build-image", {
-        "spec": spec,
-        "options": {"output": str(tmp_path / "out"), "boot_test": False,
-                    "elements_path": [str(REPO / "tests/data/elements")]},
-    })
+class Form:
+    """The custom-run form of a deployment, found by its fields' labels (Prefect's schema form)."""
 
+    def __init__(self, driver: object) -> None:
+        self.d = driver
+
+    def field(self, label: str, *, last: bool = False) -> object:
+        """The form property labelled `label` (the first, or the last: spec fields come before options')."""
+        xpath = ("//div[contains(concat(' ', @class, ' '), ' schema-form-property ')]"
+                 f"[./div[contains(@class, 'p-label__header')]//span[normalize-space()='{label}']]")
+        found = self.d.find_elements("xpath", xpath)  # type: ignore[attr-defined]
+        assert found, f"the form has no field {label!r}"
+        return found[-1] if last else found[0]
+
+    def click(self, element: object) -> None:
+        self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)  # type: ignore[attr-defined]
+        time.sleep(0.2)
+        element.click()  # type: ignore[attr-defined]
+
+    def body(self, field: object) -> object:
+        return field.find_element("xpath", "./div[contains(@class, 'p-label__body')]")  # type: ignore[attr-defined]
+
+    def type(self, label: str, text: str, *, last: bool = False) -> None:
+        box = self.body(self.field(label, last=last)).find_elements(  # type: ignore[attr-defined]
+            "xpath", ".//textarea|.//input[not(@type='checkbox')]")[-1]
+        self.click(box)
+        box.clear()
+        box.send_keys(text)
+
+    def add_items(self, label: str, items: list[str]) -> None:
+        for item in items:
+            body = self.body(self.field(label))
+            self.click(body.find_element("xpath", ".//button[normalize-space()='Add item']"))  # type: ignore[attr-defined]
+            time.sleep(0.5)
+            self.type(label, item)
+
+    def toggle(self, label: str, *, last: bool = False) -> None:
+        self.click(self.body(self.field(label, last=last)).find_element(  # type: ignore[attr-defined]
+            "xpath", ".//label[@role='switch']"))
+
+    def button(self, text: str) -> None:
+        self.click(self.d.find_element("xpath", f"//button[normalize-space()='{text}']"))  # type: ignore[attr-defined]
+
+
+def test_build_image_form_filled_and_run_clicked_then_the_runs_summary(stack: PrefectStack, browser: object,
+                                                                        tmp_path: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    name = f"ui-form-{secrets.token_hex(3)}"
+    out = tmp_path / "out"
     dep = stack.call("GET", "/deployments/name/build-on-host/build-image")
     browser.get(f"{stack.ui_url}/deployments/deployment/{dep['id']}/run")  # type: ignore[attr-defined]
-    text = wait_for_text(browser, ["Spec", "Distro", "Release", "Arch", "Elements", "Packages"])
-    browser.save_screenshot(str(ARTIFACTS / "ui-build-image-form.png"))  # type: ignore[attr-defined]
+    text = wait_for_text(browser, ["Spec", "Distro", "Release", "Arch", "Elements", "Packages", "Submit"])
     assert "Boot Test" in text or "boot_test" in text
+    form = Form(browser)
+    form.type("Name (Optional)", name)
+    form.add_items("Elements (Optional)", ["vm", "small-step"])
+    form.type("Size (Optional)", str(2 * 1024**3))  # the form takes bytes: see the report (ImageSpec.size schema)
+    form.button("BuildOptions")  # options: None -> a form of its own
+    form.type("Output (Optional)", str(out))
+    form.add_items("Elements Path (Optional)", [str(REPO / "tests/data/elements")])
+    form.toggle("Boot Test (Optional)", last=True)  # the options' boot test switch, not the spec's section
+    browser.save_screenshot(str(ARTIFACTS / "ui-build-image-form.png"))  # type: ignore[attr-defined]
+    form.button("Submit")
+
+    deadline = time.monotonic() + 60
+    runs: list[dict[str, object]] = []
+    while not runs and time.monotonic() < deadline:
+        time.sleep(1)
+        runs = [r for r in stack.call("POST", "/flow_runs/filter",
+                                      {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
+                if (r["parameters"].get("spec") or {}).get("name") == name]
+    assert len(runs) == 1, "Submit started no run (or more than one)"
+    run_id = str(runs[0]["id"])
+    params = runs[0]["parameters"]
+    assert params["spec"]["elements"] == ["vm", "small-step"] and params["spec"]["size"] == 2 * 1024**3
+    assert params["options"]["output"] == str(out) and params["options"]["boot_test"] is False
+    assert params["options"]["elements_path"] == [str(REPO / "tests/data/elements")]
 
     run = stack.wait(run_id, timeout=1500)
     assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{stack.log_tail()}"
+    assert (out / "manifest.json").is_file() and (out / f"{name}.qcow2").is_file()
     builds = stack.child_runs(run_id)
     assert [b["name"] for b in builds] and builds[0]["state_type"] == "COMPLETED"
     [summary] = [a for a in stack.artifacts(builds[0]["id"]) if a["type"] == "markdown"]
-    assert summary["key"] == "build-ui-small"
+    assert summary["key"] == f"build-{name}"
 
     browser.get(f"{stack.ui_url}/artifacts/artifact/{summary['id']}")  # type: ignore[attr-defined]
-    text = wait_for_text(browser, ["ui-small", "ui-small.qcow2", "stage", "fetch_base", "Boot test: skipped"])
+    text = wait_for_text(browser, [name, f"{name}.qcow2", "stage", "fetch_base", "Boot test: skipped"])
     browser.save_screenshot(str(ARTIFACTS / "ui-build-summary-artifact.png"))  # type: ignore[attr-defined]
     assert "sha256" in text
 
