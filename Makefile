@@ -44,7 +44,7 @@ test-deps: $(VENV)/bin/python
 lint:
 	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks
 	$(VENV)/bin/mypy
-	shellcheck infra/openstack/*.sh infra/openstack/components/*.sh infra/s3/*.sh
+	shellcheck infra/openstack/*.sh infra/openstack/components/*.sh infra/s3/*.sh infra/prefect/*.sh
 
 ## make openstack: the single-node OpenStack on 127.0.0.1 (Keystone, Glance, RabbitMQ, placement, a Neutron API
 ## server, libvirt/QEMU, Nova); the last line printed is the clouds.yaml path (cloud kiln-dev)

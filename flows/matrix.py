@@ -60,6 +60,7 @@ from kiln.store import Store
 
 BUILD_DEPLOYMENT = "build-on-host/build-image"
 MAX_PARALLEL = 16  # cells submitted at once; the host slots decide how many really build
+HOST_LOST_RETRIES = 2  # times a cell whose run crashed (its host died, its process was killed) is built again
 RESULT_ARTIFACT = "kiln-cell-result"  # description of the table artifact a build-on-host run leaves
 SUMMARY_FILE = "matrix.json"
 
@@ -178,6 +179,24 @@ def _remote_details(flow_run_id: str) -> dict[str, Any]:
     return details
 
 
+def _run_on_a_host(cell: Cell, options: BuildOptions, deployment: str, matrix_name: str) -> FlowRun:
+    """A run of `deployment` for the cell, on whichever worker takes it. A run that crashed (the server marks
+    a run Crashed when its heartbeats stop: its host died, or its process was killed) is started again, and
+    another worker takes it; a run that failed or was cancelled is the cell's result."""
+    logger = get_run_logger()
+    for attempt in range(1 + HOST_LOST_RETRIES):
+        name = f"{matrix_name}-{cell.name}" + (f"-retry{attempt}" if attempt else "")
+        run: FlowRun = run_deployment(  # type: ignore[assignment]
+            deployment, parameters={"spec": cell.spec, "options": options}, flow_run_name=name,
+            tags=["kiln-matrix", matrix_name], timeout=None, poll_interval=3, as_subflow=True)
+        if run.state is None or not run.state.is_crashed() or attempt == HOST_LOST_RETRIES:
+            return run
+        worker = (run.labels or {}).get("prefect.worker.name") if hasattr(run, "labels") else None
+        logger.warning("cell %s: run %s crashed%s (%s); building it again on whichever worker is free", cell.name,
+                       name, f" on {worker}" if worker else "", run.state.message or "no message")
+    return run
+
+
 @task(name="cell", task_run_name="cell {cell.name}")
 def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix_name: str) -> CellResult:
     """Build one cell (here, or through `deployment` on whichever worker is free) and say how it went.
@@ -203,9 +222,7 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
         if cell.spec.secrets:
             raise MatrixError(f"cell {cell.name}: its spec has secrets, which a deployment's parameters would carry "
                               "masked; give the build hosts the values (DIB_* variables in the worker's environment)")
-        run: FlowRun = run_deployment(  # type: ignore[assignment]
-            deployment, parameters={"spec": cell.spec, "options": options}, flow_run_name=f"{matrix_name}-{cell.name}",
-            tags=["kiln-matrix", matrix_name], timeout=None, poll_interval=3, as_subflow=True)
+        run = _run_on_a_host(cell, options, deployment, matrix_name)
         assert run.state is not None
         result.status = _status(run.state)
         result.error = None if run.state.is_completed() else (run.state.message or run.state.name)

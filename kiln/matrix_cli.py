@@ -175,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.update(prefect_server.client_environment(url, state))
     serve.ensure_work_pool(url, args.pool)
+    serve.ensure_zombie_automation(url)
     if not args.no_deploy:
         print("kiln serve: registering deployments/prefect.yaml …", flush=True)
         serve.register_deployments(env)

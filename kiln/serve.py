@@ -2,6 +2,7 @@
 
     ensure_server (kiln's local server, or the PREFECT_API_URL you set)
     -> work pool `kiln` (process) with the queues `builds` and `control`     (REST API)
+    -> the automation that marks a run Crashed when its heartbeats stop     (REST API)
     -> deployments/prefect.yaml registered                                   (`prefect deploy --all`)
     -> `prefect worker start` on this host, in the foreground until Ctrl-C or SIGTERM
 
@@ -39,6 +40,12 @@ POOL = "kiln"
 QUEUES = ("builds", "control")
 DEPLOYMENTS = ("build-on-host/build-image", "build-matrix/build-matrix", "nightly-refresh/nightly-refresh")
 WORKER_STOP_GRACE = 40.0  # the worker gives its runs 30 s after SIGTERM before it kills them
+# Flow runs started by kiln's workers send a heartbeat this often (seconds; Prefect's minimum is 30) ...
+HEARTBEAT_SECONDS = 30
+# ... and one that has sent none for this long is marked Crashed by the server's automation below: its host
+# died or its process was killed. A matrix cell whose run crashed so is built again on another worker.
+ZOMBIE_AFTER_SECONDS = 90
+ZOMBIE_AUTOMATION = "kiln: crash flow runs whose host went silent"
 
 
 def api(api_url: str, method: str, path: str, body: Mapping[str, Any] | None = None, *,
@@ -87,6 +94,42 @@ def ensure_work_pool(api_url: str, pool: str = POOL, queues: Sequence[str] = QUE
             raise ServerError(f"cannot create the work queue {queue!r} of pool {pool!r}: HTTP {status}: {body}")
 
 
+def ensure_zombie_automation(api_url: str, *, within: int = ZOMBIE_AFTER_SECONDS) -> None:
+    """The server's automation that marks a flow run Crashed once its heartbeats stop (Prefect's recipe for
+    zombie flow runs): without it, the run of a build host that died stays Running forever and its matrix
+    cell never ends. Created when missing; an existing one (by name) is kept."""
+    status, found = api(api_url, "POST", "/automations/filter",
+                        {"automations": {"name": {"any_": [ZOMBIE_AUTOMATION]}}})
+    if status == 200 and any(a.get("name") == ZOMBIE_AUTOMATION for a in found or []):
+        return
+    body = {
+        "name": ZOMBIE_AUTOMATION,
+        "description": "kiln's workers start flow runs that send a heartbeat every "
+                       f"{HEARTBEAT_SECONDS} s; one silent for {within} s is marked Crashed",
+        "enabled": True,
+        "trigger": {
+            "type": "event", "posture": "Proactive", "threshold": 1, "within": within,
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                       "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {within} s: the build host died or the run's process was killed"}],
+    }
+    status, answer = api(api_url, "POST", "/automations/", body)
+    if status not in (200, 201):
+        raise ServerError(f"cannot create the automation {ZOMBIE_AUTOMATION!r}: HTTP {status}: {answer}")
+    log.info("created the automation %r", ZOMBIE_AUTOMATION)
+
+
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with what kiln's workers need: heartbeats from the flow runs they start."""
+    return {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+                                                                str(HEARTBEAT_SECONDS))}
+
+
 def register_deployments(env: Mapping[str, str], prefect_file: Path = PREFECT_FILE) -> None:
     """`prefect deploy --all` of kiln's deployments, from the repository root (the runs' working directory)."""
     run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
@@ -121,17 +164,20 @@ def worker_argv(pool: str, name: str, queues: Sequence[str], limit: int | None) 
 
 
 def start_worker(env: Mapping[str, str], *, pool: str = POOL, name: str | None = None,
-                 queues: Sequence[str] = QUEUES, limit: int | None = None, log_dir: Path) -> Worker:
+                 queues: Sequence[str] = QUEUES, limit: int | None = None, log_dir: Path,
+                 launcher: Sequence[str] = ()) -> Worker:
     """A `prefect worker start` in its own process group, its output in `<log_dir>/worker-<name>.log`.
 
     Its flow runs start in the repository (the deployments' working directory) with its environment,
-    so give it what builds need: PREFECT_API_URL, KILN_CACHE, KILN_STATE, DIB_* …"""
+    so give it what builds need: PREFECT_API_URL, KILN_CACHE, KILN_STATE, DIB_* … `launcher` runs it
+    under another command (e.g. `ip netns exec NS`, `nice -n 5`)."""
     name = name or f"kiln-{socket.gethostname().split('.')[0]}"
     log_dir.mkdir(parents=True, exist_ok=True)
     logfile = log_dir / f"worker-{name}.log"
     with open(logfile, "ab") as out:
-        proc = subprocess.Popen(worker_argv(pool, name, queues, limit), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=dict(env), cwd=REPO, process_group=0)
+        proc = subprocess.Popen([*launcher, *worker_argv(pool, name, queues, limit)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=worker_environment(env), cwd=REPO,
+                                process_group=0)
     log.info("started worker %s (pid %d) on pool %s, queues %s; log %s", name, proc.pid, pool, ",".join(queues),
              logfile)
     return Worker(name, proc, logfile, tuple(queues))

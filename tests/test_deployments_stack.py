@@ -56,12 +56,14 @@ class PrefectStack:
 
     def deploy(self) -> dict[str, dict[str, Any]]:
         serve.ensure_work_pool(self.url)
+        serve.ensure_zombie_automation(self.url)
         serve.register_deployments(self.env())
         return serve.deployments(self.url)
 
     def worker(self, name: str, *, queues: tuple[str, ...] = serve.QUEUES, limit: int | None = None,
-               **env: str) -> serve.Worker:
-        w = serve.start_worker(self.env(**env), name=name, queues=queues, limit=limit, log_dir=self.root / "logs")
+               launcher: tuple[str, ...] = (), **env: str) -> serve.Worker:
+        w = serve.start_worker(self.env(**env), name=name, queues=queues, limit=limit, log_dir=self.root / "logs",
+                               launcher=launcher)
         self.workers.append(w)
         serve.wait_worker_ready(w, self.url)
         return w

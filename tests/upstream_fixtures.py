@@ -239,8 +239,9 @@ class Seen:
 class FixtureServer:
     """A threaded HTTP server on 127.0.0.1 serving `root`, with Range support and injectable faults."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         self.root = root
+        self.host = host
         self.requests: list[Seen] = []
         self.truncate_once: set[str] = set()  # paths whose next body stops halfway
         self.statuses: dict[str, list[int]] = {}  # paths -> statuses to answer before the file
@@ -261,14 +262,14 @@ class FixtureServer:
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # the cut-off responses end in broken pipes on purpose
 
-        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd = Server((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fixture-http", daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+        return f"http://{self.host}:{self.port}/{path.lstrip('/')}"
 
     def seen(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path == "/" + path.lstrip("/")]

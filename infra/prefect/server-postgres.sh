@@ -1,69 +1,109 @@
 #!/bin/bash
-# A production Prefect server for kiln: PostgreSQL-backed, reachable by the build hosts.
-# Run as root on the server host (Debian 12). Idempotent: a second run changes nothing that exists.
+# A production Prefect server for kiln: PostgreSQL-backed (Debian's postgresql), reachable by the build
+# hosts. Run as root on the server host (Debian 12). Idempotent: a second run changes nothing that exists.
 #
-#   KILN_PREFECT_HOST   address the server listens on (default 0.0.0.0; the UI and workers use it)
+#   infra/prefect/server-postgres.sh          install (once) and start; prints the API URL as its last line
+#   infra/prefect/server-postgres.sh stop     stop the server it started (not PostgreSQL)
+#
+#   KILN_PREFECT_HOST   address the server listens on (default 127.0.0.1: put the address the build hosts
+#                       reach, or a TLS proxy in front; never an address you do not mean to expose)
 #   KILN_PREFECT_PORT   port (default 4200)
-#   KILN_PREFECT_URL    URL the browsers and workers use (default http://$(hostname -f):PORT/api)
-#   KILN_DB_PASSWORD    password of the database role `prefect` (default: generated once, kept in
-#                       /etc/kiln/prefect-server.env)
+#   KILN_PREFECT_URL    URL the browsers and workers use (default http://HOST:PORT/api)
+#   KILN_DB_NAME        the database (default prefect); the role is `prefect`
+#   KILN_DB_PASSWORD    password of the database role (default: generated once, kept in the env file)
+#   KILN_PREFECT_ENV    the server's environment file (default /etc/kiln/prefect-server.env, mode 0600)
+#   KILN_PREFECT_HOME   its PREFECT_HOME (default /var/lib/kiln/prefect-server)
+#   KILN_PREFECT_LOG    its log without systemd (default /var/log/kiln/prefect-server.log)
 #   KILN_VENV           virtualenv with kiln (and so prefect 3.9.1) installed (default /opt/kiln/.venv)
 #
-# It installs PostgreSQL, creates the role and database, writes /etc/kiln/prefect-server.env and
-# either installs the systemd unit (when systemd runs) or starts the server in the background with
-# its log in /var/log/kiln/prefect-server.log.
+# It installs PostgreSQL and creates its cluster when missing, creates the role and database, writes the
+# env file and either installs the systemd unit (when systemd runs) or starts the server in the
+# background (its pid beside the env file).
 set -euo pipefail
 
-HOST=${KILN_PREFECT_HOST:-0.0.0.0}
+HOST=${KILN_PREFECT_HOST:-127.0.0.1}
 PORT=${KILN_PREFECT_PORT:-4200}
-URL=${KILN_PREFECT_URL:-http://$(hostname -f):${PORT}/api}
+URL=${KILN_PREFECT_URL:-http://${HOST}:${PORT}/api}
+DB=${KILN_DB_NAME:-prefect}
 VENV=${KILN_VENV:-/opt/kiln/.venv}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ENV_FILE=/etc/kiln/prefect-server.env
+ENV_FILE=${KILN_PREFECT_ENV:-/etc/kiln/prefect-server.env}
+PREFECT_HOME_DIR=${KILN_PREFECT_HOME:-/var/lib/kiln/prefect-server}
+LOG=${KILN_PREFECT_LOG:-/var/log/kiln/prefect-server.log}
+PID_FILE=${ENV_FILE%.env}.pid
 
-if ! command -v pg_ctlcluster >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+say() { echo "server-postgres: $*" >&2; }
+
+if [[ ${1:-} == stop ]]; then
+    if [[ -f $PID_FILE ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+        pid=$(cat "$PID_FILE")
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+        for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        say "stopped the Prefect server (pid $pid)"
+    fi
+    rm -f "$PID_FILE"
+    exit 0
 fi
-pg_ctlcluster --skip-systemctl-redirect 15 main start 2>/dev/null || true   # no-op when it runs
 
-mkdir -p /etc/kiln /var/log/kiln
-if [ ! -f "$ENV_FILE" ]; then
+if ! command -v pg_ctlcluster >/dev/null || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    say "installing PostgreSQL"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >&2
+fi
+PG_VERSION=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -type d -printf "%f\n" | sort -V | tail -1)
+if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$PG_VERSION main"; then
+    say "creating the PostgreSQL $PG_VERSION cluster main"
+    pg_createcluster "$PG_VERSION" main >&2
+fi
+pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start 2>/dev/null || true   # no-op when it runs
+for _ in $(seq 1 60); do runuser -u postgres -- pg_isready -q && break; sleep 0.5; done
+runuser -u postgres -- pg_isready -q || { say "PostgreSQL $PG_VERSION main does not answer"; exit 1; }
+
+mkdir -p "$(dirname "$ENV_FILE")" "$(dirname "$LOG")" "$PREFECT_HOME_DIR"
+if [[ ! -f $ENV_FILE ]]; then
     PASSWORD=${KILN_DB_PASSWORD:-$(head -c 18 /dev/urandom | base64 | tr -d '/+=')}
-    umask 077
-    cat > "$ENV_FILE" <<ENV
-PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:${PASSWORD}@127.0.0.1:5432/prefect
+    (
+        umask 077
+        cat > "$ENV_FILE" <<ENV
+PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:${PASSWORD}@127.0.0.1:5432/${DB}
 PREFECT_SERVER_API_HOST=${HOST}
 PREFECT_SERVER_API_PORT=${PORT}
 PREFECT_UI_API_URL=${URL}
-PREFECT_HOME=/var/lib/kiln/prefect-server
+PREFECT_HOME=${PREFECT_HOME_DIR}
 DO_NOT_TRACK=1
 PREFECT_SERVER_ANALYTICS_ENABLED=false
 ENV
+    )
 fi
 PASSWORD=$(sed -n 's|.*://prefect:\([^@]*\)@.*|\1|p' "$ENV_FILE")
+DB=$(sed -n 's|.*@127.0.0.1:5432/\(.*\)$|\1|p' "$ENV_FILE")
 runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='prefect'" | grep -q 1 \
     || runuser -u postgres -- psql -qc "CREATE ROLE prefect LOGIN PASSWORD '${PASSWORD}'"
-runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='prefect'" | grep -q 1 \
-    || runuser -u postgres -- createdb -O prefect prefect
-mkdir -p /var/lib/kiln/prefect-server
+runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='${DB}'" | grep -q 1 \
+    || runuser -u postgres -- createdb -O prefect "$DB"
+HOST=$(sed -n 's|^PREFECT_SERVER_API_HOST=||p' "$ENV_FILE")
+PORT=$(sed -n 's|^PREFECT_SERVER_API_PORT=||p' "$ENV_FILE")
+URL=$(sed -n 's|^PREFECT_UI_API_URL=||p' "$ENV_FILE")
 
-if [ -d /run/systemd/system ]; then
-    sed "s|@VENV@|${VENV}|g" "$HERE/systemd/kiln-prefect-server.service" > /etc/systemd/system/kiln-prefect-server.service
+healthy() { curl -fsS --noproxy '*' "http://${HOST}:${PORT}/api/health" >/dev/null 2>&1; }
+if [[ -d /run/systemd/system ]]; then
+    sed -e "s|@VENV@|${VENV}|g" -e "s|@ENV_FILE@|${ENV_FILE}|g" "$HERE/systemd/kiln-prefect-server.service" \
+        > /etc/systemd/system/kiln-prefect-server.service
     systemctl daemon-reload
     systemctl enable --now kiln-prefect-server.service
-else
-    if ! curl -fsS "http://127.0.0.1:${PORT}/api/health" >/dev/null 2>&1; then
-        set -a; . "$ENV_FILE"; set +a
-        setsid "$VENV/bin/prefect" server start --host "$HOST" --port "$PORT" \
-            >>/var/log/kiln/prefect-server.log 2>&1 < /dev/null &
-        echo $! > /run/kiln-prefect-server.pid
-    fi
+elif ! healthy; then
+    (
+        set -a
+        # shellcheck source=/dev/null
+        . "$ENV_FILE"
+        set +a
+        exec setsid "$VENV/bin/prefect" server start --host "$HOST" --port "$PORT" >>"$LOG" 2>&1 </dev/null
+    ) &
+    echo $! > "$PID_FILE"
 fi
-for _ in $(seq 1 120); do
-    curl -fsS "http://127.0.0.1:${PORT}/api/health" >/dev/null 2>&1 && break
-    sleep 1
-done
-curl -fsS "http://127.0.0.1:${PORT}/api/health" >/dev/null || { echo "the Prefect server did not answer" >&2; exit 1; }
-echo "Prefect server (PostgreSQL) on ${URL%/api}; register kiln's deployments from a checkout with:"
-echo "  PREFECT_API_URL=${URL} prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml"
+for _ in $(seq 1 180); do healthy && break; sleep 1; done
+healthy || { say "the Prefect server did not answer on ${HOST}:${PORT}; see $LOG"; exit 1; }
+say "Prefect server (PostgreSQL database ${DB}) on ${URL%/api}; register kiln's deployments from a checkout with:"
+say "  PREFECT_API_URL=${URL} prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml"
+echo "$URL"

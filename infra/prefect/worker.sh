@@ -17,8 +17,15 @@ QUEUES=${KILN_WORKER_QUEUES:-builds}
 NAME=${KILN_WORKER_NAME:-kiln-$(hostname -s)}
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
 export PREFECT_LOGGING_EXTRA_LOGGERS=kiln PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
+# flow runs send heartbeats; the server's automation (created below, once) marks a silent one Crashed, and a
+# matrix cell whose host died is built again on another host
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}
 args=(worker start --pool kiln --type process --name "$NAME")
 for q in ${QUEUES//,/ }; do args+=(--work-queue "$q"); done
 [ -n "${KILN_WORKER_LIMIT:-}" ] && args+=(--limit "$KILN_WORKER_LIMIT")
 cd "$KILN_DIR"
+"$KILN_DIR/.venv/bin/python" -c 'import os
+from kiln import serve
+serve.ensure_work_pool(os.environ["PREFECT_API_URL"])
+serve.ensure_zombie_automation(os.environ["PREFECT_API_URL"])'
 exec "$KILN_DIR/.venv/bin/prefect" "${args[@]}"
