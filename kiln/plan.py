@@ -19,10 +19,11 @@ from pathlib import Path
 
 from kiln import bootstrap, elements, packages, suites
 from kiln.errors import ElementError
-from kiln.mirror import release_digest, resolve_mirror, resolve_security_mirror
+from kiln.mirror import resolve_mirror, resolve_security_mirror
 from kiln.run import redact_value
 from kiln.secrets import secret_digest
 from kiln.spec import ImageSpec
+from kiln.suites import suite_digest
 from kiln.upstream import PinnedBase, base_key_fields, pin_base, resolve_base
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -168,7 +169,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
                                                       mirror=mirror)
             env["DIB_DEBIAN_SECURITY_MIRROR"] = security_mirror
         sources = suites.suite_sources(spec.release, suite_names, mirror=mirror, security_mirror=security_mirror,
-                                       digest=release_digest)
+                                       components=bootstrap.components(spec.distro.value), arch=spec.arch.value,
+                                       digest=suite_digest)
         env.update(image_apt_env(spec, sources, security_mirror))
     if library:
         env["_LIB"] = str(library[0].parent / "lib")  # DIB's own shell library, which some of its elements source

@@ -1,8 +1,10 @@
 """The suites a bootstrapped image is built from, and the apt sources it leaves in the image.
 
 A Debian image comes from `<release>`, `<release>-updates` and `<release>-security`; an Ubuntu image from
-the release and its `-updates` and `-security` pockets. Every suite's InRelease digest is part of the base
-key, so a new upload to any of them makes a new base; apt takes each package at its newest version
+the release and its `-updates` and `-security` pockets. Every suite's digest is part of the base key: the
+checksums its InRelease lists for the package indices the build reads (its components, for the image's
+architecture and `all`), so a new upload to any of them makes a new base, and a republished InRelease
+with nothing new (a new Date, a new signature) does not. apt takes each package at its newest version
 among them. The image's own apt sources are deb822 `.sources` files naming the same suites, signed by the
 distribution's keyring, at the mirror the spec names for the image.
 
@@ -45,7 +47,7 @@ class SuiteSource:
 
     name: str
     mirror: str
-    digest: str = ""  # sha256 of its InRelease (or Release) at plan time
+    digest: str = ""  # of its package indices' checksums as its InRelease listed them at plan time
 
     @property
     def security(self) -> bool:
@@ -81,14 +83,32 @@ def opted_out(release: str, suites: Sequence[str]) -> list[str]:
     return [s for s in default_suites(release) if s not in suites]
 
 
+def index_digest(release: bytes, components: Sequence[str], arch: str) -> str:
+    """sha256 of the SHA256 entries a Release/InRelease file lists for the package indices of `components`
+    (binary-ARCH and binary-all): what changes when a package is uploaded, and only then. A file that lists
+    none is taken whole."""
+    wanted = tuple(f"{c}/binary-{a}/Packages" for c in components for a in (arch, "all"))
+    entries = sorted(f"{sha} {size} {path}" for path, (sha, size) in _release_hashes(release).items()
+                     if path.startswith(wanted))
+    if not entries:
+        return hashlib.sha256(release).hexdigest()
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def suite_digest(mirror: str, suite: str, *, components: Sequence[str], arch: str) -> str:
+    return index_digest(release_file(mirror, suite), components, arch)
+
+
 def suite_sources(release: str, suites: Sequence[str], *, mirror: str, security_mirror: str,
-                  digest: Callable[[str, str], str] | None = None) -> tuple[SuiteSource, ...]:
-    """Each suite with its mirror (security suites on the security mirror) and its InRelease digest."""
+                  components: Sequence[str] = ("main",), arch: str = "amd64",
+                  digest: Callable[..., str] | None = None) -> tuple[SuiteSource, ...]:
+    """Each suite with its mirror (security suites on the security mirror) and its digest (`suite_digest`)."""
+    digest = digest or suite_digest
     out = []
     for name in suites:
         where = security_mirror if name.endswith("-" + SECURITY_POCKET) else mirror
         try:
-            value = digest(where, name) if digest else hashlib.sha256(release_file(where, name)).hexdigest()
+            value = digest(where, name, components=components, arch=arch)
         except MirrorUnavailable as exc:
             if name == release:
                 raise
@@ -143,13 +163,10 @@ _DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-def _packages_index(suite: SuiteSource, component: str, arch: str) -> bytes | None:
-    """The suite's Packages index for one component, verified against its InRelease; None where the suite
-    has none for it. An index whose digest does not match is an error (the mirror changed under the build
-    or lies)."""
-    release = release_file(suite.mirror, suite.name)
-    if suite.digest and hashlib.sha256(release).hexdigest() != suite.digest:
-        log.warning("suites: %s's InRelease changed since the plan; origins follow the newer one", suite.name)
+def _packages_index(suite: SuiteSource, release: bytes, component: str, arch: str) -> bytes | None:
+    """The suite's Packages index for one component, verified against its InRelease (`release`); None where
+    the suite has none for it. An index whose digest does not match is an error (the mirror changed under
+    the build or lies)."""
     listed = _release_hashes(release)
     for ext, decompress in _DECOMPRESS.items():
         path = f"{component}/binary-{arch}/Packages{ext}"
@@ -190,8 +207,11 @@ def package_origins(packages: Sequence[dict[str, Any]], suites: Sequence[SuiteSo
     found: list[tuple[str, set[tuple[str, str]]]] = []
     for suite in pockets:
         versions: set[tuple[str, str]] = set()
+        listing = release_file(suite.mirror, suite.name)
+        if suite.digest and index_digest(listing, components, arch) != suite.digest:
+            log.warning("suites: %s has new uploads since the plan; origins follow the newer indices", suite.name)
         for component in components:  # binary-ARCH lists the Architecture: all packages too
-            index = _packages_index(suite, component, arch)
+            index = _packages_index(suite, listing, component, arch)
             if index is not None:
                 versions |= _versions(index)
         found.append((suite.name, versions))

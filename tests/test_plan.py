@@ -21,7 +21,7 @@ def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec
 @pytest.fixture(autouse=True)
 def fake_release_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     """The plan reads the mirror's InRelease; these tests have no mirror (test_mirror.py serves a real one)."""
-    monkeypatch.setattr("kiln.plan.release_digest", lambda mirror, release: f"{mirror}|{release}")
+    monkeypatch.setattr("kiln.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
 
 
 @pytest.fixture

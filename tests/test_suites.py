@@ -136,3 +136,20 @@ def test_an_index_that_does_not_match_its_inrelease_is_refused(tmp_path: Path) -
                             components=["main"])
     finally:
         server.close()
+
+
+def test_the_suite_digest_follows_its_package_indices_not_the_inrelease_date() -> None:
+    """A republished InRelease (new Date, new signature) with the same indices keeps the base; an upload
+    (a changed Packages checksum for the build's components and arch) makes a new one."""
+    from kiln.suites import index_digest
+
+    def release(date: str, main: str, contrib: str = "c0") -> bytes:
+        return (f"Suite: bookworm-security\nDate: {date}\nSHA256:\n {main} 10 main/binary-amd64/Packages.xz\n"
+                f" {contrib} 10 contrib/binary-amd64/Packages.xz\n {main}0 9 main/binary-arm64/Packages.xz\n"
+                f" aa 3 main/i18n/Translation-en.bz2\n").encode()
+
+    base = index_digest(release("Sat, 05 Dec 2026", "m1"), ["main"], "amd64")
+    assert index_digest(release("Sun, 06 Dec 2026", "m1"), ["main"], "amd64") == base
+    assert index_digest(release("Sun, 06 Dec 2026", "m1", contrib="c1"), ["main"], "amd64") == base
+    assert index_digest(release("Sun, 06 Dec 2026", "m2"), ["main"], "amd64") != base
+    assert index_digest(b"Date: 1\n", ["main"], "amd64") != index_digest(b"Date: 2\n", ["main"], "amd64")
