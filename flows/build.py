@@ -48,8 +48,8 @@ def _boot_in_nova(stages: Stages, spec: ImageSpec, output: str) -> BootOutcome:
     bt = spec.boot_test
     result = _stage(stages, "boot_test nova", boot_test_nova, bt.cloud, None, output=output, flavor=bt.flavor,
                     network=bt.network, timeout=bt.timeout)
-    firmware = "uefi" if spec.arch.value == "arm64" else "bios"  # what Nova boots a BIOS+UEFI disk with
-    return nova_outcome(result, firmware=firmware, console_log=Path(output) / "boot-nova-console.log")
+    # what the cloud booted it with, as the guest's kernel reported it (not what kiln expected)
+    return nova_outcome(result, firmware=result.firmware, console_log=Path(output) / "boot-nova-console.log")
 
 
 @flow(name="build-image", log_prints=True, persist_result=True)

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -80,6 +81,9 @@ class NovaSettings:
     boot_timeout: int = DEFAULT_BOOT_TIMEOUT
 
 
+EFI_RE = re.compile(r"\befi: EFI v\d")
+
+
 @dataclass(frozen=True)
 class NovaBootResult:
     passed: bool
@@ -93,6 +97,12 @@ class NovaBootResult:
     root_bytes: int | None
     disk_bytes: int | None
     console: str = field(repr=False)
+
+    @property
+    def firmware(self) -> str:
+        """What the cloud booted the image with, as the guest's kernel saw it: `uefi` when it reported EFI
+        (Linux prints "efi: EFI v…" booted from UEFI firmware), else `bios`."""
+        return "uefi" if EFI_RE.search(self.console) else "bios"
 
 
 def cloud_label(conn: openstack.connection.Connection) -> str:

@@ -1,4 +1,4 @@
-"""The Nova boot gate against the real single-node OpenStack of infra/openstack (opt-in: KILN_TEST_NOVA=1).
+"""The Nova boot gate against the real single-node OpenStack of infra/openstack (in `make test`).
 
 The default image is published as a candidate, booted in Nova until its console shows the boot test's
 marker and cloud-init's end, and promoted; an image that cannot boot is rejected with the console's tail
@@ -7,6 +7,7 @@ and never promoted. No server outlives a test.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 
 from kiln import glance, nova
-from kiln.publish import GATES, PublishSpec, load_build, managed_images, publish, status_of
+from kiln.publish import GATES, PublishSpec, load_build, managed_images, no_gate, publish, status_of
 from kiln.qemu import FINISHED_RE
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled, unbootable_build
+from tests.publish.conftest import digests
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not nova_enabled(), reason=SKIP_REASON)]
 
@@ -96,3 +98,64 @@ def test_boot_test_cli_boots_a_build_in_nova_and_deletes_what_it_made(nova_stack
     assert "Traceback" not in proc.stderr
     assert {i.id for i in glance.list_images(nova_conn)} == before
     assert nova.leftover_servers(nova_conn) == []
+
+
+def test_the_default_image_boots_under_uefi_in_nova(nova_stack: NovaStack, nova_conn: Any, default_build: Path,
+                                                   nova_image_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image asks the cloud for UEFI (hw_firmware_type=uefi, q35) through the spec's publish properties:
+    Nova's libvirt picks OVMF from the host's firmware descriptors, and the guest's kernel says it booted
+    from EFI; the boot gate reports the firmware it saw, not one it assumed."""
+    seen: list[nova.NovaBootResult] = []
+    real_boot_test = nova.boot_test
+
+    def spy(*args: Any, **kwargs: Any) -> nova.NovaBootResult:
+        seen.append(real_boot_test(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(nova, "boot_test", spy)
+    spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name,
+                       properties={"hw_firmware_type": "uefi", "hw_machine_type": "q35"})
+    report = publish(load_build(default_build), spec, gate=GATES["nova"], clouds_yaml=nova_stack.clouds_yaml)
+    assert len(seen) == 1 and seen[0].passed
+    assert seen[0].firmware == "uefi", [line for line in seen[0].console.splitlines() if "efi" in line.lower()][:20]
+    assert FINISHED_RE.search(seen[0].console)
+    [result] = report.glance
+    [stable] = [i for i in managed_images(nova_conn, nova_image_name) if status_of(i) == "stable"]
+    assert stable.id == result.image_id and stable.properties.get("hw_firmware_type") == "uefi"
+    assert nova.leftover_servers(nova_conn) == []
+
+
+def test_retention_keeps_an_image_a_server_in_nova_runs_on(nova_stack: NovaStack, nova_conn: Any,
+                                                          nova_image_name: str, tmp_path: Path) -> None:
+    """keep=1 wants every older image gone; the one a real Nova server was created from stays (and goes at
+    the first publish after the server is deleted)."""
+    spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name, keep=1)
+
+    def build(n: int) -> Any:
+        out = unbootable_build(tmp_path / f"b{n}", nova_image_name)
+        disk = out / f"{nova_image_name}.qcow2"  # blank disks are all alike: write one byte so each differs
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {n} 0 512", str(disk)], check=True,
+                       capture_output=True)
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["images"][0].update({"size": disk.stat().st_size, **digests(disk)})
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        (out / "SHA256SUMS").write_text(f"{manifest['images'][0]['sha256']}  {disk.name}\n")
+        return load_build(out)
+
+    first = publish(build(1), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml).glance[0].image_id
+    flavor = nova.pick_flavor(nova_conn, None, min_ram=0, min_disk=1)
+    server = nova_conn.compute.create_server(name=f"kiln-test-in-use-{nova_image_name}", image_id=first,
+                                             flavor_id=flavor.id, networks="none")
+    try:
+        nova_conn.compute.wait_for_server(server, status="ACTIVE", wait=600)
+        assert glance.servers_using(nova_conn, first) == [server.id]
+        second = publish(build(2), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml).glance[0]
+        third = publish(build(3), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml).glance[0]
+        assert first in second.kept_in_use_ids + third.kept_in_use_ids
+        assert second.image_id in third.deleted_ids  # not in use: retention took it
+        assert nova_conn.image.find_image(first, ignore_missing=True) is not None
+    finally:
+        nova.delete_servers(nova_conn, [server.id], name=server.name)
+    fourth = publish(build(4), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml).glance[0]
+    assert first in fourth.deleted_ids
+    assert nova_conn.image.find_image(first, ignore_missing=True) is None

@@ -269,3 +269,12 @@ def test_a_nova_boot_test_needs_a_cloud_to_boot_in() -> None:
     assert spec_from_dict({"boot_test": {"backend": "nova", "cloud": "c"}}, "s").boot_test.cloud == "c"
     assert spec_from_dict({"boot_test": {"backend": "nova"}, "publish": {"targets": ["glance:c"]}}, "s")
     assert spec_from_dict({"boot_test": {"backend": "nova", "enabled": False}}, "s")  # nothing to boot
+
+
+def test_the_firmware_of_a_nova_boot_is_what_the_guest_reported() -> None:
+    def result(console: str) -> nova.NovaBootResult:
+        return nova.NovaBootResult(True, "c", "i", "s", "f", "none", 1.0, 2.0, None, None, console)
+
+    assert result("[    0.000000] efi: EFI v2.7 by EDK II\n").firmware == "uefi"
+    assert result("[    0.000000] BIOS-provided physical RAM map:\n").firmware == "bios"
+    assert result("").firmware == "bios"
