@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,56 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for store_dir in [cache, *cache.parent.glob(cache.name + "-*")]:
         if (store_dir / "entries").is_dir():
             Store(store_dir).gc(parse_size("6G"))
+
+
+# ----------------------------------------------------------------------- a real build, shared by the suite
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default image, built without its QEMU boot test (or served from the test store's cache): an
+    output directory as `kiln build -o` leaves it."""
+    out = tmp_path_factory.mktemp("default-build") / "output"
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "images/debian-12.yaml", "--no-boot-test",
+                           "-o", str(out)], cwd=e2e.REPO, env=e2e.kiln_env(), capture_output=True, text=True,
+                          timeout=3000)
+    assert proc.returncode == 0, f"kiln build failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_raw(default_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default image as a raw disk (a sparse copy converted from its qcow2)."""
+    raw = tmp_path_factory.mktemp("default-raw") / "debian-12-amd64.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(default_build / "debian-12-amd64.qcow2"), str(raw)],
+                   check=True)
+    return raw
+
+
+def _root_offset(raw: Path) -> int:
+    out = subprocess.run(["sgdisk", "-i", "1", str(raw)], capture_output=True, text=True, check=True).stdout
+    first = next(line for line in out.splitlines() if line.startswith("First sector"))
+    return int(first.split(":")[1].split()[0]) * 512
+
+
+@pytest.fixture(scope="session")
+def default_tree(default_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default image's root file system as a plain directory tree (copied out of a read-only loop mount,
+    which is gone before the tree is used)."""
+    base = tmp_path_factory.mktemp("default-tree")
+    mnt, tree = base / "mnt", base / "tree"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", f"ro,loop,nosuid,nodev,offset={_root_offset(default_raw)}", str(default_raw),
+                    str(mnt)], check=True)
+    try:
+        subprocess.run(["cp", "-a", f"{mnt}/.", str(tree)], check=True)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    yield tree
+
+
+@pytest.fixture(scope="session")
+def default_kernel(default_tree: Path) -> Path:
+    """The default image's kernel (vmlinuz), as a file."""
+    [kernel] = sorted((default_tree / "boot").glob("vmlinuz-*"))
+    return kernel

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -30,6 +31,8 @@ from kiln.qemu import (
     serial_tail,
 )
 from kiln.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
+
+from tests.test_build_e2e import seed_build  # noqa: F401  (a real image that lets root in)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -440,21 +443,19 @@ def test_boot_interrupted_kills_qemu(tmp_path: Path, sig: signal.Signals) -> Non
 
 
 @pytest.mark.slow
-def test_probe_logic_with_real_kernel() -> None:
-    """The probe's verdict logic, run under TCG (which always works) with KILN_TEST_KERNEL."""
-    kernel = os.environ.get("KILN_TEST_KERNEL")
-    if not kernel:
-        pytest.skip("KILN_TEST_KERNEL is not set")
+def test_probe_logic_with_real_kernel(default_kernel: Path) -> None:
+    """The probe's verdict logic, run under TCG (which always works) with the default image's kernel (or
+    KILN_TEST_KERNEL)."""
+    kernel = os.environ.get("KILN_TEST_KERNEL") or str(default_kernel)
     ok, detail = qemu._probe_kvm(Path(kernel), 60, accel="tcg")
     assert ok, detail
 
 
 @pytest.mark.slow
-def test_boot_real_image_bios(tmp_path: Path) -> None:
-    """Boot KILN_TEST_IMAGE under SeaBIOS: cloud-init ends, root grown, login works, nothing left running."""
-    image = os.environ.get("KILN_TEST_IMAGE")
-    if not image:
-        pytest.skip("KILN_TEST_IMAGE is not set")
+def test_boot_real_image_bios(tmp_path: Path, seed_build: tuple[Path, dict[str, Any], float]) -> None:  # noqa: F811
+    """Boot the seed example's image (it lets root in with a password; or KILN_TEST_IMAGE) under SeaBIOS:
+    cloud-init ends, root grown, login works, nothing left running."""
+    image = os.environ.get("KILN_TEST_IMAGE") or str(seed_build[0] / "debian-12-seed-example.qcow2")
     image_path = Path(image)
     mtime = image_path.stat().st_mtime_ns
     marker = f"kiln-{uuid.uuid4().hex[:12]}"

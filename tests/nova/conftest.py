@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +24,7 @@ import pytest
 
 from kiln import glance, nova
 from kiln.run import run
-from tests.e2e import REPO, kiln_env, started_by_us
+from tests.e2e import REPO, started_by_us
 from tests.publish.conftest import digests, manifest_for
 
 NOVA_SWITCH = "KILN_TEST_NOVA"
@@ -66,16 +64,6 @@ def nova_image_name(nova_conn: Any) -> Iterator[str]:
     for image in glance.list_images(nova_conn, {"kiln_name": name}):
         glance.delete_image(nova_conn, image)
     assert nova.leftover_servers(nova_conn) == []
-
-
-@pytest.fixture(scope="package")
-def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default image, built without its QEMU boot test (or served from kiln's cache)."""
-    out = tmp_path_factory.mktemp("nova-build") / "output"
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "images/debian-12.yaml", "--no-boot-test",
-                           "-o", str(out)], cwd=REPO, env=kiln_env(), capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, f"kiln build failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out
 
 
 def unbootable_build(out: Path, name: str, *, timeout: int = 60) -> Path:

@@ -163,13 +163,3 @@ def make_build(tmp_path: Path) -> MakeBuild:
         return out
 
     return make
-
-
-def real_build_output() -> Path | None:
-    """A real `kiln build` output directory, if this machine has one (KILN_TEST_BUILD_OUTPUT, ./output,
-    /tmp/kbuild/output)."""
-    candidates = [os.environ.get("KILN_TEST_BUILD_OUTPUT"), str(ROOT / "output"), "/tmp/kbuild/output"]
-    for c in candidates:
-        if c and (Path(c) / "manifest.json").is_file() and (Path(c) / "SHA256SUMS").is_file():
-            return Path(c)
-    return None

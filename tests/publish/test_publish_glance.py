@@ -29,7 +29,7 @@ from kiln.publish import (
     status_of,
 )
 from kiln.run import run
-from tests.publish.conftest import MakeBuild, OpenStack, digests, real_build_output
+from tests.publish.conftest import MakeBuild, OpenStack, digests
 
 pytestmark = pytest.mark.slow
 
@@ -295,11 +295,9 @@ def test_kiln_publish_and_kiln_rollback_on_the_command_line(conn: Any, openstack
     assert glance.get_image(conn, report["glance"][0]["previous_id"]).name == image_name
 
 
-def test_a_real_kiln_build_publishes_and_downloads_streamed(conn: Any, image_name: str, tmp_path: Path) -> None:
-    out = real_build_output()
-    if out is None:
-        pytest.skip("no kiln build output on this machine (set KILN_TEST_BUILD_OUTPUT to one)")
-    build = load_build(out)
+def test_a_real_kiln_build_publishes_and_downloads_streamed(conn: Any, image_name: str, tmp_path: Path,
+                                                           default_build: Path) -> None:
+    build = load_build(default_build)
     report = publish_glance(conn, build, _spec(), gate=lambda c: GateResult(True, "gated by the build's own test"),
                             name=image_name)
     image = glance.get_image(conn, report.image_id)

@@ -24,7 +24,7 @@ from kiln.publish import (
     retain_s3,
     s3_versions,
 )
-from tests.publish.conftest import MakeBuild, real_build_output
+from tests.publish.conftest import MakeBuild
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
@@ -144,11 +144,8 @@ def test_publish_to_s3_alone_still_runs_the_gate(s3_client: Any, bucket: str, ma
     assert len(report.s3[0].uploaded) == 3
 
 
-def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str) -> None:
-    out = real_build_output()
-    if out is None:
-        pytest.skip("no kiln build output on this machine (set KILN_TEST_BUILD_OUTPUT to one)")
-    build = load_build(out)
+def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_build: Path) -> None:
+    build = load_build(default_build)
     report = publish_s3(s3_client, s3.parse_s3_url(f"s3://{bucket}/real"), build)
     key = f"real/{build.name}/{build.build_id}/{build.images[0].path.name}"
     assert key in report.uploaded
