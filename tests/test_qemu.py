@@ -31,7 +31,6 @@ from kiln.qemu import (
     serial_tail,
 )
 from kiln.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
-
 from tests.test_build_e2e import seed_build  # noqa: F401  (a real image that lets root in)
 
 REPO = Path(__file__).resolve().parents[1]
