@@ -33,9 +33,10 @@ def components(distro: str) -> tuple[str, ...]:
 
 def always_included(distro: str) -> tuple[str, ...]:
     """Packages the bootstrap asks for by name: mmdebstrap's minbase takes apt only where the archive
-    gives it Priority: required, as Debian's does; for Ubuntu kiln names it, as debootstrap's minbase
+    gives it Priority: required (Debian's does; Ubuntu's and a private archive without override files
+    may not), and every element installs its packages with it; kiln names it, as debootstrap's minbase
     does (it costs nothing where the archive already has it required)."""
-    return ("apt",) if distro == "ubuntu" else ()
+    return ("apt",)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and modes of its element's files, or its package list). Paths that differ from b
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -138,8 +139,10 @@ def image_apt_env(spec: ImageSpec, sources: Sequence[suites.SuiteSource], securi
     env: dict[str, str] = {"KILN_APT_SOURCES_NAME": f"{spec.distro.value}.sources"}
     signed_by = suites.DISTRO_KEYRINGS[spec.distro.value]
     if spec.mirror_keyring is not None:
-        signed_by = suites.image_keyring_path(spec.mirror_keyring.read_bytes(), spec.distro.value)
-        env.update(KILN_APT_KEYRING=str(spec.mirror_keyring.resolve()), KILN_APT_KEYRING_IMAGE=signed_by)
+        # the key itself, not its path: hooks outside the chroot see no host /tmp, and a new key is a new env
+        key = spec.mirror_keyring.read_bytes()
+        signed_by = suites.image_keyring_path(key, spec.distro.value)
+        env.update(KILN_APT_KEYRING_B64=base64.b64encode(key).decode(), KILN_APT_KEYRING_IMAGE=signed_by)
     build_mirror = sources[0].mirror if sources else ""
     env["KILN_APT_SOURCES"] = suites.apt_sources(
         spec.distro.value, sources, bootstrap.components(spec.distro.value),

@@ -89,6 +89,8 @@ def fleet_server(network: dict[str, str], tmp_path: Path) -> Iterator[dict[str, 
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
         sh("runuser", "-u", "postgres", "--", "dropdb", "--if-exists", env["KILN_DB_NAME"], check=False)
+        sh("runuser", "-u", "postgres", "--", "psql", "-qc", f'DROP ROLE IF EXISTS "{env["KILN_DB_NAME"]}"',
+           check=False)
 
 
 def _archive(root: Path, key: Any) -> Path:

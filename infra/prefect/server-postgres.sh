@@ -9,7 +9,7 @@
 #                       reach, or a TLS proxy in front; never an address you do not mean to expose)
 #   KILN_PREFECT_PORT   port (default 4200)
 #   KILN_PREFECT_URL    URL the browsers and workers use (default http://HOST:PORT/api)
-#   KILN_DB_NAME        the database (default prefect); the role is `prefect`
+#   KILN_DB_NAME        the database and its owner role (default prefect)
 #   KILN_DB_PASSWORD    password of the database role (default: generated once, kept in the env file)
 #   KILN_PREFECT_ENV    the server's environment file (default /etc/kiln/prefect-server.env, mode 0600)
 #   KILN_PREFECT_HOME   its PREFECT_HOME (default /var/lib/kiln/prefect-server)
@@ -56,7 +56,7 @@ if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$PG_VERSION main"; the
     say "creating the PostgreSQL $PG_VERSION cluster main"
     pg_createcluster "$PG_VERSION" main >&2
 fi
-pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start 2>/dev/null || true   # no-op when it runs
+pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start >/dev/null 2>&1 || true   # no-op when it runs
 for _ in $(seq 1 60); do runuser -u postgres -- pg_isready -q && break; sleep 0.5; done
 runuser -u postgres -- pg_isready -q || { say "PostgreSQL $PG_VERSION main does not answer"; exit 1; }
 
@@ -66,7 +66,7 @@ if [[ ! -f $ENV_FILE ]]; then
     (
         umask 077
         cat > "$ENV_FILE" <<ENV
-PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:${PASSWORD}@127.0.0.1:5432/${DB}
+PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://${DB}:${PASSWORD}@127.0.0.1:5432/${DB}
 PREFECT_SERVER_API_HOST=${HOST}
 PREFECT_SERVER_API_PORT=${PORT}
 PREFECT_UI_API_URL=${URL}
@@ -76,12 +76,15 @@ PREFECT_SERVER_ANALYTICS_ENABLED=false
 ENV
     )
 fi
-PASSWORD=$(sed -n 's|.*://prefect:\([^@]*\)@.*|\1|p' "$ENV_FILE")
 DB=$(sed -n 's|.*@127.0.0.1:5432/\(.*\)$|\1|p' "$ENV_FILE")
-runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='prefect'" | grep -q 1 \
-    || runuser -u postgres -- psql -qc "CREATE ROLE prefect LOGIN PASSWORD '${PASSWORD}'"
+PASSWORD=$(sed -n 's|.*://[^:]*:\([^@]*\)@.*|\1|p' "$ENV_FILE")
+# the role is the database's own and its password is the env file's (a role left by an earlier install
+# with another password would lock the server out)
+runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_roles WHERE rolname='${DB}'" | grep -q 1 \
+    || runuser -u postgres -- psql -qc "CREATE ROLE \"${DB}\" LOGIN"
+runuser -u postgres -- psql -qc "ALTER ROLE \"${DB}\" LOGIN PASSWORD '${PASSWORD}'"
 runuser -u postgres -- psql -qtAc "SELECT 1 FROM pg_database WHERE datname='${DB}'" | grep -q 1 \
-    || runuser -u postgres -- createdb -O prefect "$DB"
+    || runuser -u postgres -- createdb -O "$DB" "$DB"
 HOST=$(sed -n 's|^PREFECT_SERVER_API_HOST=||p' "$ENV_FILE")
 PORT=$(sed -n 's|^PREFECT_SERVER_API_PORT=||p' "$ENV_FILE")
 URL=$(sed -n 's|^PREFECT_UI_API_URL=||p' "$ENV_FILE")
