@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,15 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
     prefect.worker("refresh-worker", limit=3, PREFECT_WORKER_QUERY_SECONDS="2", KILN_STATE=str(state),
                    OS_CLIENT_CONFIG_FILE=str(openstack_stack.clouds_yaml))
 
+    def logs_with(run_id: str, text: str) -> str:
+        """The run's logs once they hold `text` (they reach the API in batches, a little after the run ends)."""
+        deadline = time.monotonic() + 60
+        while True:
+            logs = "\n".join(prefect.logs(run_id))
+            if text in logs or time.monotonic() > deadline:
+                return logs
+            time.sleep(2)
+
     def night() -> tuple[dict[str, Any], dict[str, Any], str]:
         run_id = prefect.run_deployment("nightly-refresh/nightly-refresh", {
             "matrix": str(matrix), "output": str(out)})
@@ -107,7 +117,7 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
         summary = json.loads((out / "matrix.json").read_text())
         cells = {c["name"]: c for c in summary["cells"]}
         artifact = next(a for a in prefect.artifacts(run_id) if a["key"] == "matrix-refresh-test")
-        return cells, artifact, "\n".join(prefect.logs(run_id))
+        return cells, artifact, logs_with(run_id, f"refresh refresh-test: {names[-1]}: ")
 
     try:
         # night 1: both published, each the only (stable) image of its name
