@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deployments_stack import REPO, PrefectStack, small_matrix
+from tests.test_deployments_stack import REPO, PrefectStack, small_matrix, started_stack
 
 pytestmark = pytest.mark.slow
 CACHE = os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache")
@@ -24,13 +24,8 @@ CACHE = os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache")
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
-    s = PrefectStack(tmp_path_factory.mktemp("prefect"))
-    try:
-        s.start()
-        s.deploy()
+    with started_stack(tmp_path_factory.mktemp("prefect")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_deployments_are_registered_with_schedule_and_typed_form(stack: PrefectStack) -> None:

@@ -8,11 +8,13 @@ that two workers on this machine can stand in for two build hosts (own KILN_CACH
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,18 @@ class PrefectStack:
             text = w.log.read_text(errors="replace").splitlines()[-lines:] if w.log.exists() else []
             parts.append(f"--- worker {w.name}\n" + "\n".join(text))
         return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def started_stack(root: Path) -> Iterator[PrefectStack]:
+    """A PrefectStack started with kiln's deployments registered; stopped (workers first) afterwards."""
+    stack = PrefectStack(root)
+    try:
+        stack.start()
+        stack.deploy()
+        yield stack
+    finally:
+        stack.stop()
 
 
 def small_matrix(path: Path, releases: tuple[str, ...] = ("bookworm", "trixie")) -> Path:

@@ -28,7 +28,7 @@ from kiln.publish import managed_images, status_of
 from tests.e2e import kiln_env, leftovers
 from tests.publish.conftest import OpenStack, openstack_stack, s3_stack  # noqa: F401  (fixtures)
 from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
-from tests.test_deployments_stack import PrefectStack
+from tests.test_deployments_stack import PrefectStack, started_stack
 from tests.test_private_mirror_e2e import PATCHED, publish_suite, rebuild_newer
 from tests.upstream_fixtures import FixtureServer, GpgKey, make_key
 
@@ -56,13 +56,8 @@ def make_archive(root: Path, debs: Path, key: GpgKey) -> Path:
 
 @pytest.fixture
 def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
-    stack = PrefectStack(tmp_path_factory.mktemp("refresh-prefect"))
-    try:
-        stack.start()
-        stack.deploy()
+    with started_stack(tmp_path_factory.mktemp("refresh-prefect")) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _cleanup(conn: Any, names: list[str]) -> None:
