@@ -159,6 +159,16 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
             assert {p["name"]: p["suite"] for p in manifest["packages"]}[PATCHED] == f"{release}-security"
             assert len(s3.list_prefixes(client, bucket, f"catalog/{name}")) == 2
         assert f"~ {PATCHED}" in artifact["data"] and "[security]" in artifact["data"], artifact["data"]
+
+        # the same flow from the command line, in its own process: one cell, nothing new since night 3
+        env = {**kiln_env(), "OS_CLIENT_CONFIG_FILE": str(openstack_stack.clouds_yaml), "KILN_STATE": str(state)}
+        cli = kiln("refresh", str(matrix), "--only", f"release={RELEASES[0]}", "--output", str(tmp_path / "cli"),
+                   env=env)
+        assert f"{names[0]}" in cli.stdout and "unchanged" in cli.stdout, cli.stdout
+        assert names[1] not in cli.stdout
+        as_json = json.loads(kiln("refresh", str(matrix), "--only", f"release={RELEASES[0]}", "--output",
+                                  str(tmp_path / "cli"), "--json", env=env).stdout)
+        assert [(c["name"], c["published"]["status"]) for c in as_json["cells"]] == [(names[0], "unchanged")]
         assert leftovers() == []
     finally:
         _cleanup(conn, names)
