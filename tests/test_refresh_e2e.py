@@ -25,7 +25,7 @@ import pytest
 
 from kiln import glance, s3
 from kiln.publish import managed_images, status_of
-from tests.e2e import kiln_env, leftovers
+from tests.e2e import kiln, kiln_env, leftovers
 from tests.publish.conftest import OpenStack, openstack_stack, s3_stack  # noqa: F401  (fixtures)
 from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
 from tests.test_deployments_stack import PrefectStack, started_stack
@@ -161,7 +161,7 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
         assert f"~ {PATCHED}" in artifact["data"] and "[security]" in artifact["data"], artifact["data"]
 
         # the same flow from the command line, in its own process: one cell, nothing new since night 3
-        env = {**kiln_env(), "OS_CLIENT_CONFIG_FILE": str(openstack_stack.clouds_yaml), "KILN_STATE": str(state)}
+        env = {**kiln_env(), "OS_CLIENT_CONFIG_FILE": str(openstack_stack.clouds_yaml)}
         cli = kiln("refresh", str(matrix), "--only", f"release={RELEASES[0]}", "--output", str(tmp_path / "cli"),
                    env=env)
         assert f"{names[0]}" in cli.stdout and "unchanged" in cli.stdout, cli.stdout
