@@ -34,6 +34,14 @@ nova_configure() {
         cp "$VENV/etc/nova/api-paste.ini" "$ETC/nova/api-paste.ini"
         changed=0
     fi
+    # UEFI guests with Debian 12's libvirt 9.0.0: see the script's docstring
+    local rc=0
+    "$VENV/bin/python" "$INFRA_DIR/nova_libvirt9_uefi.py" || rc=$?
+    case $rc in
+        0) say "nova: patched for UEFI guests on libvirt 9.0 (nova_libvirt9_uefi.py)"; changed=0 ;;
+        1) ;;
+        *) die "nova: nova_libvirt9_uefi.py cannot patch this Nova; see its message above" ;;
+    esac
     return $changed
 }
 
