@@ -234,10 +234,23 @@ def run(
         if journal is not None:
             _journal_update(journal, proc.pid, add=False)
     if timed_out.is_set():
-        raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=list(tail))
+        raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=_tail(tail, lines))
     if check and returncode != 0:
-        raise CommandError(f"{label}: exited with {returncode}", returncode=returncode, tail=list(tail))
+        raise CommandError(f"{label}: exited with {returncode}", returncode=returncode, tail=_tail(tail, lines))
     return Completed(argv, returncode, lines)
+
+
+# causes worth naming even when the command went on printing long after them
+_CAUSES = ("No space left on device", "Read-only file system", "Cannot allocate memory")
+
+
+def _tail(tail: collections.deque[str], lines: list[str]) -> list[str]:
+    """The output's tail, led by the first line that names a cause (a full disk…) scrolled out of it."""
+    kept = list(tail)
+    for line in lines[: max(0, len(lines) - len(kept))]:
+        if any(cause in line for cause in _CAUSES):
+            return [f"(earlier) {line}", *kept]
+    return kept
 
 
 def output(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:

@@ -150,7 +150,7 @@ def test_a_cell_whose_host_dies_mid_build_is_finished_by_another_host(
         first: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             first = _cell_run(stack, run_id)
-            if first and any("bootstrap: debian" in line for line in stack.tree_logs(first["id"])):
+            if first and any("bootstrapping debian" in line for line in stack.tree_logs(first["id"])):
                 break
             time.sleep(2)
         assert first is not None, f"no cell run started\n{stack.log_tail()}"

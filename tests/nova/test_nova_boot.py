@@ -102,7 +102,7 @@ def test_boot_test_cli_boots_a_build_in_nova_and_deletes_what_it_made(nova_stack
 
 def test_the_default_image_boots_under_uefi_in_nova(nova_stack: NovaStack, nova_conn: Any, default_build: Path,
                                                    nova_image_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The image asks the cloud for UEFI (hw_firmware_type=uefi, q35) through the spec's publish properties:
+    """The image asks the cloud for UEFI (hw_firmware_type=uefi) through the spec's publish properties:
     Nova's libvirt picks OVMF from the host's firmware descriptors, and the guest's kernel says it booted
     from EFI; the boot gate reports the firmware it saw, not one it assumed."""
     seen: list[nova.NovaBootResult] = []
@@ -114,7 +114,7 @@ def test_the_default_image_boots_under_uefi_in_nova(nova_stack: NovaStack, nova_
 
     monkeypatch.setattr(nova, "boot_test", spy)
     spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name,
-                       properties={"hw_firmware_type": "uefi", "hw_machine_type": "q35"})
+                       properties={"hw_firmware_type": "uefi"})
     report = publish(load_build(default_build), spec, gate=GATES["nova"], clouds_yaml=nova_stack.clouds_yaml)
     assert len(seen) == 1 and seen[0].passed
     assert seen[0].firmware == "uefi", [line for line in seen[0].console.splitlines() if "efi" in line.lower()][:20]
