@@ -77,12 +77,18 @@ def rebuild_newer(deb: Path, suffix: str, into: Path) -> tuple[str, Path]:
     return version, out
 
 
+def distribution_debs(debs: Path) -> list[Path]:
+    """The .debs of the session's package cache as the distribution made them: not the rebuilds these
+    tests publish (their builds share that cache, so a `+kiln…` version can be in it)."""
+    return [deb for deb in sorted(debs.glob("*.deb")) if "+kiln" not in deb.name]
+
+
 def make_archive(root: Path, debs: Path, key: GpgKey) -> tuple[Path, str]:
     """The archive (the release, an empty -updates, and -security with a newer PATCHED); that version."""
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in debs.glob("*.deb"):
+    for deb in distribution_debs(debs):
         os.link(deb, pool / deb.name)
     original = max(pool.glob(f"{PATCHED}_*.deb"))
     (archive / "pool" / "security").mkdir()
@@ -168,7 +174,7 @@ def test_a_new_security_upload_makes_a_new_base_and_opting_out_is_recorded(
     spec = spec_file(tmp_path / "spec.yaml", server, key.keyring)
     before = make_plan(load_spec(spec, {}))
     archive_root = server.root
-    _, newer = rebuild_newer(max((archive_root / "pool" / "security").glob(f"{PATCHED}_*.deb")), "+kiln2",
+    _, newer = rebuild_newer(max((archive_root / "pool" / "main").glob(f"{PATCHED}_*.deb")), "+kiln2",
                              archive_root / "pool" / "security")
     try:
         publish_suite(archive_root, SECURITY, "security", key)

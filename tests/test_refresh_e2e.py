@@ -29,7 +29,7 @@ from tests.e2e import kiln, kiln_env, leftovers
 from tests.publish.conftest import OpenStack, openstack_stack, s3_stack  # noqa: F401  (fixtures)
 from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
 from tests.test_deployments_stack import PrefectStack, started_stack
-from tests.test_private_mirror_e2e import PATCHED, publish_suite, rebuild_newer
+from tests.test_private_mirror_e2e import PATCHED, distribution_debs, publish_suite, rebuild_newer
 from tests.upstream_fixtures import FixtureServer, GpgKey, make_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
@@ -44,7 +44,7 @@ def make_archive(root: Path, debs: Path, key: GpgKey) -> Path:
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in debs.glob("*.deb"):
+    for deb in distribution_debs(debs):
         os.link(deb, pool / deb.name)
     (archive / "pool" / "security").mkdir()
     for release in RELEASES:

@@ -32,7 +32,7 @@ from kiln import serve
 from tests.e2e import REPO, kiln, kiln_env, leftovers
 from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
 from tests.test_deployments_stack import PrefectStack, free_port
-from tests.test_private_mirror_e2e import publish_suite
+from tests.test_private_mirror_e2e import distribution_debs, publish_suite
 from tests.upstream_fixtures import FixtureServer, make_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -98,7 +98,7 @@ def _archive(root: Path, key: Any) -> Path:
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in debs.glob("*.deb"):
+    for deb in distribution_debs(debs):
         os.link(deb, pool / deb.name)
     publish_suite(archive, RELEASE, "main", key, components=("main",))
     for pocket in ("updates", "security"):
