@@ -85,14 +85,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     stop_server(Path(kiln_env()["KILN_STATE"]))
     # the test stores grow by a few GiB per run (every fault variant is a new package layer): trim them so
-    # that runs on the same machine do not fill its disk
+    # that runs on the same machine do not fill its disk. The main store keeps enough (20 GiB) for the
+    # layers of the default, trixie and arm64 builds, so that a machine builds them once (the arm64 package
+    # step runs emulated for 10+ minutes); the per-test stores (-host-a, -cancel, …) keep 2 GiB each
     from kiln.spec import parse_size
     from kiln.store import Store
 
     cache = Path(kiln_env()["KILN_CACHE"])
     for store_dir in [cache, *cache.parent.glob(cache.name + "-*")]:
         if (store_dir / "entries").is_dir():
-            Store(store_dir).gc(parse_size("6G"))
+            Store(store_dir).gc(parse_size("20G" if store_dir == cache else "2G"))
 
 
 # ----------------------------------------------------------------------- a real build, shared by the suite
