@@ -77,18 +77,20 @@ def rebuild_newer(deb: Path, suffix: str, into: Path) -> tuple[str, Path]:
     return version, out
 
 
-def distribution_debs(debs: Path) -> list[Path]:
-    """The .debs of the session's package cache as the distribution made them: not the rebuilds these
-    tests publish (their builds share that cache, so a `+kiln…` version can be in it)."""
-    return [deb for deb in sorted(debs.glob("*.deb")) if "+kiln" not in deb.name]
+def distribution_debs(debs: Path, installed: list[dict[str, Any]]) -> list[Path]:
+    """The .debs of the session's package cache that the default image build installed (`installed`: its
+    manifest's packages): the cache is shared by every release and by these tests' own rebuilds, and an
+    archive of bookworm must hold bookworm's packages only."""
+    wanted = {(p["name"], p["version"].replace(":", "%3a")) for p in installed}
+    return [deb for deb in sorted(debs.glob("*.deb")) if tuple(deb.name.split("_")[:2]) in wanted]
 
 
-def make_archive(root: Path, debs: Path, key: GpgKey) -> tuple[Path, str]:
+def make_archive(root: Path, debs: Path, key: GpgKey, installed: list[dict[str, Any]]) -> tuple[Path, str]:
     """The archive (the release, an empty -updates, and -security with a newer PATCHED); that version."""
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in distribution_debs(debs):
+    for deb in distribution_debs(debs, installed):
         os.link(deb, pool / deb.name)
     original = max(pool.glob(f"{PATCHED}_*.deb"))
     (archive / "pool" / "security").mkdir()
@@ -113,7 +115,7 @@ def archive(seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
         shutil.rmtree(root / "debs-out")
     key = make_key(root / "archive-key", "kiln private archive")
     attacker = make_key(root / "other-key", "kiln someone else")
-    archive, patched = make_archive(root, debs, key)
+    archive, patched = make_archive(root, debs, key, seed_build[1]["packages"])
     server = FixtureServer(archive)
     try:
         yield server, key, attacker, patched

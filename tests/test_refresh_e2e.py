@@ -37,14 +37,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 RELEASES = ("kilnone", "kilntwo")
 
 
-def make_archive(root: Path, debs: Path, key: GpgKey) -> Path:
+def make_archive(root: Path, debs: Path, key: GpgKey, installed: list[dict[str, Any]]) -> Path:
     """Both releases from one pool, each with an empty -updates and an empty -security suite."""
     import os
 
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in distribution_debs(debs):
+    for deb in distribution_debs(debs, installed):
         os.link(deb, pool / deb.name)
     (archive / "pool" / "security").mkdir()
     for release in RELEASES:
@@ -72,7 +72,7 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
         prefect: PrefectStack, tmp_path: Path) -> None:
     debs = Path(kiln_env()["KILN_CACHE"]) / "debs" / "debian-amd64"
     key = make_key(tmp_path / "archive-key", "kiln refresh archive")
-    archive = make_archive(tmp_path, debs, key)
+    archive = make_archive(tmp_path, debs, key, seed_build[1]["packages"])
     server = FixtureServer(archive)
     bucket = f"kiln-refresh-{secrets.token_hex(4)}"
     client = s3.client()

@@ -93,12 +93,12 @@ def fleet_server(network: dict[str, str], tmp_path: Path) -> Iterator[dict[str, 
            check=False)
 
 
-def _archive(root: Path, key: Any) -> Path:
+def _archive(root: Path, key: Any, installed: list[dict[str, Any]]) -> Path:
     debs = Path(kiln_env()["KILN_CACHE"]) / "debs" / "debian-amd64"
     archive = root / "archive"
     pool = archive / "pool" / "main"
     pool.mkdir(parents=True)
-    for deb in distribution_debs(debs):
+    for deb in distribution_debs(debs, installed):
         os.link(deb, pool / deb.name)
     publish_suite(archive, RELEASE, "main", key, components=("main",))
     for pocket in ("updates", "security"):
@@ -120,7 +120,7 @@ def test_a_cell_whose_host_dies_mid_build_is_finished_by_another_host(
     assert oct(Path(fleet_server["env_file"]).stat().st_mode & 0o777) == "0o600"
 
     key = make_key(tmp_path / "key", "kiln fleet archive")
-    mirror = FixtureServer(_archive(tmp_path, key), host=f"{NET}.1")
+    mirror = FixtureServer(_archive(tmp_path, key, seed_build[1]["packages"]), host=f"{NET}.1")
     stack = PrefectStack(tmp_path / "fleet")
     stack.url = url
     try:
