@@ -53,6 +53,7 @@ def network() -> Iterator[dict[str, str]]:
     """A bridge on this machine ({NET}.1) and a namespace per build host, each with a veth on it."""
     tag = secrets.token_hex(2)
     names = {h: f"kiln-{h}-{tag}" for h in HOSTS}
+    sh("ip", "link", "del", BRIDGE, check=False)  # a killed earlier run's
     sh("ip", "link", "add", BRIDGE, "type", "bridge")
     try:
         sh("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
