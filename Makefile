@@ -9,7 +9,7 @@ HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gd
 	qemu-user-static qemu-system-arm qemu-efi-aarch64 arch-test build-essential shellcheck rpm
 SPEC ?= images/debian-12.yaml
 
-TEST_HOST_PACKAGES := chromium chromium-driver fonts-dejavu-core createrepo-c apt-utils
+TEST_HOST_PACKAGES := chromium chromium-driver fonts-dejavu-core createrepo-c apt-utils iproute2
 
 .PHONY: image test deps venv test-deps lint unit slow serve server-stop clean openstack openstack-down s3 s3-down
 

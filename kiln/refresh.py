@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from kiln.pkgdiff import DiffInputError, PackageDiff, content_digest, load_manif
 from kiln.state import state_dir
 
 log = logging.getLogger("kiln.refresh")
+RECORD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclass
@@ -65,9 +67,18 @@ def records_dir() -> Path:
     return state_dir() / "published"
 
 
+def _record_path(name: str, build_id: str) -> Path:
+    """Where the record of `name`'s build `build_id` lives. Both come from a manifest or a cloud, which a
+    stranger may have written: anything but a plain name (a `/`, `..`) is refused, never followed."""
+    for what, value in (("image name", name), ("build id", build_id)):
+        if not RECORD_NAME_RE.match(value) or ".." in value:
+            raise pub.PublishError(f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '+', '-')")
+    return records_dir() / name / f"{build_id}.json"
+
+
 def record_published(build: pub.Build, name: str) -> Path:
     """Keep the manifest of a build that was published under `name` (for later diffs against it)."""
-    target = records_dir() / name / f"{build.build_id}.json"
+    target = _record_path(name, build.build_id)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(build.manifest, indent=1) + "\n")
@@ -76,7 +87,10 @@ def record_published(build: pub.Build, name: str) -> Path:
 
 
 def recorded_manifest(name: str, build_id: str) -> dict[str, Any] | None:
-    path = records_dir() / name / f"{build_id}.json"
+    try:
+        path = _record_path(name, build_id)
+    except pub.PublishError:
+        return None
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):

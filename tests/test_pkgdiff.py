@@ -80,3 +80,18 @@ def test_the_summary_says_published_unchanged_and_lists_the_package_changes() ->
     table = summary_table("m", [changed, same])
     assert "| unchanged |" in table and "## Package changes" in table
     assert "`~ openssl 3.0.20-1~deb12u2 -> 3.0.22-1~deb12u2  [security]`" in table
+
+
+def test_a_publish_record_never_leaves_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image name and build id of a record come from a manifest (or a cloud): a path in them is refused."""
+    from kiln.publish import Build, PublishError
+    from kiln.refresh import record_published, recorded_manifest
+
+    monkeypatch.setenv("KILN_STATE", str(tmp_path / "state"))
+    good = Build(tmp_path, {"build_id": "20261206T000000Z-abcdef", "spec": {"name": "x"}}, ())
+    assert record_published(good, "debian-12").is_relative_to(tmp_path / "state" / "published" / "debian-12")
+    for name, build_id in (("../../etc", "b"), ("x", "../../../tmp/evil"), ("a/b", "b"), ("..", "b")):
+        with pytest.raises(PublishError, match="is not a plain name"):
+            record_published(Build(tmp_path, {"build_id": build_id, "spec": {"name": "x"}}, ()), name)
+        assert recorded_manifest(name, build_id) is None
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "tmp").exists()
