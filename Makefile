@@ -9,6 +9,10 @@ HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gd
 	qemu-user-static qemu-system-arm qemu-efi-aarch64 arch-test build-essential shellcheck rpm
 SPEC ?= images/debian-12.yaml
 
+# the suite's temporary tree: pytest empties it at the start of every run, so a run never inherits the
+# previous run's images (failed tests keep theirs until then, to be looked at)
+TEST_TMP ?= /var/tmp/kiln-test/tmp
+
 TEST_HOST_PACKAGES := chromium chromium-driver fonts-dejavu-core createrepo-c apt-utils iproute2
 
 .PHONY: image test deps venv test-deps lint unit slow serve server-stop clean openstack openstack-down s3 s3-down
@@ -20,7 +24,7 @@ image: deps venv
 ## make test: everything the tests need, then lint, type checks and the whole suite
 test: deps test-deps
 	$(MAKE) lint
-	$(VENV)/bin/pytest -v --durations=25 tests
+	$(VENV)/bin/pytest -v --durations=25 --basetemp=$(TEST_TMP) tests
 
 deps:
 	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
