@@ -16,7 +16,7 @@ from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 
-from kiln.boottest import BootOutcome, boot_firmware, nova_outcome
+from kiln.boottest import BootOutcome, boot_firmware, has_cloud_init, nova_outcome
 from kiln.elements import PHASES
 from kiln.gc import release_workdir
 from kiln.options import BuildOptions
@@ -87,7 +87,8 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None) -> dict[st
             bootable = next((i for i in images if i.format == "qcow2"), images[0])
             for firmware in boot_firmware(spec):
                 name = f"boot_test {firmware}"
-                outcome = _stage(stages, name, boot_test, ctx, bootable, firmware, packed.kernel)
+                outcome = _stage(stages, name, boot_test, ctx, bootable, firmware, packed.kernel,
+                                 has_cloud_init(packed.packages))
                 # Prefect's cached result is the outcome of the run that booted: mark it as not booted now
                 boots.append(replace(outcome, cached=True) if stages[name]["cached"] else outcome)
         else:

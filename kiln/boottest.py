@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ class BootOutcome:
     serial_log: str
     cached: bool = False
     backend: str = "qemu"
+    ssh_ok: bool | None = None  # root's password login over SSH (boot_test.ssh_login); None when not asked
+    criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,13 +65,15 @@ def effective_timeout(settings: BootTestSpec, arch: str) -> int:
 BOOT_GENERATION_ENV = "KILN_BOOT_GENERATION"
 
 
-def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec) -> str:
+def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec, *, cloud_init: bool = True) -> str:
     """The key of a passed boot. KILN_BOOT_GENERATION, when set, is part of it: a new value boots every image
     once more (the test suite sets a fresh one per session, so a boot it asserts on ran in that session)."""
     generation = os.environ.get(BOOT_GENERATION_ENV, "")
     return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
                    "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
-                   "root_login": settings.root_login, **({"generation": generation} if generation else {})})
+                   "root_login": settings.root_login, **({"ssh_login": True} if settings.ssh_login else {}),
+                   **({} if cloud_init else {"criterion": "systemd"}),
+                   **({"generation": generation} if generation else {})})
 
 
 def user_data(marker: str, *, root_password: str | None) -> str:
@@ -90,10 +95,18 @@ def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]
     return chosen
 
 
+def has_cloud_init(packages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an image's package list (manifest.json's `packages`) holds cloud-init."""
+    return any(p.get("name") == "cloud-init" for p in packages)
+
+
 def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, workdir: Path,
-              accel: str) -> BootOutcome:
+              accel: str, cloud_init: bool = True) -> BootOutcome:
     """One local QEMU boot of `image` with a fresh NoCloud seed (marker, and a root password to log in
     with when the settings ask for it); raises BootTestError unless cloud-init finished (and root got in)."""
+    if settings.root_login and not cloud_init:
+        raise BootTestError(f"boot test ({firmware}): boot_test.root_login sets root's password through "
+                            "cloud-init's user-data, and the image has no cloud-init")
     marker = "KILN-BOOT-" + secrets.token_hex(8)
     password = secrets.token_urlsafe(12) if settings.root_login else None
     boot_dir = workdir / f"boot-{firmware}"
@@ -104,15 +117,22 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
             result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
                                     workdir=boot_dir, accel=accel, memory_mib=settings.memory,
                                     cpus=settings.cpus, timeout=effective_timeout(settings, arch),
-                                    extra_login=("root", password) if password else None)
+                                    extra_login=("root", password) if password else None,
+                                    ssh_login=settings.ssh_login,
+                                    criterion="cloud-init" if cloud_init else "systemd")
     finally:
         iso.unlink(missing_ok=True)
     if settings.root_login and not result.login_ok:
         raise BootTestError(f"boot test ({firmware}): cloud-init finished, but root could not log in with "
                             f"the password set through user-data; console log: {result.serial_log}")
+    if settings.ssh_login and not result.ssh_ok:
+        raise BootTestError(f"boot test ({firmware}): root logged in on the console, but not over SSH with the "
+                            f"password set through user-data (sshd refused it or never answered); console log: "
+                            f"{result.serial_log}")
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                        accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
-                       login_ok=result.login_ok, serial_log=str(result.serial_log))
+                       login_ok=result.login_ok, serial_log=str(result.serial_log), ssh_ok=result.ssh_ok,
+                       criterion=result.criterion)
 
 
 def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:
@@ -125,10 +145,10 @@ def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) ->
 
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
                  settings: BootTestSpec, workdir: Path, state_dir: Path, kernel: Path | None,
-                 rebuild: bool = False) -> BootOutcome:
+                 rebuild: bool = False, cloud_init: bool = True) -> BootOutcome:
     """A passed boot of this image under `firmware`: from the store (keyed by the image's sha256), or
     booted now and stored."""
-    key = boot_key(image_sha256, firmware, arch, settings)
+    key = boot_key(image_sha256, firmware, arch, settings, cloud_init=cloud_init)
     with store.lock(key):
         if not rebuild and store.valid(key):
             store.touch(key)
@@ -136,7 +156,7 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
             result = json.loads((data / "boot.json").read_text())
             return BootOutcome(**{**result, "cached": True, "serial_log": str(data / "serial.log")})
         outcome = boot_once(image, firmware=firmware, arch=arch, settings=settings, workdir=workdir,
-                            accel=qemu.probe_accel(kernel, state_dir=state_dir))
+                            accel=qemu.probe_accel(kernel, state_dir=state_dir), cloud_init=cloud_init)
         with store.new_entry(key, kind="boot", description=f"boot test {firmware} of {image.name}") as tmp:
             shutil.copyfile(outcome.serial_log, tmp / "data" / "serial.log")
             record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
@@ -168,5 +188,7 @@ def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: li
         settings = settings.model_copy(update={"timeout": timeout})
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
-    return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel)
+    cloud_init = has_cloud_init(manifest.get("packages", [])) if "packages" in manifest else True
+    return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
+                      cloud_init=cloud_init)
             for fw in boot_firmware(spec, firmware)]

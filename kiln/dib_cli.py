@@ -14,14 +14,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kiln import elements as kiln_elements
 from kiln.bootstrap import BOOTSTRAPPED
-from kiln.errors import SpecError
+from kiln.errors import KilnError, SpecError
 from kiln.spec import ImageSpec, spec_from_dict
 
+# the distribution elements of a DIB line: the distro they build. The element itself stays on the line, as in
+# DIB: `debian` brings more than the `debian-minimal` base every Debian spec has (sshd, cloud-init, …)
 DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ubuntu", "ubuntu-minimal": "ubuntu",
-                   "fedora": "fedora", "centos": "centos"}
+                   "fedora": "fedora", "centos": "centos", "rocky": "rocky", "almalinux": "almalinux"}
 # DIB_RELEASE when unset; Fedora has no default (DIB's fedora element asks for one too)
-DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9"}
+DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9", "rocky": "9", "almalinux": "9"}
 ARCHES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
 # accepted for compatibility; they change nothing in kiln (it uses no tmpfs and always scrubs the environment)
@@ -65,6 +68,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_sshd(distro: str, names: list[str], env: dict[str, str], dib_elements: bool) -> bool:
+    """Whether the line's elements bring openssh-server (False when they do not resolve: the build says why)."""
+    try:
+        library = [kiln_elements.dib_library()] if dib_elements else []
+        path = kiln_elements.search_path([], env.get("ELEMENTS_PATH", ""), library)
+        resolved = kiln_elements.resolve([kiln_elements.base_element(distro), *names], path,
+                                         kiln_elements.libraries_on(path, library))
+    except KilnError:
+        return False
+    return "openssh-server" in resolved.names
+
+
 def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec, dict[str, Any]]:
     """The ImageSpec and run options a disk-image-create command line asks for."""
     env = dict(os.environ) if env is None else env
@@ -80,7 +95,9 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
     if not distros:
         raise SpecError(f"kiln dib: no distribution element among {' '.join(args.elements)} "
                         f"(kiln builds: {', '.join(sorted(DISTRO_ELEMENTS))})")
-    elements = [e for e in args.elements if e not in DISTRO_ELEMENTS]
+    if len({DISTRO_ELEMENTS[d] for d in distros}) > 1:
+        raise SpecError(f"kiln dib: the line names two distributions ({' '.join(distros)}); keep one")
+    elements = list(args.elements)
     formats = []
     for t in args.types.split(","):
         if t not in TYPES:
@@ -121,6 +138,9 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         boot["firmware"] = [f for f in firmware.split(",") if f]
     if env.get("KILN_BOOT_ROOT_LOGIN", "") not in ("", "0", "no", "false"):
         boot["root_login"] = True
+        # an image with sshd (DIB's debian and ubuntu bring it) is logged in to over SSH as well, as the
+        # line's user would: with the password injected through user-data
+        boot["ssh_login"] = _has_sshd(distro, elements, env, args.dib_elements)
     if boot:
         data["boot_test"] = boot
     spec = spec_from_dict(data, "kiln dib command line")

@@ -8,6 +8,7 @@ name order (C locale); two elements shipping the same hook name in one phase is 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -41,6 +42,13 @@ HOOK_NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
 # kiln's copy is used even when an element of the same name stands earlier on the search path
 NATIVE_MARKER = "kiln-native"
 ELEMENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# the element a spec's `distro:` always brings: the bootstrapped base. DIB's `debian` and `ubuntu` are
+# fuller (sshd, cloud-init, its package list): kiln ships them too, included when a spec or DIB line names them
+DISTRO_BASE_ELEMENTS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
+
+
+def base_element(distro: str) -> str:
+    return DISTRO_BASE_ELEMENTS.get(distro, distro)
 
 
 @dataclass(frozen=True)
@@ -49,13 +57,20 @@ class Element:
     path: Path
     deps: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
-    # from an element library (diskimage-builder's): its non-executable hook files are skipped with a
-    # warning, as dib-run-parts does, instead of being an error
+    # from an element library (diskimage-builder's), not from kiln or the user's own directories
     library: bool = False
 
     @property
     def content_hash(self) -> str:
         return tree_hash(self.path)
+
+    @property
+    def origin(self) -> str:
+        """Where the element came from: kiln's own (natively implemented or shipped), diskimage-builder's
+        library, or the user's element directories."""
+        if self.library:
+            return "diskimage-builder"
+        return "kiln" if self.path.parent == KILN_ELEMENTS else "user"
 
 
 @dataclass(frozen=True)
@@ -130,15 +145,31 @@ def _read_names(path: Path, element: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def dib_library() -> Path:
-    """The element directory of the installed diskimage-builder package (for --dib-elements)."""
-    import importlib.util
-
+def installed_dib_library() -> Path | None:
+    """The element directory of the installed diskimage-builder package, if there is one."""
     spec = importlib.util.find_spec("diskimage_builder")
     if spec is None or spec.origin is None:
+        return None
+    return (Path(spec.origin).parent / "elements").resolve()
+
+
+def dib_library() -> Path:
+    """The element directory of the installed diskimage-builder package (for --dib-elements)."""
+    library = installed_dib_library()
+    if library is None:
         raise ElementError("--dib-elements: the diskimage-builder package is not installed "
                            "(pip install diskimage-builder, or `pip install -e '.[dib]'`)")
-    return Path(spec.origin).parent / "elements"
+    return library
+
+
+def libraries_on(path: Sequence[Path], library: Sequence[Path] = ()) -> list[Path]:
+    """The element libraries among `path`: those given, and DIB's own library however it was reached
+    (--dib-elements, or ELEMENTS_PATH pointing at it as DIB's docs tell its users)."""
+    found = [p.resolve() for p in library]
+    dib = installed_dib_library()
+    if dib is not None and dib in path and dib not in found:
+        found.append(dib)
+    return found
 
 
 def search_path(extra: Sequence[str | Path] = (), env: str | None = None,
@@ -253,14 +284,11 @@ def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
                 if not os.access(entry, os.R_OK) or not _readable(entry):
                     raise ElementError(f"element {element.name!r}: hook {phase}/{entry.name} is not readable")
                 if not entry.stat().st_mode & stat.S_IXUSR:
-                    if element.library:
-                        log.warning("element %r: ignoring non-executable %s/%s (as dib-run-parts does)",
-                                    element.name, phase, entry.name)
-                        continue
-                    raise ElementError(
-                        f"element {element.name!r}: hook {phase}/{entry.name} is not executable "
-                        f"(chmod +x {entry})"
-                    )
+                    # as dib-run-parts does, wherever the element comes from: DIB's own wheel ships hooks
+                    # without their run bit that its users never see run
+                    log.warning("element %r: ignoring non-executable hook %s/%s (chmod +x %s to run it)",
+                                element.name, phase, entry.name, entry)
+                    continue
                 seen[entry.name] = element.name
                 hooks.append(Hook(element=element.name, phase=phase, name=entry.name, path=entry))
         hooks.sort(key=lambda h: h.name.encode())

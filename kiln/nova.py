@@ -34,7 +34,7 @@ from keystoneauth1 import exceptions as ks_exceptions
 
 from kiln import glance, seed
 from kiln.errors import BootTestError, KilnError
-from kiln.qemu import SerialFacts, clean_console
+from kiln.serial_console import SerialFacts, clean_console
 
 if TYPE_CHECKING:
     import openstack.connection

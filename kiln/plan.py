@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import bootstrap, elements, packages, suites
-from kiln.errors import ElementError
+from kiln.errors import ElementError, SpecError
 from kiln.mirror import resolve_mirror, resolve_security_mirror
 from kiln.run import redact_value
 from kiln.secrets import secret_digest
@@ -68,6 +68,7 @@ class ElementInfo:
     name: str
     path: str
     hash: str
+    origin: str = "kiln"  # kiln, diskimage-builder or user (elements.Element.origin)
 
 
 @dataclass
@@ -155,11 +156,15 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
     mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
-    library = [elements.dib_library()] if dib_elements else []
-    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), library)
-    requested = [spec.distro.value, *spec.elements]
-    resolved = elements.resolve(requested, path, [p.resolve() for p in library])
-    infos = [ElementInfo(e.name, str(e.path), e.content_hash) for e in resolved.elements]
+    asked_library = [elements.dib_library()] if dib_elements else []
+    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), asked_library)
+    library = elements.libraries_on(path, asked_library)
+    requested = [elements.base_element(spec.distro.value), *spec.elements]
+    resolved = elements.resolve(requested, path, library)
+    if spec.boot_test.enabled and spec.boot_test.ssh_login and "openssh-server" not in resolved.names:
+        raise SpecError("field 'boot_test.ssh_login': the image has no SSH server (no openssh-server element "
+                        f"among {', '.join(resolved.names)}); add it, or drop ssh_login")
+    infos = [ElementInfo(e.name, str(e.path), e.content_hash, e.origin) for e in resolved.elements]
     hashes = {i.name: i.hash for i in infos}
     env = hook_env(spec, mirror, resolved.names, host_env)
     suite_names = spec.suites or suites.default_suites(spec.release)

@@ -11,8 +11,6 @@ types into; it stops QEMU once the verdict is in. QEMU itself writes the complet
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,19 +18,16 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
-import struct
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln import guest_ssh
 from kiln.errors import BootTestError, CommandError
 from kiln.run import output, run
-from kiln.seed import DISK_BYTES_PREFIX, ROOT_BYTES_PREFIX
+from kiln.serial_console import Login, SerialConsole, serial_tail
 
 log = logging.getLogger("kiln.qemu")
 
@@ -46,34 +41,10 @@ UEFI_FILES = {
 }
 PROBE_TIMEOUT = 15.0
 PROBE_CACHE = "accel-probe.json"
-SERIAL_TAIL_LINES = 40
 DEFAULT_GROW_MIB = 1024
 
-FINISHED_RE = re.compile(r"Cloud-init v\. \S+ finished")
-_ROOT_RE = re.compile(re.escape(ROOT_BYTES_PREFIX) + r"(\d+)")
-_DISK_RE = re.compile(re.escape(DISK_BYTES_PREFIX) + r"(\d+)")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[0-~]")
-_CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# console lines after which the guest will never reach cloud-init's end: fail at once, not at timeout
-FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"No bootable device"), "the firmware found no bootable device"),
-    (re.compile(r"BdsDxe: No bootable option"), "the firmware found no bootable device"),
-    (re.compile(r"\"EFI Internal Shell\""), "UEFI found nothing to boot and fell back to its shell"),
-    (re.compile(r"Entering rescue mode|grub rescue>"), "GRUB dropped to its rescue shell"),
-    (re.compile(r"Kernel panic - not syncing"), "the kernel panicked"),
-    (re.compile(r"Dropping to a shell|\(initramfs\)"), "the initramfs gave up (root device not found?)"),
-    (re.compile(r"You are in emergency mode"), "systemd entered emergency mode"),
-)
 # QEMU's own chatter that says nothing about a failure
 _QEMU_NOISE_RE = re.compile(r"QEMU waiting for connection|terminating on signal")
-# how long to wait for the marker once cloud-init says it finished (console output can interleave)
-MARKER_GRACE = 5.0
-
-_LOGIN_RE = re.compile(r"login:\s*$")
-_PASSWORD_RE = re.compile(r"[Pp]assword:\s*$")
-_SHELL_OR_FAIL_RE = re.compile(r"Login incorrect|[#$]\s*$")
-_LOGIN_PROOF_RE = re.compile(r"KILN-LOGIN-42")
-LOGIN_COMMAND = "echo KILN-LOGIN-$((40+2))"
 
 
 @dataclass(frozen=True)
@@ -88,73 +59,14 @@ class BootResult:
     disk_bytes: int | None
     login_ok: bool | None  # None when no login was asked for
     serial_log: Path
+    ssh_ok: bool | None = None  # root's password login over SSH; None when not asked for
+    criterion: str = "cloud-init"  # what the pass was judged by (kiln.serial_console.CRITERIA)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for manifest.json)."""
         data = asdict(self)
         data["serial_log"] = str(self.serial_log)
         return data
-
-
-def clean_console(text: str) -> str:
-    """Drop ANSI escapes, carriage returns and other control characters from console text."""
-    return _CTRL_RE.sub("", _ANSI_RE.sub("", text))
-
-
-@dataclass
-class SerialFacts:
-    """What the boot test looks for on the console, fed one cleaned line at a time."""
-
-    marker: str
-    marker_seen: bool = False
-    finished_seen: bool = False
-    root_bytes: int | None = None
-    disk_bytes: int | None = None
-    fatal: str | None = None
-    fatal_line: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.marker_seen and self.finished_seen
-
-    def feed(self, line: str) -> None:
-        """Take one console line (already cleaned)."""
-        if self.marker in line:
-            self.marker_seen = True
-        if FINISHED_RE.search(line):
-            self.finished_seen = True
-        if m := _ROOT_RE.search(line):
-            self.root_bytes = int(m.group(1))
-        if m := _DISK_RE.search(line):
-            self.disk_bytes = int(m.group(1))
-        if self.fatal is None and not self.passed:
-            for pattern, reason in FATAL_PATTERNS:
-                if pattern.search(line):
-                    self.fatal, self.fatal_line = reason, line.strip()
-                    break
-
-    @classmethod
-    def parse(cls, text: str, marker: str) -> SerialFacts:
-        """Scan a whole serial log."""
-        facts = cls(marker)
-        for line in text.splitlines():
-            facts.feed(clean_console(line))
-        return facts
-
-
-def serial_tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> list[str]:
-    """The last `lines` non-blank lines of a serial log, cleaned of escapes."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * 1024))
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    # OVMF redraws with bare carriage returns: treat them as line breaks too
-    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    cleaned = [clean_console(line).rstrip() for line in text.split("\n")]
-    return [line for line in cleaned if line.strip()][-lines:]
 
 
 # ----------------------------------------------------------------------------------------------- argv
@@ -199,6 +111,7 @@ def qemu_argv(
     firmware_code: Path | None = None,
     firmware_vars: Path | None = None,
     name: str = "kiln-boot-test",
+    ssh_port: int | None = None,
 ) -> list[str]:
     """The QEMU command line of a boot test (pure: touches no file).
 
@@ -230,7 +143,9 @@ def qemu_argv(
     # no option ROM: neither SeaBIOS nor OVMF wastes time trying to boot from the network
     # restrict=on: the guest gets DHCP and nothing beyond; it cannot reach the host's loopback (10.0.2.2), where
     # the Prefect API, the S3 server and the OpenStack services listen, nor anything else
-    argv += ["-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    # (with ssh_port, the guest's port 22 is reachable from the host's 127.0.0.1:ssh_port; still not the reverse)
+    hostfwd = f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22" if ssh_port else ""
+    argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", "virtio-net-pci,netdev=net0,romfile="]
     argv += ["-device", "virtio-rng-pci"]
     argv += ["-chardev", f"socket,id=serial0,path={_opt(serial_socket)},server=on,wait=on,"
                          f"logfile={_opt(serial_log)},logappend=off",
@@ -347,173 +262,6 @@ def probe_accel(kernel: Path | None, *, state_dir: Path | None = None, timeout: 
     return accel
 
 
-# -------------------------------------------------------------------------------------- serial console
-
-
-@dataclass
-class _Login:
-    user: str
-    password: str
-
-
-@dataclass
-class _ConsoleState:
-    facts: SerialFacts
-    passed_at: float | None = None
-    login_ok: bool | None = None
-    error: BaseException | None = None
-    connected: bool = False
-
-
-class _SerialConsole(threading.Thread):
-    """Reads the guest's serial socket, watches for pass/fail, optionally logs in, then stops QEMU."""
-
-    def __init__(self, path: Path, marker: str, *, login: _Login | None, deadline: float) -> None:
-        super().__init__(name=f"kiln-serial-{path.parent.name}", daemon=True)
-        self.path = path
-        self.login = login
-        self.deadline = deadline
-        self.state = _ConsoleState(SerialFacts(marker))
-        self.stopping = threading.Event()
-        self._sock: socket.socket | None = None
-        self._pidfd: int | None = None
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
-        self._window = ""  # cleaned text received since the last thing we typed
-        self._eof = False
-
-    # -- plumbing
-    def _connect(self) -> bool:
-        while not self.stopping.is_set():
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self.path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                time.sleep(0.05)
-                continue
-            self._sock = sock
-            sock.settimeout(0.5)
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid = struct.unpack("3i", creds)[0]
-            # a pidfd names exactly this QEMU: no risk of signalling a recycled pid later
-            with contextlib.suppress(OSError):
-                self._pidfd = os.pidfd_open(pid)
-            self.state.connected = True
-            return True
-        return False
-
-    def _pump(self) -> bool:
-        """Read what is there (up to 0.5 s); False once the socket is closed or we are told to stop."""
-        if self._eof or self._sock is None or self.stopping.is_set():
-            return False
-        try:
-            data = self._sock.recv(65536)
-        except TimeoutError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            self._eof = True
-            return False
-        text = self._decoder.decode(data)
-        self._window = (self._window + clean_console(text.replace("\r", "")))[-65536:]
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        for raw in lines:
-            line = clean_console(raw).rstrip()
-            log.debug("serial: %s", line)
-            self.state.facts.feed(line)
-        return True
-
-    def _send(self, text: str) -> None:
-        assert self._sock is not None
-        self._window = ""
-        self._sock.sendall(text.encode())
-
-    def _wait_for(self, pattern: re.Pattern[str], seconds: float) -> re.Match[str] | None:
-        until = min(time.monotonic() + seconds, self.deadline)
-        while True:
-            # a prompt has no newline yet, so look at the raw window, not at whole lines
-            if m := pattern.search(self._window):
-                return m
-            if time.monotonic() >= until or not self._pump():
-                return None
-
-    def _signal(self, sig: int) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self._pidfd, sig)
-
-    # -- the script
-    def run(self) -> None:
-        try:
-            self._script()
-        except BaseException as exc:  # reported by boot_test; QEMU is stopped below or by its timeout
-            self.state.error = exc
-            log.debug("serial console reader failed", exc_info=True)
-        finally:
-            with contextlib.suppress(BaseException):
-                self._stop_qemu()
-            if self._sock is not None:
-                self._sock.close()
-            if self._pidfd is not None:
-                os.close(self._pidfd)
-
-    def _script(self) -> None:
-        if not self._connect():
-            return
-        facts = self.state.facts
-        finished_at: float | None = None
-        while not facts.passed and facts.fatal is None:
-            if not self._pump():
-                return
-            if facts.finished_seen and not facts.marker_seen:
-                finished_at = finished_at or time.monotonic()
-                if time.monotonic() - finished_at > MARKER_GRACE:
-                    facts.fatal = "cloud-init finished but the marker never appeared (was the seed read?)"
-        if facts.passed:
-            self.state.passed_at = time.monotonic()
-            log.info("serial console: marker and cloud-init's end seen")
-            if self.login is not None:
-                self.state.login_ok = self._do_login(self.login)
-                log.info("serial console login as %s: %s", self.login.user,
-                         "ok" if self.state.login_ok else "FAILED")
-
-    def _do_login(self, login: _Login) -> bool:
-        for _ in range(8):
-            # the prompt may have scrolled away under cloud-init's output: an empty name redraws it
-            self._send("\r")
-            if self._wait_for(_LOGIN_RE, 15):
-                break
-            if self._eof or time.monotonic() >= self.deadline:
-                return False
-        else:
-            return False
-        self._send(login.user + "\r")
-        if not self._wait_for(_PASSWORD_RE, 30):
-            return False
-        self._send(login.password + "\r")
-        m = self._wait_for(_SHELL_OR_FAIL_RE, 120)
-        if m is None or m.group(0).startswith("Login"):
-            return False
-        for _ in range(3):
-            self._send(LOGIN_COMMAND + "\r")
-            if self._wait_for(_LOGIN_PROOF_RE, 20):
-                return True
-        return False
-
-    def _stop_qemu(self) -> None:
-        if self._sock is None or self._eof or self.stopping.is_set():
-            return
-        self._signal(signal.SIGTERM)
-        until = time.monotonic() + 10
-        while time.monotonic() < until and self._pump():  # keep draining so QEMU never blocks on us
-            pass
-        if not self._eof:
-            self._signal(signal.SIGKILL)
-
-
 # ------------------------------------------------------------------------------------------ boot test
 
 
@@ -544,13 +292,16 @@ def boot_test(
     cpus: int = 2,
     timeout: float,
     extra_login: tuple[str, str] | None = None,
+    ssh_login: bool = False,
+    criterion: str = "cloud-init",
     grow_mib: int = DEFAULT_GROW_MIB,
 ) -> BootResult:
     """Boot a throw-away overlay of `image` and wait for `marker` and cloud-init's end on the console.
 
     The image is never written. The overlay is `grow_mib` larger than the image so growroot has work
     to do. With `extra_login=(user, password)` it then logs in on the serial console and runs a
-    command (`login_ok`). Raises BootTestError (firmware, reason, console tail) when the boot does not
+    command (`login_ok`); with `ssh_login` too, it logs in over SSH with that password (`ssh_ok`).
+    Raises BootTestError (firmware, reason, console tail) when the boot does not
     pass within `timeout` seconds. QEMU never outlives the call.
     """
     _validate(firmware, arch, accel)
@@ -576,9 +327,10 @@ def boot_test(
     scratch = Path(tempfile.mkdtemp(prefix=f".boot-{firmware}-", dir=workdir))
     # unix socket paths are limited to ~107 bytes: keep the socket out of a possibly deep workdir
     sockdir = Path(tempfile.mkdtemp(prefix="kiln-qemu-"))
-    console: _SerialConsole | None = None
+    console: SerialConsole | None = None
     try:
         fmt, size = _image_info(image)
+        ssh_port = guest_ssh.free_port() if ssh_login and extra_login else None
         overlay = scratch / "overlay.qcow2"
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", fmt, str(overlay),
              str(size + grow_mib * 1024 * 1024)], quiet=True, what="create the boot-test overlay")
@@ -590,11 +342,12 @@ def boot_test(
                          seed_iso=Path(seed_iso).resolve(), serial_socket=sockdir / "serial.sock",
                          serial_log=serial_log.resolve(),
                          memory_mib=memory_mib, cpus=cpus, firmware_code=uefi[0] if uefi else None,
-                         firmware_vars=vars_copy, name=f"kiln-boot-{firmware}")
+                         firmware_vars=vars_copy, name=f"kiln-boot-{firmware}", ssh_port=ssh_port)
         log.info("boot test %s/%s (%s) of %s, timeout %.0f s", arch, firmware, accel, image.name, timeout)
         start = time.monotonic()
-        login = _Login(*extra_login) if extra_login else None
-        console = _SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout)
+        login = Login(*extra_login) if extra_login else None
+        console = SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout,
+                                 ssh_port=ssh_port, criterion=criterion)
         console.start()
         returncode: int | None = None
         qemu_out: list[str] = []
@@ -612,17 +365,23 @@ def boot_test(
         if facts.passed and state.passed_at is not None:
             result = BootResult(firmware=firmware, accel=accel, seconds=round(state.passed_at - start, 1),
                                 passed=True, root_bytes=facts.root_bytes, disk_bytes=facts.disk_bytes,
-                                login_ok=state.login_ok, serial_log=serial_log)
-            log.info("boot test %s/%s passed in %.0f s (root %s bytes, disk %s bytes%s)", arch, firmware,
-                     result.seconds, result.root_bytes, result.disk_bytes,
-                     "" if result.login_ok is None else f", login {'ok' if result.login_ok else 'FAILED'}")
+                                login_ok=state.login_ok, serial_log=serial_log, ssh_ok=state.ssh_ok,
+                                criterion=criterion)
+            log.info("boot test %s/%s passed in %.0f s by %s (root %s bytes, disk %s bytes%s)", arch, firmware,
+                     result.seconds, facts.describe, result.root_bytes, result.disk_bytes,
+                     "" if result.login_ok is None else f", login {'ok' if result.login_ok else 'FAILED'}"
+                     + ("" if result.ssh_ok is None else f", ssh {'ok' if result.ssh_ok else 'FAILED'}"))
             return result
         if facts.fatal is not None:
             reason = facts.fatal + (f" ({facts.fatal_line})" if facts.fatal_line else "")
         elif reason is None:
             reason = f"QEMU exited with code {returncode}" + (
                 " (the guest powered off or reset)" if returncode == 0 else "")
-        if not facts.fatal and facts.marker_seen != facts.finished_seen:
+        if criterion == "systemd":
+            reason += (f"; judged by {facts.describe}: "
+                       + ("multi-user target reached, no login prompt" if facts.multi_user_seen else
+                          "multi-user target never reached"))
+        elif not facts.fatal and facts.marker_seen != facts.finished_seen:
             reason += "; seen: " + ("the marker" if facts.marker_seen else "cloud-init's end, no marker")
         if state.error is not None:
             reason += f"; console reader error: {state.error!r}"

@@ -109,6 +109,18 @@ class BootTestSpec(StrictModel):
         description="also set a random root password through user-data (`password:`, which goes to cloud-init's "
         "default user) and log in as root on the serial console; for images with cloud-init-cfg",
     )
+    ssh_login: bool = Field(
+        default=False,
+        description="with root_login: also log in as root over SSH with that password, as an operator would "
+        "(the guest's port 22 forwarded from 127.0.0.1; the guest stays off the host's network); needs the "
+        "openssh-server element",
+    )
+
+    @model_validator(mode="after")
+    def _ssh_needs_root_login(self) -> BootTestSpec:
+        if self.ssh_login and not self.root_login:
+            raise ValueError("ssh_login needs root_login: true (the password it logs in with is root's)")
+        return self
 
 
 class ImageSpec(StrictModel):

@@ -51,7 +51,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "spec": plan.spec.model_dump(mode="json"),
         "mirror": plan.mirror,
-        "elements": [{"name": e.name, "path": e.path, "sha256": e.hash} for e in plan.elements],
+        "elements": [{"name": e.name, "path": e.path, "sha256": e.hash, "origin": e.origin} for e in plan.elements],
         "base": ({"kind": "upstream", "key": plan.base_key, **plan.upstream.manifest()} if plan.upstream else
                  {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
                   "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror,

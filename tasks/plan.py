@@ -28,7 +28,11 @@ def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildCo
     store = Store(Path(options.cache) if options.cache else None)
     workdir = store.work_root / build_id
     claim_workdir(workdir)
-    logger.info("elements: %s", ", ".join(e.name for e in plan.elements))
+    by_origin: dict[str, list[str]] = {}
+    for e in plan.elements:
+        by_origin.setdefault(e.origin, []).append(e.name)
+    logger.info("plan: elements %s", "; ".join(f"from {origin}: {', '.join(names)}"
+                                               for origin, names in sorted(by_origin.items())))
     logger.info("mirror: %s; %d steps; store %s", plan.mirror, len(plan.steps), store.root)
     return BuildContext(plan=plan, store=store, workdir=workdir, rebuild=options.no_cache,
                         break_at=check_break(options.break_at))

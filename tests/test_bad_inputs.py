@@ -27,8 +27,6 @@ CASES = [
     ("size not a size", ["build", "--size", "big"], "field 'size': not a size: 'big'"),
     ("size too small", ["build", "--size", "100M"], "field 'size': 104857600 bytes is too small"),
     ("unknown format", ["build", "--format", "tgz"], "field 'formats.0': Input should be"),
-    ("hook without its run bit", ["build", "-e", "no-run-bit", "--elements-path", BAD],
-     "element 'no-run-bit': hook install.d/50-forgot-chmod is not executable"),
     ("unreadable hook (dangling symlink)", ["build", "-e", "dangling", "--elements-path", BAD],
      "element 'dangling': hook install.d/50-dangling is a dangling symlink"),
     ("two elements, one hook name", ["build", "-e", "dup-a", "-e", "dup-b", "--elements-path", BAD],

@@ -61,9 +61,12 @@ def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path,
 
 
 def test_seed_example_root_password_login(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    """The seed document's point: root logs in with the password injected through user-data, on the console
+    and over SSH (a real ssh client, password authentication, through a port forwarded from 127.0.0.1)."""
     _, m, _ = seed_build
     for b in m["boot_test"]:
         assert b["login_ok"] is True and b["cached"] is False, b
+        assert b["ssh_ok"] is True, b
 
 
 def _suite_versions(mirror: str, suite: str) -> dict[str, list[str]]:
@@ -121,7 +124,8 @@ def test_outputs_manifest_and_checksums(seed_build: tuple[Path, dict[str, Any], 
     packages = {p["name"]: p["version"] for p in m["packages"]}
     for needed in ("cloud-init", "linux-image-cloud-amd64", "grub-efi-amd64-bin", "qemu-guest-agent", "openssh-server"):
         assert packages.get(needed), needed
-    assert {e["name"] for e in m["elements"]} >= {"debian", "vm", "cloud-init", "cloud-init-cfg", "cleanup"}
+    assert {e["name"] for e in m["elements"]} >= {"debian-minimal", "vm", "cloud-init", "cloud-init-cfg", "cleanup"}
+    assert {e["name"]: e["origin"] for e in m["elements"]}["cloud-init-cfg"] == "user"
     assert all(len(e["sha256"]) == 64 for e in m["elements"])
     assert m["spec"]["name"] == "debian-12-seed-example"
     assert {"fetch_base", "pack", "customize install.d"} <= set(m["timings"])

@@ -13,7 +13,7 @@ def test_seed_document_line() -> None:
                         "debian"], env)
     assert spec.name == "debian-bookworm-amd64"
     assert spec.distro.value == "debian" and spec.release == "bookworm" and spec.arch is Arch.amd64
-    assert spec.elements == ["vm", "cloud-init-cfg"]
+    assert spec.elements == ["vm", "cloud-init-cfg", "debian"]  # DIB's debian, not only the base
     assert spec.formats == [ImageFormat.qcow2]
     assert spec.compress is True  # disk-image-create compresses qcow2 unless -u
     assert spec.env == {"DIB_OFFLINE": "1"}
@@ -35,6 +35,10 @@ def test_options_map_to_the_spec() -> None:
 def test_boot_test_knobs_from_the_environment() -> None:
     spec, _ = parse(["vm", "debian"], {"KILN_BOOT_FIRMWARE": "bios", "KILN_BOOT_ROOT_LOGIN": "1"})
     assert [f.value for f in spec.boot_test.firmware] == ["bios"] and spec.boot_test.root_login
+    # DIB's debian brings sshd, so the root login is checked over SSH too; debian-minimal has no sshd
+    assert spec.boot_test.ssh_login is True
+    spec, _ = parse(["vm", "debian-minimal"], {"KILN_BOOT_ROOT_LOGIN": "1", "ELEMENTS_PATH": ""})
+    assert spec.boot_test.root_login and spec.boot_test.ssh_login is False
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -57,3 +61,14 @@ def test_other_distribution_elements_pick_the_distro_and_its_base() -> None:
     assert centos.distro.value == "centos" and centos.release == "10" and centos.base is not None
     with pytest.raises(SpecError, match="element fedora: set DIB_RELEASE"):
         parse(["-o", "f", "fedora", "vm"], {})
+
+
+def test_rocky_and_almalinux_lines_are_taken() -> None:
+    for distro in ("rocky", "almalinux"):
+        spec, _ = parse(["vm", distro], {})
+        assert spec.distro.value == distro and spec.release == "9" and spec.elements == ["vm", distro]
+
+
+def test_two_distributions_on_one_line_are_an_error() -> None:
+    with pytest.raises(SpecError, match="names two distributions"):
+        parse(["vm", "debian", "ubuntu"], {})

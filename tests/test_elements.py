@@ -90,10 +90,13 @@ def test_same_hook_name_in_different_phases_is_fine(make_element: Callable[..., 
     hooks_by_phase(resolve(["a", "b"], path_of(make_element)))
 
 
-def test_hook_without_run_bit_is_an_error(make_element: Callable[..., Path]) -> None:
-    make_element("a", hooks={"install.d/50-x": "true"}, executable=False)
-    with pytest.raises(ElementError, match=r"element 'a': hook install.d/50-x is not executable"):
-        hooks_by_phase(resolve(["a"], path_of(make_element)))
+def test_hook_without_run_bit_is_skipped_with_a_warning(make_element: Callable[..., Path],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    make_element("a", hooks={"install.d/50-x": "true", "install.d/60-y": "true"}, executable=False)
+    make_element("b", hooks={"install.d/55-z": "true"})
+    hooks = hooks_by_phase(resolve(["a", "b"], path_of(make_element)))["install.d"]
+    assert [h.name for h in hooks] == ["55-z"]
+    assert "element 'a': ignoring non-executable hook install.d/50-x" in caplog.text
 
 
 def test_environment_files_sorted_by_name(make_element: Callable[..., Path]) -> None:
@@ -118,14 +121,13 @@ def test_native_elements_always_come_from_kiln(tmp_path: Path) -> None:
     assert resolved.get("package-installs").path == KILN_ELEMENTS / "package-installs"
 
 
-def test_library_elements_skip_non_executable_hooks_like_dib(tmp_path: Path) -> None:
+def test_library_and_user_elements_skip_non_executable_hooks_alike(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     (lib / "old/cleanup.d").mkdir(parents=True)
     (lib / "old/cleanup.d/99-disabled").write_text("#!/bin/bash\nexit 1\n")
     path = search_path([], env="", library=[lib])
     assert hooks_by_phase(resolve(["old"], path, library=[lib.resolve()]))["cleanup.d"] == []
-    with pytest.raises(ElementError, match="is not executable"):
-        hooks_by_phase(resolve(["old"], path))
+    assert hooks_by_phase(resolve(["old"], search_path([lib], env="")))["cleanup.d"] == []
 
 
 def test_missing_path_entry_is_an_error(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import ElementError
+from kiln.elements import installed_dib_library
+from kiln.errors import ElementError, SpecError
 from kiln.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
 from kiln.spec import ImageSpec, spec_from_dict
 
@@ -152,3 +153,33 @@ def test_the_redhat_family_maps_packages_and_tells_install_packages(host_env: di
     assert env["DISTRO_NAME"] == "fedora" and env["KILN_PACKAGE_FAMILY"] == "redhat"
     debian = hook_env(spec_from_dict({}, "s"), "http://m.invalid/debian", ["debian"], host_env)
     assert debian["KILN_PACKAGE_FAMILY"] == "debian"
+
+
+def test_a_distro_brings_its_minimal_base_and_dibs_debian_only_when_named(
+        elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    names = [e.name for e in plan_for(elements, host_env).elements]
+    assert "debian-minimal" in names and "debian" not in names and "openssh-server" not in names
+    plan = plan_for(elements, host_env, elements=["early", "debian"])
+    origins = {e.name: e.origin for e in plan.elements}
+    assert origins["debian"] == origins["debian-minimal"] == origins["openssh-server"] == "kiln"
+    assert origins["early"] == "user"
+
+
+def test_ssh_login_needs_an_ssh_server(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    boot = {"root_login": True, "ssh_login": True}
+    with pytest.raises(SpecError, match=r"field 'boot_test.ssh_login': the image has no SSH server"):
+        plan_for(elements, host_env, boot_test=boot)
+    plan_for(elements, host_env, elements=["early", "openssh-server"], boot_test=boot)
+
+
+def test_elements_path_naming_dibs_library_makes_it_the_library(make_element: Callable[..., Path],
+                                                                host_env: dict[str, str]) -> None:
+    """ELEMENTS_PATH=<diskimage_builder>/elements, as DIB's docs tell its users, works as --dib-elements."""
+    library = installed_dib_library()
+    assert library is not None, "the test extra installs diskimage-builder"
+    spec = spec_from_dict({"elements": ["growroot", "vm"]}, "test")
+    plan = make_plan(spec, host_env={**host_env, "ELEMENTS_PATH": str(library)})
+    origins = {e.name: e.origin for e in plan.elements}
+    assert origins["growroot"] == "diskimage-builder"  # the user's path wins over kiln's growroot, as in DIB
+    assert origins["vm"] == "kiln"  # native
+    assert plan.env["_LIB"] == str(library.parent / "lib")

@@ -17,20 +17,18 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln import qemu
+from kiln import qemu, serial_console
 from kiln.errors import BootTestError
 from kiln.qemu import (
     BootResult,
-    SerialFacts,
     accel_args,
     boot_test,
-    clean_console,
     probe_accel,
     probe_argv,
     qemu_argv,
-    serial_tail,
 )
 from kiln.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
+from kiln.serial_console import SerialFacts, clean_console, serial_tail
 from tests.test_build_e2e import seed_build  # noqa: F401  (a real image that lets root in)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +239,11 @@ def _pairs(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
+def test_argv_ssh_port_forwards_only_from_the_hosts_loopback_and_keeps_the_guest_restricted() -> None:
+    [netdev] = _pairs(_argv(ssh_port=40022), "-netdev")
+    assert netdev == "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"
+
+
 def test_argv_bios_tcg() -> None:
     argv = _argv(memory_mib=2048, cpus=2)
     assert argv[0] == "qemu-system-x86_64"
@@ -348,13 +351,13 @@ def _fake_getty(
 def test_console_login_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, typed: str, ok: bool) -> None:
     # the fake peer is this very process: never signal it, just hang up like a killed QEMU would
     killed = threading.Event()
-    monkeypatch.setattr(qemu._SerialConsole, "_signal", lambda self, sig: killed.set())
+    monkeypatch.setattr(serial_console.SerialConsole, "_signal", lambda self, sig: killed.set())
     transcript: list[bytes] = []
     sock = tmp_path / "s.sock"
     server = _fake_getty(sock, "pw", transcript, killed)
-    console = qemu._SerialConsole(sock, "m-fake", login=qemu._Login("root", typed),
+    console = serial_console.SerialConsole(sock, "m-fake", login=serial_console.Login("root", typed),
                                   deadline=time.monotonic() + 60)
-    monkeypatch.setattr(qemu, "MARKER_GRACE", 0.1)
+    monkeypatch.setattr(serial_console, "MARKER_GRACE", 0.1)
     start = time.monotonic()
     console.start()
     console.join(timeout=90)
@@ -364,6 +367,49 @@ def test_console_login_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, t
     assert console.state.facts.passed and console.state.facts.root_bytes == 10
     assert console.state.login_ok is ok
     assert transcript[0] == b"\r" and b"root\r" in transcript
+    server.join(timeout=1)
+
+
+def _fake_console(path: Path, text: bytes, killed: threading.Event) -> threading.Thread:
+    """A guest console that says `text` and then nothing until it is killed (or hangs up at once when the
+    text ends with a newline)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.sendall(text)
+            if not text.endswith(b"\n"):
+                killed.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("text", "passed"), [
+    (b"[  OK  ] Reached target multi-user.target - Multi-User System.\r\n\r\nDebian GNU/Linux 12 x ttyS0\r\n"
+     b"\r\nx login: ", True),
+    (b"[  OK  ] Reached target multi-user.target - Multi-User System.\r\n", False),  # no prompt: hung up
+    (b"\r\nx login: ", False),  # a prompt before multi-user (an emergency getty, say) is not enough
+])
+def test_an_image_without_cloud_init_is_judged_by_systemd_and_its_login_prompt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: bytes, passed: bool) -> None:
+    killed = threading.Event()
+    monkeypatch.setattr(serial_console.SerialConsole, "_signal", lambda self, sig: killed.set())
+    sock = tmp_path / "s.sock"
+    server = _fake_console(sock, text if passed or text.endswith(b"\n") else text + b"\r\n", killed)
+    console = serial_console.SerialConsole(sock, "m-unused", login=None, deadline=time.monotonic() + 5,
+                                           criterion="systemd")
+    console.start()
+    console.join(timeout=20)
+    assert not console.is_alive() and console.state.error is None
+    facts = console.state.facts
+    assert facts.passed is passed
+    assert "systemd's multi-user target and a login prompt" in facts.describe
+    assert not facts.marker_seen  # never asked for: the seed is not read without cloud-init
     server.join(timeout=1)
 
 
@@ -392,7 +438,7 @@ def test_boot_without_bootloader_fails(tmp_path: Path) -> None:
 
 def test_boot_timeout_kills_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the fail-fast patterns off, the zero disk hangs in the firmware until the timeout."""
-    monkeypatch.setattr(qemu, "FATAL_PATTERNS", ())
+    monkeypatch.setattr(serial_console, "FATAL_PATTERNS", ())
     disk = zero_disk(tmp_path / "zero.raw")
     seed = make_nocloud_seed(tmp_path / "seed.iso", user_data="#cloud-config\n", meta_data="instance-id: x\n")
     start = time.monotonic()
@@ -410,9 +456,9 @@ def test_boot_interrupted_kills_qemu(tmp_path: Path, sig: signal.Signals) -> Non
     disk = zero_disk(tmp_path / "zero.raw")
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from kiln import qemu
+        from kiln import qemu, serial_console
         from kiln.seed import make_nocloud_seed
-        qemu.FATAL_PATTERNS = ()
+        serial_console.FATAL_PATTERNS = ()
         w = Path({str(tmp_path)!r})
         seed = make_nocloud_seed(w / "seed.iso", user_data="#cloud-config\\n", meta_data="instance-id: x\\n")
         qemu.boot_test(w / "zero.raw", firmware="bios", marker="m", seed_iso=seed, workdir=w / "w",

@@ -123,3 +123,9 @@ def test_ubuntu_without_its_archive_keyring_is_refused_before_bootstrapping(monk
     with pytest.raises(SpecError, match=r"distro ubuntu: no keyring for the Ubuntu archive.*mirror_keyring"):
         archive_keyring("ubuntu", None)
     assert archive_keyring("debian", None) is None
+
+
+def test_ssh_login_needs_root_login() -> None:
+    with pytest.raises(SpecError, match="ssh_login needs root_login"):
+        spec_from_dict({"boot_test": {"ssh_login": True}}, "s.yaml")
+    assert spec_from_dict({"boot_test": {"ssh_login": True, "root_login": True}}, "s.yaml").boot_test.ssh_login

@@ -18,7 +18,7 @@ import pytest
 
 from kiln import glance, nova
 from kiln.publish import GATES, PublishSpec, load_build, managed_images, no_gate, publish, status_of
-from kiln.qemu import FINISHED_RE
+from kiln.serial_console import FINISHED_RE
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled, unbootable_build
 from tests.publish.conftest import digests

@@ -1,0 +1,36 @@
+"""kiln.guest_ssh: the SSH client the boot test logs in with reads nothing of the host's SSH setup."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from kiln import guest_ssh
+
+
+def test_the_client_uses_no_host_config_keys_or_agent_and_only_a_password() -> None:
+    argv = guest_ssh.ssh_argv(2222, "root")
+    assert argv[:3] == ["ssh", "-F", "/dev/null"]
+    opts = {argv[i + 1] for i, a in enumerate(argv) if a == "-o"}
+    assert {"PubkeyAuthentication=no", "IdentityAgent=none", "UserKnownHostsFile=/dev/null",
+            "GlobalKnownHostsFile=/dev/null", "NumberOfPasswordPrompts=1"} <= opts
+    assert "root@127.0.0.1" in argv and argv[-1] == guest_ssh.COMMAND
+
+
+def test_a_login_nobody_answers_fails_by_its_deadline() -> None:
+    """A real ssh client against a port nothing listens on: False, within the deadline (not a hang)."""
+    port = guest_ssh.free_port()
+    start = time.monotonic()
+    assert guest_ssh.ssh_login(port, "root", "not-a-secret", deadline=start + 3) is False
+    assert time.monotonic() - start < 20
+
+
+def test_a_server_that_is_not_sshd_is_not_a_login() -> None:
+    """Something answers, but it is no sshd that lets root in: False."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        srv.settimeout(0.2)
+        port = srv.getsockname()[1]
+        start = time.monotonic()
+        assert guest_ssh.ssh_login(port, "root", "x", deadline=start + 3) is False
