@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PROOF = "KILN-SSH-OK"
 # what runs in the guest: proves a root shell (uid 0) got it
 COMMAND = f'echo "{PROOF} uid=$(id -u)"'
+DENIALS = 3
 _ASKPASS = "#!/bin/sh\nprintf '%s\\n' \"$KILN_SSH_PASSWORD\"\n"
 
 
@@ -54,7 +55,7 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float) -> bool:
         askpass.chmod(stat.S_IRWXU)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "SSH_ASKPASS": str(askpass),
                "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": "", "KILN_SSH_PASSWORD": password}
-        attempt = 0
+        attempt = denied = 0
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
@@ -71,6 +72,10 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float) -> bool:
                 return True
             log.info("boot test: ssh %s@guest, attempt %d: exit %s: %s", user, attempt, done.returncode,
                      " / ".join(done.lines[-2:]) or "no output")
+            # sshd answered and said no: once may be cloud-init still setting the password, thrice is final
+            denied += any("Permission denied" in line for line in done.lines)
+            if denied >= DENIALS:
+                return False
             if time.monotonic() + 5 >= deadline:
                 return False
             time.sleep(5)

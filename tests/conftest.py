@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,9 +72,66 @@ def _server_file() -> Path:
     return Path(kiln_env()["KILN_STATE"]) / "prefect" / "server.json"
 
 
+# The suite's disk: the test stores keep layers between runs (so a machine builds the default, trixie and arm64
+# images once), and a run needs room beyond them for its own builds, outputs and temporary trees. Measured on
+# a whole `make test` (README, "The two commands"): the partition's free space fell by less than PEAK_USE during the
+# run. Before a run the stores are trimmed to their budgets, and further (oldest entries first) while the
+# partition has less than PEAK_USE free; a machine that still has too little stops the run at once, saying
+# how much it needs, instead of failing forty minutes in with "No space left on device".
+MAIN_STORE_BUDGET = "16G"
+OTHER_STORE_BUDGET = "1G"
+PEAK_USE = "30G"
+SUBSET_USE = "10G"  # a run of a few end-to-end tests (fewer than FULL_RUN_SLOW_TESTS)
+FULL_RUN_SLOW_TESTS = 40
+
+
+def _stores() -> list[Path]:
+    from tests.e2e import kiln_env
+
+    cache = Path(kiln_env()["KILN_CACHE"])
+    return [s for s in [cache, *sorted(cache.parent.glob(cache.name + "-*"))] if (s / "entries").is_dir()]
+
+
+def _trim_stores(main_budget: int) -> None:
+    from kiln.spec import parse_size
+    from kiln.store import Store
+
+    stores = _stores()
+    for store_dir in stores:
+        Store(store_dir).gc(main_budget if store_dir == stores[0] else parse_size(OTHER_STORE_BUDGET))
+
+
+def _make_room(peak: str) -> None:
+    """Trim the test stores to their budgets, then further while the partition has less than `peak` free."""
+    from kiln.spec import parse_size
+    from tests.e2e import kiln_env
+
+    cache = Path(kiln_env()["KILN_CACHE"])
+    cache.mkdir(parents=True, exist_ok=True)
+    need = parse_size(peak)
+    _trim_stores(parse_size(MAIN_STORE_BUDGET))
+    budget = parse_size(MAIN_STORE_BUDGET)
+    while shutil.disk_usage(cache).free < need and budget > 0:
+        budget = max(0, budget - parse_size("4G"))
+        _trim_stores(budget)
+    free = shutil.disk_usage(cache).free
+    if free < need:
+        pytest.exit(f"the test suite needs {peak} free on the partition of {cache} (its builds, images and "
+                    f"temporary trees at their peak); it has {free / 1024**3:.1f} GiB even with the test stores "
+                    "emptied: free some space and run it again", returncode=3)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     # a server already running belongs to another test run on this machine (or to the developer)
     session.config.stash[_SERVER_BEFORE] = _server_file().exists()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Room on the disk for what this run will build: PEAK_USE for the whole suite, SUBSET_USE for a few
+    end-to-end tests, nothing for fast tests alone (they leave the stores be)."""
+    slow = [item for item in session.items if item.get_closest_marker("slow")]
+    if slow and not session.config.stash[_SERVER_BEFORE] and not session.config.option.collectonly:
+        _make_room(PEAK_USE if len(slow) >= FULL_RUN_SLOW_TESTS else SUBSET_USE)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -85,19 +145,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     stop_server(Path(kiln_env()["KILN_STATE"]))
     # the test stores grow by a few GiB per run (every fault variant is a new package layer): trim them so
-    # that runs on the same machine do not fill its disk. The main store keeps enough (20 GiB) for the
-    # layers of the default, trixie and arm64 builds, so that a machine builds them once (the arm64 package
-    # step runs emulated for 10+ minutes); the per-test stores (-host-a, -cancel, …) keep 2 GiB each
+    # that runs on the same machine do not fill its disk. The main store keeps MAIN_STORE_BUDGET, enough for
+    # the layers of the default, trixie and arm64 builds, so that a machine builds them once (the arm64
+    # package step runs emulated for 10+ minutes)
     from kiln.spec import parse_size
-    from kiln.store import Store
 
-    cache = Path(kiln_env()["KILN_CACHE"])
-    for store_dir in [cache, *cache.parent.glob(cache.name + "-*")]:
-        if (store_dir / "entries").is_dir():
-            Store(store_dir).gc(parse_size("20G" if store_dir == cache else "2G"))
+    _trim_stores(parse_size(MAIN_STORE_BUDGET))
 
 
 # ----------------------------------------------------------------------- a real build, shared by the suite
+
+
+@pytest.fixture(scope="session")
+def seed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], float]:
+    """The seed document's example (tests/data/seed-example.yaml), built and booted under both firmwares with
+    root logging in: once per session, shared by every module that needs a real image or its packages (a
+    fixture imported into a module instead would be a second fixture, built a second time)."""
+    out = tmp_path_factory.mktemp("seed-example")
+    start = time.monotonic()
+    e2e.kiln("build", "tests/data/seed-example.yaml", "--output", str(out))
+    return out, e2e.manifest(out), time.monotonic() - start
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,6 @@ import pytest
 from tests.e2e import REPO, kiln, kiln_env, leftovers, manifest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def seed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], float]:
-    out = tmp_path_factory.mktemp("seed-example")
-    start = time.monotonic()
-    kiln("build", "tests/data/seed-example.yaml", "--output", str(out))
-    return out, manifest(out), time.monotonic() - start
 
 
 def debugfs_cat(raw: Path, offset: int, path: str) -> str | None:

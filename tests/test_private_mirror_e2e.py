@@ -24,7 +24,7 @@ import pytest
 
 from kiln.store import Store
 from tests.e2e import kiln, kiln_env, leftovers, manifest
-from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset, seed_build  # noqa: F401  (seed_build: the .debs)
+from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset
 from tests.upstream_fixtures import FixtureServer, GpgKey, make_key
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def make_archive(root: Path, debs: Path, key: GpgKey, installed: list[dict[str, 
 
 
 @pytest.fixture(scope="module")
-def archive(seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
+def archive(seed_build: tuple[Path, dict[str, Any], float],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FixtureServer, GpgKey, GpgKey, str]]:
     root = tmp_path_factory.mktemp("private-mirror")
     debs = Path(kiln_env()["KILN_CACHE"]) / "debs" / "debian-amd64"

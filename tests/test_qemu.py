@@ -29,7 +29,6 @@ from kiln.qemu import (
 )
 from kiln.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
 from kiln.serial_console import SerialFacts, clean_console, serial_tail
-from tests.test_build_e2e import seed_build  # noqa: F401  (a real image that lets root in)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -497,7 +496,7 @@ def test_probe_logic_with_real_kernel(default_kernel: Path) -> None:
 
 
 @pytest.mark.slow
-def test_boot_real_image_bios(tmp_path: Path, seed_build: tuple[Path, dict[str, Any], float]) -> None:  # noqa: F811
+def test_boot_real_image_bios(tmp_path: Path, seed_build: tuple[Path, dict[str, Any], float]) -> None:
     """Boot the seed example's image (it lets root in with a password; or KILN_TEST_IMAGE) under SeaBIOS:
     cloud-init ends, root grown, login works, nothing left running."""
     image = os.environ.get("KILN_TEST_IMAGE") or str(seed_build[0] / "debian-12-seed-example.qcow2")

@@ -27,7 +27,6 @@ from kiln import glance, s3
 from kiln.publish import managed_images, status_of
 from tests.e2e import kiln, kiln_env, leftovers
 from tests.publish.conftest import OpenStack, openstack_stack, s3_stack  # noqa: F401  (fixtures)
-from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
 from tests.test_deployments_stack import PrefectStack, started_stack
 from tests.test_private_mirror_e2e import PATCHED, distribution_debs, publish_suite, rebuild_newer
 from tests.upstream_fixtures import FixtureServer, GpgKey, make_key
@@ -67,7 +66,7 @@ def _cleanup(conn: Any, names: list[str]) -> None:
 
 
 def test_nightly_refresh_publishes_what_changed_and_only_that(
-        seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
+        seed_build: tuple[Path, dict[str, Any], float],
         openstack_stack: OpenStack, s3_stack: dict[str, str],  # noqa: F811
         prefect: PrefectStack, tmp_path: Path) -> None:
     debs = Path(kiln_env()["KILN_CACHE"]) / "debs" / "debian-amd64"

@@ -30,7 +30,6 @@ import pytest
 
 from kiln import serve
 from tests.e2e import REPO, kiln, kiln_env, leftovers
-from tests.test_build_e2e import seed_build  # noqa: F401  (the .debs of the archive)
 from tests.test_deployments_stack import PrefectStack, free_port
 from tests.test_private_mirror_e2e import distribution_debs, publish_suite
 from tests.upstream_fixtures import FixtureServer, make_key
@@ -113,7 +112,7 @@ def _cell_run(stack: PrefectStack, matrix_run: str) -> dict[str, Any] | None:
 
 
 def test_a_cell_whose_host_dies_mid_build_is_finished_by_another_host(
-        seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
+        seed_build: tuple[Path, dict[str, Any], float],
         network: dict[str, str], fleet_server: dict[str, str], tmp_path: Path) -> None:
     url = fleet_server["url"]
     assert url.startswith(f"http://{NET}.1:")

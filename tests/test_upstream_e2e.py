@@ -16,14 +16,14 @@ import pytest
 from kiln.run import run
 from kiln.store import Store
 from tests.e2e import kiln, kiln_env, leftovers, manifest
-from tests.test_build_e2e import debugfs_cat, root_offset, seed_build  # noqa: F401  (seed_build: the session's image)
+from tests.test_build_e2e import debugfs_cat, root_offset
 from tests.upstream_fixtures import FixtureServer, GpgKey, _sha256, make_key
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def published(seed_build: tuple[Path, dict[str, Any], float],  # noqa: F811
+def published(seed_build: tuple[Path, dict[str, Any], float],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FixtureServer, GpgKey, GpgKey, Path]]:
     out, _, _ = seed_build
     root = tmp_path_factory.mktemp("upstream")
