@@ -45,6 +45,7 @@ class BootOutcome:
     backend: str = "qemu"
     ssh_ok: bool | None = None  # root's password login over SSH (boot_test.ssh_login); None when not asked
     criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
+    failed_units: list[str] | None = None  # systemd units failed in the guest (None: not reported)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +133,7 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                        accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
                        login_ok=result.login_ok, serial_log=str(result.serial_log), ssh_ok=result.ssh_ok,
-                       criterion=result.criterion)
+                       criterion=result.criterion, failed_units=result.failed_units)
 
 
 def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:

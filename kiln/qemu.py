@@ -61,6 +61,7 @@ class BootResult:
     serial_log: Path
     ssh_ok: bool | None = None  # root's password login over SSH; None when not asked for
     criterion: str = "cloud-init"  # what the pass was judged by (kiln.serial_console.CRITERIA)
+    failed_units: list[str] | None = None  # systemd units failed when cloud-init ran the boot test's commands
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for manifest.json)."""
@@ -366,11 +367,14 @@ def boot_test(
             result = BootResult(firmware=firmware, accel=accel, seconds=round(state.passed_at - start, 1),
                                 passed=True, root_bytes=facts.root_bytes, disk_bytes=facts.disk_bytes,
                                 login_ok=state.login_ok, serial_log=serial_log, ssh_ok=state.ssh_ok,
-                                criterion=criterion)
+                                criterion=criterion, failed_units=facts.failed_units)
             log.info("boot test %s/%s passed in %.0f s by %s (root %s bytes, disk %s bytes%s)", arch, firmware,
                      result.seconds, facts.describe, result.root_bytes, result.disk_bytes,
                      "" if result.login_ok is None else f", login {'ok' if result.login_ok else 'FAILED'}"
                      + ("" if result.ssh_ok is None else f", ssh {'ok' if result.ssh_ok else 'FAILED'}"))
+            if facts.failed_units:
+                log.warning("boot test %s/%s: failed systemd units in the guest: %s", arch, firmware,
+                            ", ".join(facts.failed_units))
             return result
         if facts.fatal is not None:
             reason = facts.fatal + (f" ({facts.fatal_line})" if facts.fatal_line else "")

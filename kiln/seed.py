@@ -23,6 +23,7 @@ VOLUME_ID = "cidata"
 MARKER_PREFIX = "KILN-MARKER="
 ROOT_BYTES_PREFIX = "KILN-ROOT-BYTES="
 DISK_BYTES_PREFIX = "KILN-DISK-BYTES="
+FAILED_UNITS_PREFIX = "KILN-FAILED-UNITS="
 _MARKER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
@@ -80,6 +81,9 @@ def boot_test_user_data(
         'pk=$(lsblk -no PKNAME "$src" 2>/dev/null | head -n 1)',
         'if [ -n "$pk" ]; then disk="/dev/$pk"; else disk="$src"; fi',
         f'say "{DISK_BYTES_PREFIX}$(lsblk -bdno SIZE "$disk" | head -n 1 | tr -d " ")"',
+        # the systemd units that failed by now (cloud-init's config stage among them), comma-separated
+        f'say "{FAILED_UNITS_PREFIX}$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null '
+        '| awk \'{print $1}\' | paste -sd, -)"',
     ])
     config: dict[str, object] = {}
     if root_password is not None:

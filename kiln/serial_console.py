@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import guest_ssh
-from kiln.seed import DISK_BYTES_PREFIX, ROOT_BYTES_PREFIX
+from kiln.seed import DISK_BYTES_PREFIX, FAILED_UNITS_PREFIX, ROOT_BYTES_PREFIX
 
 log = logging.getLogger("kiln.qemu")
 SERIAL_TAIL_LINES = 40
@@ -30,6 +30,7 @@ SERIAL_TAIL_LINES = 40
 FINISHED_RE = re.compile(r"Cloud-init v\. \S+ finished")
 _ROOT_RE = re.compile(re.escape(ROOT_BYTES_PREFIX) + r"(\d+)")
 _DISK_RE = re.compile(re.escape(DISK_BYTES_PREFIX) + r"(\d+)")
+_FAILED_RE = re.compile(re.escape(FAILED_UNITS_PREFIX) + r"([\w@.,:\\-]*)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[0-~]")
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # console lines after which the guest will never reach cloud-init's end: fail at once, not at timeout
@@ -74,6 +75,7 @@ class SerialFacts:
     marker_seen: bool = False
     finished_seen: bool = False
     root_bytes: int | None = None
+    failed_units: list[str] | None = None  # None: not reported (no cloud-init, or an older seed)
     disk_bytes: int | None = None
     fatal: str | None = None
     fatal_line: str | None = None
@@ -102,6 +104,8 @@ class SerialFacts:
             self.root_bytes = int(m.group(1))
         if m := _DISK_RE.search(line):
             self.disk_bytes = int(m.group(1))
+        if m := _FAILED_RE.search(line):
+            self.failed_units = [u for u in m.group(1).split(",") if u]
         if self.fatal is None and not self.passed:
             for pattern, reason in FATAL_PATTERNS:
                 if pattern.search(line):

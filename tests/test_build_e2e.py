@@ -46,6 +46,9 @@ def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path,
     for b in boots.values():
         assert b["passed"], b
         assert b["cached"] is False, b  # booted in this session (its boot generation), not an old result
+        # no unit failed at first boot (cloud-init's locale module did, and cloud-config.service with it,
+        # until the base generated the locale it sets)
+        assert b["failed_units"] == [], b
         # the boot disk is 1 GiB larger than the 4 GiB image: a root fs above 4 GiB was grown
         assert b["root_bytes"] > 4.2 * 1024**3, b
         assert b["disk_bytes"] - b["root_bytes"] < 0.5 * 1024**3, b

@@ -89,6 +89,14 @@ def test_user_data_script_runs(tmp_path: Path) -> None:
     facts = SerialFacts.parse(out, "kiln-run-1")
     assert facts.marker_seen
     assert facts.root_bytes and facts.root_bytes > 0
+    assert facts.failed_units is not None  # reported (empty here: this host's systemctl lists none)
+
+
+def test_failed_units_are_read_from_the_console() -> None:
+    line = "[   31.5] cloud-init[486]: KILN-FAILED-UNITS=cloud-config.service,networking.service"
+    assert SerialFacts.parse(line, "m").failed_units == ["cloud-config.service", "networking.service"]
+    assert SerialFacts.parse("cloud-init[1]: KILN-FAILED-UNITS=", "m").failed_units == []
+    assert SerialFacts.parse("nothing reported", "m").failed_units is None
 
 
 # ---------------------------------------------------------------------------------------------- seed
