@@ -119,7 +119,7 @@ def test_outputs_manifest_and_checksums(seed_build: tuple[Path, dict[str, Any], 
     for needed in ("cloud-init", "linux-image-cloud-amd64", "grub-efi-amd64-bin", "qemu-guest-agent", "openssh-server"):
         assert packages.get(needed), needed
     assert {e["name"] for e in m["elements"]} >= {"debian-minimal", "vm", "cloud-init", "cloud-init-cfg", "cleanup"}
-    assert {e["name"]: e["origin"] for e in m["elements"]}["cloud-init-cfg"] == "user"
+    assert {e["name"]: e["origin"] for e in m["elements"]}["cloud-init-cfg"] == "kiln"  # the one kiln ships
     assert all(len(e["sha256"]) == 64 for e in m["elements"])
     assert m["spec"]["name"] == "debian-12-seed-example"
     assert {"fetch_base", "pack", "customize install.d"} <= set(m["timings"])
