@@ -37,7 +37,7 @@ from pathlib import Path
 
 from kiln.errors import CommandError, KilnError
 from kiln.mounts import MountStack
-from kiln.run import run
+from kiln.run import capture, run
 
 log = logging.getLogger("kiln.extract")
 
@@ -503,6 +503,22 @@ def _scratch(workdir: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def refuse_external_files(disk: Path, name: str) -> None:
+    """A qcow2 from upstream may name other files that qemu-img would read as part of it: a backing file (a
+    host disk, say, whose contents would end up in the built image) or an external data file. Refuse both
+    before anything opens it (the class of OSSA-2024-001)."""
+    info = json.loads(capture(["qemu-img", "info", "--output=json", "-f", "qcow2", str(disk)], timeout=60,
+                              what=f"inspect {name} (qemu-img info)"))
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing:
+        raise ExtractError(f"{name}: the qcow2 names a backing file ({backing!r}); an upstream image must be "
+                           "self-contained: refused")
+    data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
+    if data_file:
+        raise ExtractError(f"{name}: the qcow2 names an external data file ({data_file!r}); an upstream image "
+                           "must be self-contained: refused")
+
+
 def _extract_disk(image: Path, target: Path, *, workdir: Path, compression: str | None, arch: str,
                   timeout: float) -> ExtractResult:
     with _scratch(workdir) as scratch, ExitStack() as cleanup:
@@ -511,6 +527,7 @@ def _extract_disk(image: Path, target: Path, *, workdir: Path, compression: str 
             disk = _decompress(image, compression, scratch / "image.decompressed", timeout)
         fmt = BaseFormat.qcow2 if sniff(disk).container is BaseFormat.qcow2 else BaseFormat.raw
         if fmt is BaseFormat.qcow2:
+            refuse_external_files(disk, image.name)
             raw = scratch / "disk.raw"
             log.info("converting %s to raw", image.name)
             run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)], quiet=True,

@@ -7,9 +7,12 @@ survives and `reclaim()` (run by the next kiln command and `kiln gc`) unmounts w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,13 +27,21 @@ log = logging.getLogger("kiln.mounts")
 JOURNAL = "mounts.json"
 
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def decode_mount_path(field: bytes) -> str:
+    """A path as the kernel writes it in mountinfo (space, tab, newline and backslash as octal escapes, the
+    rest as raw bytes), as a str the way Python names that path (os.fsdecode)."""
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
 def mounted_targets() -> set[str]:
     """Every mount point currently in this mount namespace."""
     targets = set()
-    with open("/proc/self/mountinfo") as fh:
+    with open("/proc/self/mountinfo", "rb") as fh:
         for line in fh:
-            fields = line.split()
-            targets.add(fields[4].encode().decode("unicode_escape"))
+            targets.add(decode_mount_path(line.split()[4]))
     return targets
 
 
@@ -213,11 +224,43 @@ def ensure_binfmt_misc() -> Path:
     return BINFMT_MISC
 
 
+def _remove_on_one_file_system(path: Path) -> list[str]:
+    """Delete `path` without ever entering a directory on another file system than `path`'s own (st_dev),
+    whatever the mount table says, nor following a symlink; returns the directories it left for that."""
+    top = os.lstat(path)
+    if not stat.S_ISDIR(top.st_mode):
+        os.unlink(path)
+        return []
+    crossed: list[str] = []
+    emptied: list[str] = []
+    for root, dirs, files, root_fd in os.fwalk(path, topdown=True, follow_symlinks=False):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=root_fd)
+        keep = []
+        for name in dirs:
+            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                os.unlink(name, dir_fd=root_fd)
+            elif st.st_dev != top.st_dev:
+                crossed.append(os.path.join(root, name))
+            else:
+                keep.append(name)
+        dirs[:] = keep
+        emptied.append(root)
+    blocked = {os.path.dirname(c) for c in crossed}
+    for directory in reversed(emptied):  # deepest first
+        if any(b == directory or b.startswith(directory + "/") for b in blocked):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(directory)
+    return crossed
+
+
 def remove_tree(path: Path) -> None:
     """Delete a build's directory, but never through a mount point: a bind of the host's /dev left in a
     root tree would otherwise have its device nodes deleted. Unmounts what is below first; refuses if
     anything stays mounted."""
-    import shutil
 
     if not path.exists():
         return
@@ -225,4 +268,7 @@ def remove_tree(path: Path) -> None:
     left = _mounted_under(path)
     if left:
         raise MountError(f"not removing {path}: still mounted below it: {', '.join(sorted(left))}")
-    shutil.rmtree(path, ignore_errors=True)
+    crossed = _remove_on_one_file_system(path)
+    if crossed:
+        raise MountError(f"not removing {path} entirely: {', '.join(crossed)} lie on another file system "
+                         "(a mount the mount table did not show); left in place")

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln import s3
 from kiln.errors import KilnError
+from kiln.names import check_name
 from kiln.pkgdiff import content_digest
 
 if TYPE_CHECKING:
@@ -135,6 +136,12 @@ class PublishSpec(BaseModel):
                 except s3.S3Error as exc:
                     raise ValueError(str(exc)) from None
         return list(dict.fromkeys(v))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        # the name is an S3 key prefix and the family retention deletes within: no '/', no '..', not empty
+        return None if v is None else check_name(v, "publish name")
 
     @field_validator("properties")
     @classmethod

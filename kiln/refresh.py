@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 from kiln import publish as pub
 from kiln import s3
 from kiln.manifest import write_manifest
+from kiln.names import is_plain_name
 from kiln.pkgdiff import DiffInputError, PackageDiff, content_digest, load_manifest, package_diff
 from kiln.state import state_dir
 
 log = logging.getLogger("kiln.refresh")
-RECORD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclass
@@ -71,7 +70,7 @@ def _record_path(name: str, build_id: str) -> Path:
     """Where the record of `name`'s build `build_id` lives. Both come from a manifest or a cloud, which a
     stranger may have written: anything but a plain name (a `/`, `..`) is refused, never followed."""
     for what, value in (("image name", name), ("build id", build_id)):
-        if not RECORD_NAME_RE.match(value) or ".." in value:
+        if not is_plain_name(value):
             raise pub.PublishError(f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '+', '-')")
     return records_dir() / name / f"{build_id}.json"
 

@@ -259,6 +259,23 @@ def output(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
     return run(args, **kwargs).output.strip()  # type: ignore[arg-type]
 
 
+def capture(args: Sequence[str | os.PathLike[str]], *, timeout: float, what: str) -> str:
+    """Run a short command and return its stdout alone (for output a program parses, such as JSON, which a
+    warning on stderr must not corrupt); raise CommandError with stderr's tail when it fails."""
+    argv = [os.fspath(a) for a in args]
+    log.debug("running: %s", describe(argv))
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise CommandError(f"{what}: timed out after {timeout:.0f} s", returncode=None, tail=[]) from None
+    except OSError as exc:
+        raise CommandError(f"{what}: could not start: {exc}", returncode=None, tail=[]) from None
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").splitlines()[-TAIL_LINES:]
+        raise CommandError(f"{what}: exited with {proc.returncode}", returncode=proc.returncode, tail=tail)
+    return proc.stdout.decode(errors="replace")
+
+
 def interactive(args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str], what: str) -> int:
     """Run a command on the user's terminal (a debugging shell); needs a TTY on stdin."""
     if not sys.stdin.isatty():

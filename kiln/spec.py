@@ -22,11 +22,11 @@ from pydantic import (
 
 from kiln.bootstrap import BOOTSTRAPPED
 from kiln.errors import SpecError
+from kiln.names import check_name
 from kiln.publish import PublishSpec
 from kiln.suites import check_suites
 from kiln.upstream import BaseSpec
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -67,12 +67,6 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise ValueError(f"not a size: {value!r} (use e.g. 4G, 512M)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def check_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} may only contain letters, digits, '.', '_', '+', '-'")
-    return value
 
 
 class StrictModel(BaseModel):

@@ -334,3 +334,28 @@ def test_compressed_disk_images_are_decompressed_first(published: uf.Published, 
     assert result.format is (BaseFormat.qcow2 if "qcow2" in name else BaseFormat.raw)
     _compare(published.full, tmp_path / "tree", disk=True)
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) in ([], ["mounts.json"])
+
+
+@pytest.mark.parametrize("kind", ["backing file", "external data file"])
+def test_a_qcow2_naming_a_host_file_is_refused_before_anything_reads_it(published: uf.Published, tmp_path: Path,
+                                                                        kind: str) -> None:
+    """A hostile upstream qcow2 that is only a thin header over a file on the build host (here a real disk
+    with an OS on it, standing in for a host disk): converting it would copy the host file's contents into
+    the image kiln builds and publishes. It is refused, naming the file, and nothing is extracted."""
+    host_disk = tmp_path / "host-disk.qcow2"
+    shutil.copyfile(published.files["disk.qcow2"], host_disk)
+    evil = tmp_path / "evil.qcow2"
+    if kind == "backing file":
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(host_disk), "-F", "qcow2", str(evil)])
+        named = str(host_disk)
+    else:
+        host_raw = tmp_path / "host-disk.raw"
+        run(["qemu-img", "convert", "-O", "raw", str(host_disk), str(host_raw)])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={host_raw},data_file_raw=on",
+             str(evil), str(host_raw.stat().st_size)])
+        named = str(host_raw)
+    tree = tmp_path / "tree"
+    with pytest.raises(ExtractError, match=f"names an? {kind}.*{named}.*refused"):
+        extract_rootfs(evil, tree, workdir=tmp_path / "work", format="qcow2")
+    assert not tree.exists() or list(tree.iterdir()) == []
+    assert not (tmp_path / "work" / "extract").exists()

@@ -114,6 +114,12 @@ def test_publish_spec_refuses_what_it_does_not_know() -> None:
         PublishSpec(properties={"kiln_status": "stable"})
     with pytest.raises(ValidationError):
         PublishSpec(keep=0)
+    # the name is an S3 prefix and the family retention deletes in: one that reaches another image's objects
+    # (another family's prefix, or everything) is refused
+    for name in ["other/debian-12", "", "..", "x/../y", "/abs"]:
+        with pytest.raises(ValidationError, match="publish name"):
+            PublishSpec(name=name)
+    assert PublishSpec(name="debian-12-amd64").name == "debian-12-amd64"
     spec = PublishSpec(targets=["glance:a", "s3://bucket-1/images/x", "glance:a"])
     assert spec.glance_clouds == ["a"]
     assert spec.s3_locations == [s3.S3Location("bucket-1", "images/x")]
