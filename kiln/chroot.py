@@ -25,6 +25,13 @@ CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" + 
 POLICY_RC_D = "#!/bin/sh\n# kiln: no service starts during image builds\nexit 101\n"
 
 
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
 class ChrootSession:
     """The chroot's mounts and helper files, set up on enter and removed on exit."""
 
@@ -37,6 +44,7 @@ class ChrootSession:
         self.mounts = MountStack(journal_dir)
         self._created: list[Path] = []
         self._moved: list[tuple[Path, Path]] = []
+        self._placed: dict[Path, bytes] = {}  # the temporary files kiln put in, with their contents
 
     def _mkdir(self, path: Path) -> None:
         missing = []
@@ -48,7 +56,9 @@ class ChrootSession:
         self._created.extend(reversed(missing))
 
     def _place_file(self, rel: str, content: bytes, mode: int) -> None:
-        """Put a temporary file in the root, moving aside whatever is there (restored on exit)."""
+        """Put a temporary file in the root, moving aside whatever is there (restored on exit, unless the
+        hook replaced kiln's file with its own: a package making /etc/resolv.conf a link to its resolver's,
+        say, which the image is to keep)."""
         target = self.root / rel.lstrip("/")
         if target.exists() or target.is_symlink():
             aside = target.with_name(target.name + ".kiln-aside")
@@ -59,6 +69,15 @@ class ChrootSession:
         self._mkdir(target.parent)
         target.write_bytes(content)
         target.chmod(mode)
+        self._placed[target] = content
+
+    def _still_ours(self, target: Path) -> bool:
+        """Whether `target` is still the file kiln placed (not replaced or rewritten by the hook)."""
+        try:
+            return (not target.is_symlink() and target.is_file()
+                    and target.read_bytes() == self._placed.get(target))
+        except OSError:
+            return False
 
     def __enter__(self) -> ChrootSession:
         try:
@@ -107,6 +126,8 @@ class ChrootSession:
                 _link_debs(self.journal_dir / "apt-archives", self.apt_cache)  # share what this step downloaded
         finally:
             for path in reversed(self._created):
+                if path in self._placed and not self._still_ours(path):
+                    continue  # the hook made this file its own: it stays
                 try:
                     if path.is_dir() and not path.is_symlink():
                         path.rmdir()
@@ -118,10 +139,14 @@ class ChrootSession:
                     log.debug("left %s in place: %s", path, exc)
             self._created.clear()
             for aside, target in reversed(self._moved):
+                if target in self._placed and not self._still_ours(target):
+                    _remove(aside)  # the hook replaced kiln's file: its version is what the image keeps
+                    continue
                 if target.exists() or target.is_symlink():
                     target.unlink()
                 os.rename(aside, target)
             self._moved.clear()
+            self._placed.clear()
 
     def run(self, argv: Sequence[str], *, env: Mapping[str, str], timeout: float | None = None,
             what: str | None = None, check: bool = True, quiet: bool = False) -> Completed:

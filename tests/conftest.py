@@ -80,6 +80,9 @@ def _server_file() -> Path:
 # how much it needs, instead of failing forty minutes in with "No space left on device".
 MAIN_STORE_BUDGET = "16G"
 OTHER_STORE_BUDGET = "1G"
+# during a run the main store grows by 1-1.5 GB per image variant the tests build (fault variants, refresh
+# nights, private mirrors: 30 GB in a whole run, measured); after each module it is trimmed back to this
+MID_RUN_BUDGET = "22G"
 PEAK_USE = "30G"
 SUBSET_USE = "10G"  # a run of a few end-to-end tests (fewer than FULL_RUN_SLOW_TESTS)
 FULL_RUN_SLOW_TESTS = 40
@@ -124,6 +127,22 @@ def _make_room(peak: str) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     # a server already running belongs to another test run on this machine (or to the developer)
     session.config.stash[_SERVER_BEFORE] = _server_file().exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def trim_the_store_after_each_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a module of end-to-end tests, the main test store back to MID_RUN_BUDGET (least recently used
+    entries first; nothing of a running build: none runs between modules)."""
+    yield
+    slow = any(item.get_closest_marker("slow") for item in request.session.items
+               if item.module is request.module)
+    if slow and not request.config.stash.get(_SERVER_BEFORE, True):
+        from kiln.spec import parse_size
+        from kiln.store import Store
+
+        main = Path(e2e.kiln_env()["KILN_CACHE"])
+        if (main / "entries").is_dir():
+            Store(main).gc(parse_size(MID_RUN_BUDGET))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
