@@ -8,11 +8,13 @@ one, QEMU's and most clouds' networks give none), then failed, and every boot to
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.e2e import kiln, leftovers, manifest
+from tests.test_build_e2e import root_offset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -33,4 +35,12 @@ def test_trixie_builds_from_its_three_suites_and_boots_under_bios_and_uefi(tmp_p
         print(f"trixie {firmware}: booted to cloud-init's end in {b['seconds']:.0f} s ({b['accel']})")
     packages = {p["name"] for p in m["packages"]}
     assert {"netplan.io", "systemd-resolved"} <= packages and "ifupdown" not in packages
+    # DNS: the image's resolv.conf is resolved's stub (the build host's was removed, not this link)
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "debian-13-amd64.qcow2"), str(raw)],
+                   check=True)
+    stat = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", f"{raw}?offset={root_offset(raw)}"],
+                          capture_output=True, text=True, check=True).stdout
+    assert 'Fast link dest: "../run/systemd/resolve/stub-resolv.conf"' in stat, stat
+    raw.unlink()
     assert leftovers() == []
