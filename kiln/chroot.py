@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from kiln.errors import MountError
 from kiln.mounts import MountStack
 from kiln.run import Completed, run
 
@@ -79,7 +80,25 @@ class ChrootSession:
         except OSError:
             return False
 
+    def _refuse_symlinks(self) -> None:
+        """Every path the session mounts on or writes to is resolved by the kernel from the host's root: a
+        tree whose `dev`, `sys`, `etc` … is a symlink (`dev -> /dev`, `etc -> /etc`) would have kiln mount
+        over, or move aside, the host's own. Refuse such a tree, naming the link."""
+        rels = ["proc", "sys", "dev", "dev/pts", "etc/resolv.conf", "usr/sbin/policy-rc.d",
+                IN_TARGET.lstrip("/")]
+        if self.apt_cache is not None:
+            rels.append("var/cache/apt/archives")
+        for rel in rels:
+            p = self.root
+            for part in Path(rel).parts[:-1] if rel.endswith(("resolv.conf", "policy-rc.d")) else Path(rel).parts:
+                p = p / part
+                if p.is_symlink():
+                    raise MountError(f"the root tree's /{p.relative_to(self.root)} is a symlink "
+                                      f"(to {os.readlink(p)}): kiln mounts and writes there, so it must be a "
+                                      "directory of the tree; refusing the tree")
+
     def __enter__(self) -> ChrootSession:
+        self._refuse_symlinks()
         try:
             r = self.root
             for d in ("proc", "sys", "dev", "dev/pts"):

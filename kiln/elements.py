@@ -139,7 +139,7 @@ def _read_names(path: Path, element: str) -> tuple[str, ...]:
         word = line.split("#", 1)[0].strip()
         if not word:
             continue
-        if not ELEMENT_NAME_RE.match(word) or ".." in word:
+        if not ELEMENT_NAME_RE.fullmatch(word) or ".." in word:
             raise ElementError(f"element {element!r}: {path.name} line {n}: {word!r} is not a valid element name")
         names.append(word)
     return tuple(names)
@@ -222,7 +222,7 @@ def resolve(requested: Iterable[str], path: Sequence[Path], library: Sequence[Pa
     """
     wanted = list(dict.fromkeys(requested))
     for name in wanted:
-        if not ELEMENT_NAME_RE.match(name) or ".." in name:
+        if not ELEMENT_NAME_RE.fullmatch(name) or ".." in name:
             raise ElementError(f"{name!r} is not a valid element name")
     included: dict[str, Element] = {}
     asked_by: dict[str, str] = {name: "the image spec" for name in wanted}
@@ -271,7 +271,7 @@ def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
             if not phase_dir.is_dir():
                 continue
             for entry in sorted(phase_dir.iterdir()):
-                if not HOOK_NAME_RE.match(entry.name) or entry.is_dir():
+                if not HOOK_NAME_RE.fullmatch(entry.name) or entry.is_dir():
                     continue
                 if entry.name in seen:
                     raise ElementError(
@@ -329,7 +329,7 @@ def shared_data_hash(resolved: ResolvedElements) -> str:
                 continue
             if child.name in PHASES:
                 for entry in sorted(child.iterdir()):
-                    if HOOK_NAME_RE.match(entry.name) and not entry.is_dir():
+                    if HOOK_NAME_RE.fullmatch(entry.name) and not entry.is_dir():
                         continue
                     h.update(f"{element.name}/{child.name}/{entry.name}\0".encode())
                     h.update((tree_hash(entry) if entry.is_dir() else _entry_hash(entry)).encode())

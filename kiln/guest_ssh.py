@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,9 +47,12 @@ def ssh_argv(port: int, user: str) -> list[str]:
             f"{user}@127.0.0.1", COMMAND]
 
 
-def ssh_login(port: int, user: str, password: str, *, deadline: float) -> bool:
+def ssh_login(port: int, user: str, password: str, *, deadline: float,
+              stop: threading.Event | None = None) -> bool:
     """True once `user` logs in with `password` on 127.0.0.1:`port` and the command runs as root; retried
-    until `deadline` (monotonic) while sshd may still be starting."""
+    until `deadline` (monotonic) while sshd may still be starting, and never once `stop` is set (the guest
+    is gone: its port may then belong to anyone on the host)."""
+    stop = stop or threading.Event()
     with tempfile.TemporaryDirectory(prefix="kiln-ssh-") as tmp:
         askpass = Path(tmp) / "askpass"
         askpass.write_text(_ASKPASS)
@@ -59,15 +63,15 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float) -> bool:
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or stop.is_set():
                 return False
             try:
-                done = run(ssh_argv(port, user), env=env, timeout=min(60.0, remaining), check=False, quiet=True,
+                done = run(ssh_argv(port, user), env=env, timeout=min(30.0, remaining), check=False, quiet=True,
                            what=f"ssh {user}@127.0.0.1:{port}")
             except CommandError as exc:  # timed out
                 log.info("boot test: ssh %s@guest, attempt %d: %s", user, attempt, str(exc).splitlines()[0])
                 continue
-            if done.returncode == 0 and f"{PROOF} uid=0" in done.lines:
+            if done.returncode == 0 and f"{PROOF} uid=0" in done.lines and not stop.is_set():
                 log.info("boot test: ssh %s@guest with the injected password: ok (attempt %d)", user, attempt)
                 return True
             log.info("boot test: ssh %s@guest, attempt %d: exit %s: %s", user, attempt, done.returncode,
@@ -76,6 +80,5 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float) -> bool:
             denied += any("Permission denied" in line for line in done.lines)
             if denied >= DENIALS:
                 return False
-            if time.monotonic() + 5 >= deadline:
+            if time.monotonic() + 5 >= deadline or stop.wait(5):
                 return False
-            time.sleep(5)

@@ -235,13 +235,17 @@ def _remove_on_one_file_system(path: Path) -> list[str]:
     emptied: list[str] = []
     for root, dirs, files, root_fd in os.fwalk(path, topdown=True, follow_symlinks=False):
         for name in files:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or undeletable: reported by what is left
                 os.unlink(name, dir_fd=root_fd)
         keep = []
         for name in dirs:
-            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            try:
+                st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            except OSError:
+                continue
             if stat.S_ISLNK(st.st_mode):
-                os.unlink(name, dir_fd=root_fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=root_fd)
             elif st.st_dev != top.st_dev:
                 crossed.append(os.path.join(root, name))
             else:
@@ -252,8 +256,11 @@ def _remove_on_one_file_system(path: Path) -> list[str]:
     for directory in reversed(emptied):  # deepest first
         if any(b == directory or b.startswith(directory + "/") for b in blocked):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rmdir(directory)
+        except OSError as exc:  # as shutil.rmtree(ignore_errors=True) did: what stays is logged, not fatal
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("could not remove %s: %s", directory, exc.strerror)
     return crossed
 
 

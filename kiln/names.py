@@ -9,7 +9,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def is_plain_name(value: str) -> bool:
-    return bool(NAME_RE.match(value)) and ".." not in value
+    return bool(NAME_RE.fullmatch(value)) and ".." not in value  # fullmatch: `$` would let a final \n in
 
 
 def check_name(value: str, what: str) -> str:

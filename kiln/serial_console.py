@@ -281,17 +281,21 @@ class SerialConsole(threading.Thread):
         """SSH in from another thread while this one keeps draining the console (QEMU's serial output
         must never back up into the guest)."""
         deadline = min(self.deadline, time.monotonic() + 120)
+        gone = threading.Event()  # the console closed: QEMU exited, and the forwarded port with it
 
         def attempt() -> None:
-            self.state.ssh_ok = guest_ssh.ssh_login(port, login.user, login.password, deadline=deadline)
+            self.state.ssh_ok = guest_ssh.ssh_login(port, login.user, login.password, deadline=deadline,
+                                                    stop=gone)
 
         worker = threading.Thread(target=attempt, name=f"kiln-ssh-{port}", daemon=True)
         worker.start()
         while worker.is_alive() and self._pump():
             pass
-        worker.join(timeout=max(0.0, deadline - time.monotonic()) + 5)
-        if self.state.ssh_ok is None:
-            self.state.ssh_ok = False
+        if worker.is_alive():
+            gone.set()
+        worker.join(timeout=40)  # at most one ssh attempt (30 s) still running
+        if gone.is_set() or self.state.ssh_ok is None:
+            self.state.ssh_ok = bool(self.state.ssh_ok) and not gone.is_set()
 
     def _do_login(self, login: Login) -> bool:
         for _ in range(8):

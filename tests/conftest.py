@@ -88,28 +88,35 @@ SUBSET_USE = "10G"  # a run of a few end-to-end tests (fewer than FULL_RUN_SLOW_
 FULL_RUN_SLOW_TESTS = 40
 
 
-def _stores() -> list[Path]:
+def _test_store() -> Path | None:
+    """The main test store, when the tests use the test store: never a store of the developer's that
+    KILN_CACHE in the environment named (the suite trims only its own)."""
     from tests.e2e import kiln_env
 
     cache = Path(kiln_env()["KILN_CACHE"])
-    return [s for s in [cache, *sorted(cache.parent.glob(cache.name + "-*"))] if (s / "entries").is_dir()]
+    ours = Path(os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache"))
+    return cache if cache == ours else None
 
 
 def _trim_stores(main_budget: int) -> None:
     from kiln.spec import parse_size
     from kiln.store import Store
 
-    stores = _stores()
-    for store_dir in stores:
-        Store(store_dir).gc(main_budget if store_dir == stores[0] else parse_size(OTHER_STORE_BUDGET))
+    cache = _test_store()
+    if cache is None:
+        return
+    for store_dir in [cache, *sorted(cache.parent.glob(cache.name + "-*"))]:
+        if (store_dir / "entries").is_dir():
+            Store(store_dir).gc(main_budget if store_dir == cache else parse_size(OTHER_STORE_BUDGET))
 
 
 def _make_room(peak: str) -> None:
     """Trim the test stores to their budgets, then further while the partition has less than `peak` free."""
     from kiln.spec import parse_size
-    from tests.e2e import kiln_env
 
-    cache = Path(kiln_env()["KILN_CACHE"])
+    cache = _test_store()
+    if cache is None:
+        return
     cache.mkdir(parents=True, exist_ok=True)
     need = parse_size(peak)
     _trim_stores(parse_size(MAIN_STORE_BUDGET))
@@ -122,6 +129,21 @@ def _make_room(peak: str) -> None:
         pytest.exit(f"the test suite needs {peak} free on the partition of {cache} (its builds, images and "
                     f"temporary trees at their peak); it has {free / 1024**3:.1f} GiB even with the test stores "
                     "emptied: free some space and run it again", returncode=3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A given --basetemp (make test's) is emptied by pytest with a plain rmtree at the start of the run: if a
+    killed run left a mount below it (a chroot's bind of the host's /dev), that would delete the host's
+    device nodes. Empty it first the careful way: unmount what is below, never cross a file system."""
+    from kiln.errors import MountError
+    from kiln.mounts import remove_tree
+
+    basetemp = config.option.basetemp
+    if basetemp and Path(basetemp).exists():
+        try:
+            remove_tree(Path(basetemp))
+        except MountError as exc:
+            pytest.exit(f"cannot empty the test's temporary tree: {exc}", returncode=3)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -140,8 +162,8 @@ def trim_the_store_after_each_module(request: pytest.FixtureRequest) -> Iterator
         from kiln.spec import parse_size
         from kiln.store import Store
 
-        main = Path(e2e.kiln_env()["KILN_CACHE"])
-        if (main / "entries").is_dir():
+        main = _test_store()
+        if main is not None and (main / "entries").is_dir():
             Store(main).gc(parse_size(MID_RUN_BUDGET))
 
 

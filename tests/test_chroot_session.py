@@ -44,3 +44,28 @@ def test_a_resolv_conf_kiln_created_goes_unless_a_hook_rewrote_it(tmp_path: Path
     with ChrootSession(root, tmp_path / "journal"):
         (root / "etc/resolv.conf").write_text("nameserver 127.0.0.53\n")
     assert (root / "etc/resolv.conf").read_text() == "nameserver 127.0.0.53\n"
+
+
+def test_a_tree_whose_dev_or_etc_is_a_symlink_to_the_host_is_refused(tmp_path: Path) -> None:
+    """`dev -> /dev` or `etc -> /etc` in a hostile tree would have kiln mount over, or move aside, the host's
+    own: refused before anything is mounted or moved (stand-ins for the host's directories here)."""
+    import pytest
+
+    from kiln.errors import MountError
+    from kiln.mounts import mounted_targets
+
+    host_dev, host_etc = tmp_path / "host-dev", tmp_path / "host-etc"
+    host_dev.mkdir()
+    host_etc.mkdir()
+    (host_etc / "resolv.conf").write_text("nameserver 192.0.2.53\n")
+    for link, target in (("dev", host_dev), ("etc", host_etc)):
+        root = _root(tmp_path / link)
+        if link == "etc":
+            (root / "etc").rmdir()
+        (root / link).symlink_to(target)
+        with pytest.raises(MountError, match=f"the root tree's /{link} is a symlink"), \
+                ChrootSession(root, tmp_path / link / "journal"):
+            pass
+        assert not any(t.startswith(str(tmp_path)) for t in mounted_targets())
+    assert (host_etc / "resolv.conf").read_text() == "nameserver 192.0.2.53\n"
+    assert list(host_etc.iterdir()) == [host_etc / "resolv.conf"] and list(host_dev.iterdir()) == []

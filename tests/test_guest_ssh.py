@@ -34,3 +34,14 @@ def test_a_server_that_is_not_sshd_is_not_a_login() -> None:
         port = srv.getsockname()[1]
         start = time.monotonic()
         assert guest_ssh.ssh_login(port, "root", "x", deadline=start + 3) is False
+
+
+def test_no_attempt_once_the_guest_is_gone() -> None:
+    """The console closed (QEMU exited): the forwarded port may be anyone's now, so nothing is sent there."""
+    import threading
+
+    gone = threading.Event()
+    gone.set()
+    start = time.monotonic()
+    assert guest_ssh.ssh_login(guest_ssh.free_port(), "root", "x", deadline=start + 30, stop=gone) is False
+    assert time.monotonic() - start < 1

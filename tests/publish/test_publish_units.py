@@ -116,7 +116,7 @@ def test_publish_spec_refuses_what_it_does_not_know() -> None:
         PublishSpec(keep=0)
     # the name is an S3 prefix and the family retention deletes in: one that reaches another image's objects
     # (another family's prefix, or everything) is refused
-    for name in ["other/debian-12", "", "..", "x/../y", "/abs"]:
+    for name in ["other/debian-12", "", "..", "x/../y", "/abs", "prod\n"]:
         with pytest.raises(ValidationError, match="publish name"):
             PublishSpec(name=name)
     assert PublishSpec(name="debian-12-amd64").name == "debian-12-amd64"
