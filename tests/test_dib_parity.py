@@ -31,3 +31,15 @@ def test_every_distribution_element_kiln_ships_is_compared_or_said_why_not() -> 
 
 def test_the_docs_table_is_the_one_the_code_derives() -> None:
     assert dib_parity.doc_table() == dib_parity.table(), "run: python -m tests.dib_parity --write"
+
+
+@pytest.mark.parametrize(("release", "stack"), [
+    ("bookworm", {"ifupdown", "isc-dhcp-client"}), ("bullseye", {"ifupdown", "isc-dhcp-client"}),
+    ("trixie", {"netplan.io", "systemd-resolved"}), ("sid", {"netplan.io", "systemd-resolved"}),
+    # a private archive's own suite name (the refresh and fleet tests use some): the stack every archive has
+    ("kilnone", {"ifupdown", "isc-dhcp-client"}),
+])
+def test_the_debian_base_network_stack_by_release(release: str, stack: set[str]) -> None:
+    _, packages = dib_parity.kiln_side("debian-minimal", "debian", release)
+    network = {"ifupdown", "isc-dhcp-client", "netplan.io", "systemd-resolved"}
+    assert network & set(packages) == stack
