@@ -139,11 +139,15 @@ def pytest_configure(config: pytest.Config) -> None:
     from kiln.mounts import remove_tree
 
     basetemp = config.option.basetemp
-    if basetemp and Path(basetemp).exists():
+    if not basetemp:
+        return
+    if Path(basetemp).exists():
         try:
             remove_tree(Path(basetemp))
         except MountError as exc:
             pytest.exit(f"cannot empty the test's temporary tree: {exc}", returncode=3)
+    # pytest makes the directory itself, but not its parents (absent on a machine that never ran the suite)
+    Path(basetemp).parent.mkdir(parents=True, exist_ok=True)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
