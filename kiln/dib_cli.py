@@ -71,10 +71,8 @@ def parser() -> argparse.ArgumentParser:
 def _has_sshd(distro: str, names: list[str], env: dict[str, str], dib_elements: bool) -> bool:
     """Whether the line's elements bring openssh-server (False when they do not resolve: the build says why)."""
     try:
-        library = [kiln_elements.dib_library()] if dib_elements else []
-        path = kiln_elements.search_path([], env.get("ELEMENTS_PATH", ""), library)
-        resolved = kiln_elements.resolve([kiln_elements.base_element(distro), *names], path,
-                                         kiln_elements.libraries_on(path, library))
+        resolved = kiln_elements.resolve_image(distro, names, env_path=env.get("ELEMENTS_PATH", ""),
+                                                  dib_elements=dib_elements)
     except KilnError:
         return False
     return "openssh-server" in resolved.names

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import ElementError
+from kiln.names import is_plain_name
 
 log = logging.getLogger("kiln.elements")
 
@@ -41,7 +42,6 @@ HOOK_NAME_RE = re.compile(r"^[0-9A-Za-z_-]+$")
 # an element kiln implements natively (the distro base, the disk, package installs) carries this file;
 # kiln's copy is used even when an element of the same name stands earlier on the search path
 NATIVE_MARKER = "kiln-native"
-ELEMENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # the element a spec's `distro:` always brings: the bootstrapped base. DIB's `debian` and `ubuntu` are
 # fuller (sshd, cloud-init, its package list): kiln ships them too, included when a spec or DIB line names them
 DISTRO_BASE_ELEMENTS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
@@ -90,6 +90,8 @@ class ResolvedElements:
     elements: list[Element]
     requested: list[str]
     provided: dict[str, str] = field(default_factory=dict)
+    search_path: list[Path] = field(default_factory=list)  # where they were looked for
+    libraries: list[Path] = field(default_factory=list)  # the element libraries (DIB's) on that path
 
     @property
     def names(self) -> list[str]:
@@ -139,7 +141,7 @@ def _read_names(path: Path, element: str) -> tuple[str, ...]:
         word = line.split("#", 1)[0].strip()
         if not word:
             continue
-        if not ELEMENT_NAME_RE.fullmatch(word) or ".." in word:
+        if not is_plain_name(word):
             raise ElementError(f"element {element!r}: {path.name} line {n}: {word!r} is not a valid element name")
         names.append(word)
     return tuple(names)
@@ -222,7 +224,7 @@ def resolve(requested: Iterable[str], path: Sequence[Path], library: Sequence[Pa
     """
     wanted = list(dict.fromkeys(requested))
     for name in wanted:
-        if not ELEMENT_NAME_RE.fullmatch(name) or ".." in name:
+        if not is_plain_name(name):
             raise ElementError(f"{name!r} is not a valid element name")
     included: dict[str, Element] = {}
     asked_by: dict[str, str] = {name: "the image spec" for name in wanted}
@@ -257,7 +259,17 @@ def resolve(requested: Iterable[str], path: Sequence[Path], library: Sequence[Pa
         lines = [f"element {n!r} (asked for by {asked_by.get(n, '?')}) not found on the search path" for n in missing]
         raise ElementError("\n".join(lines) + f"\n  search path: {where}")
     elements = sorted(included.values(), key=lambda e: e.name)
-    return ResolvedElements(elements=elements, requested=wanted, provided=provided)
+    return ResolvedElements(elements=elements, requested=wanted, provided=provided, search_path=list(path),
+                            libraries=list(library))
+
+
+def resolve_image(distro: str, names: Sequence[str], *, elements_path: Sequence[str | Path] = (),
+                  env_path: str = "", dib_elements: bool = False) -> ResolvedElements:
+    """An image's elements as a build resolves them: the distro's base and `names`, searched on --elements-path,
+    ELEMENTS_PATH (`env_path`) and DIB's library (with `dib_elements`, or where the path names it)."""
+    asked = [dib_library()] if dib_elements else []
+    path = search_path(elements_path, env_path, asked)
+    return resolve([base_element(distro), *names], path, libraries_on(path, asked))
 
 
 def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:

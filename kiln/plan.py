@@ -156,11 +156,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
     mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
-    asked_library = [elements.dib_library()] if dib_elements else []
-    path = elements.search_path(elements_path, host_env.get("ELEMENTS_PATH", ""), asked_library)
-    library = elements.libraries_on(path, asked_library)
-    requested = [elements.base_element(spec.distro.value), *spec.elements]
-    resolved = elements.resolve(requested, path, library)
+    resolved = elements.resolve_image(spec.distro.value, spec.elements, elements_path=elements_path,
+                                      env_path=host_env.get("ELEMENTS_PATH", ""), dib_elements=dib_elements)
     if spec.boot_test.enabled and spec.boot_test.ssh_login and "openssh-server" not in resolved.names:
         raise SpecError("field 'boot_test.ssh_login': the image has no SSH server (no openssh-server element "
                         f"among {', '.join(resolved.names)}); add it, or drop ssh_login")
@@ -180,8 +177,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
                                        components=bootstrap.components(spec.distro.value), arch=spec.arch.value,
                                        digest=suite_digest)
         env.update(image_apt_env(spec, sources, security_mirror))
-    if library:
-        env["_LIB"] = str(library[0].parent / "lib")  # DIB's own shell library, which some of its elements source
+    if resolved.libraries:  # DIB's own shell library, which some of its elements source
+        env["_LIB"] = str(resolved.libraries[0].parent / "lib")
     env_files = elements.environment_files(resolved)
     for secret in spec.secrets.values():
         redact_value(secret.get_secret_value())
@@ -208,7 +205,8 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
                                          suites=tuple((s.name, s.mirror, s.digest) for s in sources),
                                          keyring=keyring)
         base_key = digest(req.key_fields())
-    plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in path], elements=infos, env=env,
+    plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in resolved.search_path], elements=infos,
+                     env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,
                      upstream=upstream, suites_opted_out=suites.opted_out(spec.release, suite_names))
 

@@ -162,8 +162,7 @@ def dib_side(element: str, distro: str, release: str) -> tuple[list[str], list[s
 
 def kiln_side(element: str, distro: str, release: str) -> tuple[list[str], list[str]]:
     """kiln's closure of `element` on a line with `vm`, and the packages it installs."""
-    path = kiln_elements.search_path([], env="")
-    resolved = kiln_elements.resolve([kiln_elements.base_element(distro), element, "vm"], path)
+    resolved = kiln_elements.resolve_image(distro, [element, "vm"])
     env = {**DIB_ENV, "DISTRO_NAME": distro, "DIB_RELEASE": release}
     actions = kiln_packages.package_actions(resolved, distro=distro, release=release, arch="amd64", env=env)
     installed = sorted({a.package for a in actions if not a.uninstall})
