@@ -189,7 +189,7 @@ def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: li
         settings = settings.model_copy(update={"timeout": timeout})
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
-    cloud_init = has_cloud_init(manifest.get("packages", [])) if "packages" in manifest else True
+    cloud_init = "packages" not in manifest or has_cloud_init(manifest["packages"])
     return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
                       cloud_init=cloud_init)
             for fw in boot_firmware(spec, firmware)]
