@@ -16,12 +16,12 @@ from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 
-from kiln.boottest import BootOutcome, boot_firmware, has_cloud_init, nova_outcome
-from kiln.elements import PHASES
-from kiln.gc import release_workdir
-from kiln.options import BuildOptions
-from kiln.run import terminate_all
-from kiln.spec import BootBackend, ImageSpec
+from kiln.boot.local import BootOutcome, boot_firmware, has_cloud_init, nova_outcome
+from kiln.build.elements import PHASES
+from kiln.host.run import terminate_all
+from kiln.model.options import BuildOptions
+from kiln.model.spec import BootBackend, ImageSpec
+from kiln.store.gc import release_workdir
 from tasks.boot_test import boot_test, boot_test_nova
 from tasks.convert import convert_image
 from tasks.customize import customize_phase

@@ -38,8 +38,8 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.build import build_image
-from kiln.errors import KilnError
-from kiln.matrix import (
+from kiln.model.errors import KilnError
+from kiln.model.matrix import (
     SLOT_KINDS,
     Cell,
     CellResult,
@@ -53,10 +53,10 @@ from kiln.matrix import (
     select,
     summary_table,
 )
-from kiln.options import BuildOptions
-from kiln.publish import PublishSpec
-from kiln.spec import ImageSpec
-from kiln.store import Store
+from kiln.model.options import BuildOptions
+from kiln.model.spec import ImageSpec
+from kiln.publish.core import PublishSpec
+from kiln.store.entries import Store
 
 BUILD_DEPLOYMENT = "build-on-host/build-image"
 MAX_PARALLEL = 16  # cells submitted at once; the host slots decide how many really build

@@ -18,8 +18,8 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.matrix import BUILD_DEPLOYMENT, MAX_PARALLEL, raise_if_failed, run_matrix
-from kiln.matrix import CellResult, publish_text
-from kiln.options import BuildOptions
+from kiln.model.matrix import CellResult, publish_text
+from kiln.model.options import BuildOptions
 
 
 @flow(name="nightly-refresh", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL))  # type: ignore[arg-type]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from kiln import nova
-from kiln.boottest import BootOutcome, boot_checked, boot_key
-from kiln.convert import ImageOutput
-from kiln.customize import BuildContext
-from kiln.state import state_dir
+from kiln.boot import nova
+from kiln.boot.local import BootOutcome, boot_checked, boot_key
+from kiln.build.customize import BuildContext
+from kiln.host.state import state_dir
+from kiln.image.convert import ImageOutput
 from tasks.common import store_key
 
 

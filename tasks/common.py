@@ -10,8 +10,8 @@ from typing import Any
 
 from prefect.context import TaskRunContext
 
-from kiln.customize import BuildContext
-from kiln.store import Store
+from kiln.build.customize import BuildContext
+from kiln.store.entries import Store
 
 
 def _generation_file(store: Store, key: str) -> Path:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from kiln.convert import ImageOutput, convert_key, converted
-from kiln.customize import BuildContext
-from kiln.pack import PackOutput
+from kiln.build.customize import BuildContext
+from kiln.image.convert import ImageOutput, convert_key, converted
+from kiln.image.pack import PackOutput
 from tasks.common import store_key
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from kiln.customize import BuildContext, PhaseResult, run_phase
+from kiln.build.customize import BuildContext, PhaseResult, run_phase
 from tasks.common import store_key
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from kiln.customize import BuildContext, StepResult, ensure_base
-from kiln.download import DownloadError
-from kiln.errors import CommandError
-from kiln.verify import VerificationError
+from kiln.build.customize import BuildContext, StepResult, ensure_base
+from kiln.model.errors import CommandError
+from kiln.sources.download import DownloadError
+from kiln.sources.verify import VerificationError
 from tasks.common import store_key
 
 

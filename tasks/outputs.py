@@ -9,11 +9,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from kiln.bootstrap import components
-from kiln.boottest import BootOutcome
-from kiln.convert import ImageOutput
-from kiln.customize import BuildContext
-from kiln.manifest import (
+from kiln.boot.local import BootOutcome
+from kiln.build.customize import BuildContext
+from kiln.image.convert import ImageOutput
+from kiln.image.pack import PackOutput
+from kiln.model.options import BuildOptions
+from kiln.publish.manifest import (
     base_manifest,
     install_file,
     markdown_summary,
@@ -21,9 +22,8 @@ from kiln.manifest import (
     write_checksums,
     write_manifest,
 )
-from kiln.options import BuildOptions
-from kiln.pack import PackOutput
-from kiln.suites import origin_counts, package_origins
+from kiln.sources.bootstrap import components
+from kiln.sources.suites import origin_counts, package_origins
 
 
 @task(name="outputs")

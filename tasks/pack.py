@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from kiln.customize import BuildContext
-from kiln.pack import PackOutput, pack, pack_key
+from kiln.build.customize import BuildContext
+from kiln.image.pack import PackOutput, pack, pack_key
 from tasks.common import store_key
 
 

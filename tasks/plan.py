@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from kiln.customize import BuildContext, check_break
-from kiln.gc import claim_workdir
-from kiln.options import BuildOptions
-from kiln.plan import make_plan
-from kiln.spec import ImageSpec
-from kiln.store import Store
+from kiln.build.customize import BuildContext, check_break
+from kiln.build.plan import make_plan
+from kiln.model.options import BuildOptions
+from kiln.model.spec import ImageSpec
+from kiln.store.entries import Store
+from kiln.store.gc import claim_workdir
 
 
 def new_build_id() -> str:

@@ -9,11 +9,11 @@ from typing import Any
 
 from prefect import task
 
-from kiln import glance
-from kiln.glance import ChecksumMismatchError
-from kiln.publish import GATES, Gate, PublishError, PublishSpec, load_build, nova_gate, publish
-from kiln.refresh import publish_changes, record_published
-from kiln.s3 import S3ChecksumError
+from kiln.cloud import glance
+from kiln.cloud.glance import ChecksumMismatchError
+from kiln.cloud.s3 import S3ChecksumError
+from kiln.publish.core import GATES, Gate, PublishError, PublishSpec, load_build, nova_gate, publish
+from kiln.publish.refresh import publish_changes, record_published
 from tasks.boot_test import boot_test_nova
 
 

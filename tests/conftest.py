@@ -99,8 +99,8 @@ def _test_store() -> Path | None:
 
 
 def _trim_stores(main_budget: int) -> None:
-    from kiln.spec import parse_size
-    from kiln.store import Store
+    from kiln.model.spec import parse_size
+    from kiln.store.entries import Store
 
     cache = _test_store()
     if cache is None:
@@ -112,7 +112,7 @@ def _trim_stores(main_budget: int) -> None:
 
 def _make_room(peak: str) -> None:
     """Trim the test stores to their budgets, then further while the partition has less than `peak` free."""
-    from kiln.spec import parse_size
+    from kiln.model.spec import parse_size
 
     cache = _test_store()
     if cache is None:
@@ -135,8 +135,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """A given --basetemp (make test's) is emptied by pytest with a plain rmtree at the start of the run: if a
     killed run left a mount below it (a chroot's bind of the host's /dev), that would delete the host's
     device nodes. Empty it first the careful way: unmount what is below, never cross a file system."""
-    from kiln.errors import MountError
-    from kiln.mounts import remove_tree
+    from kiln.host.mounts import remove_tree
+    from kiln.model.errors import MountError
 
     basetemp = config.option.basetemp
     if not basetemp:
@@ -163,8 +163,8 @@ def trim_the_store_after_each_module(request: pytest.FixtureRequest) -> Iterator
     slow = any(item.get_closest_marker("slow") for item in request.session.items
                if item.module is request.module)
     if slow and not request.config.stash.get(_SERVER_BEFORE, True):
-        from kiln.spec import parse_size
-        from kiln.store import Store
+        from kiln.model.spec import parse_size
+        from kiln.store.entries import Store
 
         main = _test_store()
         if main is not None and (main / "entries").is_dir():
@@ -183,7 +183,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop the Prefect server the end-to-end tests' kiln commands started (it outlives each command by
     design, so that the next one reuses it) and trim the test stores; neither when the server was already
     running at the start: another test run may still be using both."""
-    from kiln.prefect_server import stop_server
+    from kiln.server.prefect import stop_server
     from tests.e2e import kiln_env
 
     if session.config.stash.get(_SERVER_BEFORE, False) or not _server_file().exists():
@@ -193,7 +193,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # that runs on the same machine do not fill its disk. The main store keeps MAIN_STORE_BUDGET, enough for
     # the layers of the default, trixie and arm64 builds, so that a machine builds them once (the arm64
     # package step runs emulated for 10+ minutes)
-    from kiln.spec import parse_size
+    from kiln.model.spec import parse_size
 
     _trim_stores(parse_size(MAIN_STORE_BUDGET))
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from kiln import elements as kiln_elements
-from kiln import packages as kiln_packages
+from kiln.build import elements as kiln_elements
+from kiln.build import packages as kiln_packages
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "dib-compatibility.md"

@@ -81,7 +81,7 @@ def started_by_us(status: list[str], up: list[str], down: list[str], *, timeout:
                   down_timeout: float = 300) -> Iterator[str]:
     """Run `up` (its last output line is the result); afterwards run `down` unless `status` said the
     service was already up before (a developer's running stack stays running)."""
-    from kiln.run import run
+    from kiln.host.run import run
 
     was_running = run(status, check=False, quiet=True).returncode == 0
     result = run(up, quiet=True, timeout=timeout, what=up[0])

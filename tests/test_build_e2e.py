@@ -67,7 +67,7 @@ def _suite_versions(mirror: str, suite: str) -> dict[str, list[str]]:
     """Every version of every package the suite's main/binary-amd64 index offers (read as apt reads it)."""
     import lzma
 
-    from kiln.mirror import fetch_url
+    from kiln.sources.mirror import fetch_url
 
     versions: dict[str, list[str]] = {}
     name = ""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.store import Store
+from kiln.store.entries import Store
 from tasks.common import prefect_cache_key
 
 
@@ -69,6 +69,6 @@ def test_the_store_id_being_written_is_not_taken_for_an_abandoned_entry(tmp_path
         seen.append(Store(tmp_path).clean_tmp())  # another kiln's gc runs while the id is being written
         real_link(src, dst)
 
-    monkeypatch.setattr("kiln.store.os.link", link_after_a_gc)
+    monkeypatch.setattr("kiln.store.entries.os.link", link_after_a_gc)
     assert len(store.identity) == 16
     assert seen == [[]] and list(store.tmp_dir.iterdir()) == []

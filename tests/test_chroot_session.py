@@ -1,4 +1,4 @@
-"""kiln.chroot.ChrootSession's temporary files (/etc/resolv.conf, policy-rc.d): put in for the hook, taken out
+"""kiln.host.chroot.ChrootSession's temporary files (/etc/resolv.conf, policy-rc.d): put in for the hook, taken out
 after it, unless the hook made the file its own (a resolver package linking resolv.conf to its stub)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kiln.chroot import ChrootSession
+from kiln.host.chroot import ChrootSession
 
 
 def _root(tmp_path: Path) -> Path:
@@ -51,8 +51,8 @@ def test_a_tree_whose_dev_or_etc_is_a_symlink_to_the_host_is_refused(tmp_path: P
     own: refused before anything is mounted or moved (stand-ins for the host's directories here)."""
     import pytest
 
-    from kiln.errors import MountError
-    from kiln.mounts import mounted_targets
+    from kiln.host.mounts import mounted_targets
+    from kiln.model.errors import MountError
 
     host_dev, host_etc = tmp_path / "host-dev", tmp_path / "host-etc"
     host_dev.mkdir()

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln import prefect_server, serve
+from kiln.server import prefect as prefect_server
+from kiln.server import serve
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}

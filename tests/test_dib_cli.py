@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.dib_cli import parse
-from kiln.errors import SpecError
-from kiln.spec import Arch, ImageFormat
+from kiln.cli.dib import parse
+from kiln.model.errors import SpecError
+from kiln.model.spec import Arch, ImageFormat
 
 
 def test_seed_document_line() -> None:

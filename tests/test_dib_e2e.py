@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kiln.mirror import host_mirrors
+from kiln.sources.mirror import host_mirrors
 from tests import dib_parity
 from tests.e2e import REPO, kiln, kiln_env, leftovers, manifest
 from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset

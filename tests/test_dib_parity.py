@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.dib_cli import DISTRO_ELEMENTS
+from kiln.cli.dib import DISTRO_ELEMENTS
 from tests import dib_parity
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln import disk
-from kiln.disk import (
+from kiln.host.mounts import mounted_targets
+from kiln.host.run import output
+from kiln.image import disk
+from kiln.image.disk import (
     GPT_BACKUP,
     DiskLayout,
     GiB,
@@ -32,9 +34,7 @@ from kiln.disk import (
     plan_layout,
     write_boot_files,
 )
-from kiln.errors import CommandError, DiskError
-from kiln.mounts import mounted_targets
-from kiln.run import output
+from kiln.model.errors import CommandError, DiskError
 
 ROOT_UUID = "7e1f5a0c-2b4d-4c6e-9f80-1a2b3c4d5e6f"
 

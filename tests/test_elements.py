@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.elements import KILN_ELEMENTS, environment_files, hooks_by_phase, resolve, search_path, tree_hash
-from kiln.errors import ElementError
+from kiln.build.elements import KILN_ELEMENTS, environment_files, hooks_by_phase, resolve, search_path, tree_hash
+from kiln.model.errors import ElementError
 
 
 def path_of(make_element: Callable[..., Path]) -> list[Path]:

@@ -105,7 +105,7 @@ def test_full_disk_fails_the_stage_cleanly(tmp_path: Path) -> None:
         # (the small file system itself is this test's own mount)
         assert [line for line in leftovers(str(small_fs / "cache")) if line != f"mount {small_fs}"] == []
         assert list((small_fs / "cache" / "tmp").iterdir()) == []
-        from kiln.store import Store
+        from kiln.store.entries import Store
 
         store = Store(small_fs / "cache")
         assert all(store.valid(e.key) for e in store.entries())  # what was finished is intact
@@ -116,7 +116,7 @@ def test_full_disk_fails_the_stage_cleanly(tmp_path: Path) -> None:
 def test_corrupted_cache_entry_is_detected_and_rebuilt(tmp_path: Path) -> None:
     extra = ["--env", "DIB_FAULT_NONCE=corrupt"]
     kiln("build", *SMALL, *extra, "--no-boot-test", "--output", str(tmp_path / "first"))
-    from kiln.store import Store
+    from kiln.store.entries import Store
 
     store = Store(Path(kiln_env()["KILN_CACHE"]))
     steps = manifest(tmp_path / "first")["steps"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from kiln import guest_ssh
+from kiln.boot import guest_ssh
 
 
 def test_the_client_uses_no_host_config_keys_or_agent_and_only_a_password() -> None:

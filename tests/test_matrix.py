@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.matrix import (
+from kiln.model.matrix import (
     CellResult,
     MatrixError,
     cell_demand,
@@ -21,7 +21,7 @@ from kiln.matrix import (
     select,
     summary_table,
 )
-from kiln.spec import Arch, Firmware
+from kiln.model.spec import Arch, Firmware
 
 REPO = Path(__file__).resolve().parent.parent
 NIGHTLY = REPO / "images" / "nightly.yaml"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.mirror import host_mirrors
+from kiln.sources.mirror import host_mirrors
 from tests.e2e import kiln, kiln_env
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import SpecError
-from kiln.mirror import MirrorUnavailable, host_mirrors, release_digest, resolve_mirror
+from kiln.model.errors import SpecError
+from kiln.sources.mirror import MirrorUnavailable, host_mirrors, release_digest, resolve_mirror
 
 
 def test_deb822_sources_skip_security(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_precedence_spec_then_dib_variable() -> None:
 
 
 def test_no_mirror_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("kiln.mirror.APT_DIR", tmp_path)
+    monkeypatch.setattr("kiln.sources.mirror.APT_DIR", tmp_path)
     with pytest.raises(SpecError, match="no package mirror"):
         resolve_mirror(None, {})
 
@@ -80,7 +80,7 @@ def test_dead_mirror_is_a_clear_error() -> None:
 
 
 def test_ubuntu_needs_a_mirror_of_its_own_on_a_debian_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kiln.mirror.host_distro", lambda: "debian")
+    monkeypatch.setattr("kiln.sources.mirror.host_distro", lambda: "debian")
     with pytest.raises(SpecError, match=r"distro ubuntu: no mirror.*'mirror'"):
         resolve_mirror(None, {}, distro="ubuntu")
     assert resolve_mirror("http://u.invalid/ubuntu/", {}, distro="ubuntu") == "http://u.invalid/ubuntu"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln import mounts
-from kiln.errors import MountError
+from kiln.host import mounts
+from kiln.model.errors import MountError
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.matrix import CellResult, MatrixError, expand, parse_matrix, publish_text, summary_table
-from kiln.pkgdiff import DiffInputError, content_digest, load_manifest, package_diff
+from kiln.model.matrix import CellResult, MatrixError, expand, parse_matrix, publish_text, summary_table
+from kiln.model.pkgdiff import DiffInputError, content_digest, load_manifest, package_diff
 
 
 def _m(installed: list[tuple[str, str, str]], **spec: object) -> dict[str, object]:
@@ -84,8 +84,8 @@ def test_the_summary_says_published_unchanged_and_lists_the_package_changes() ->
 
 def test_a_publish_record_never_leaves_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The image name and build id of a record come from a manifest (or a cloud): a path in them is refused."""
-    from kiln.publish import Build, PublishError
-    from kiln.refresh import record_published, recorded_manifest
+    from kiln.publish.core import Build, PublishError
+    from kiln.publish.refresh import record_published, recorded_manifest
 
     monkeypatch.setenv("KILN_STATE", str(tmp_path / "state"))
     good = Build(tmp_path, {"build_id": "20261206T000000Z-abcdef", "spec": {"name": "x"}}, ())

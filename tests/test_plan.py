@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln.elements import installed_dib_library
-from kiln.errors import ElementError, SpecError
-from kiln.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
-from kiln.spec import ImageSpec, spec_from_dict
+from kiln.build.elements import installed_dib_library
+from kiln.build.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
+from kiln.model.errors import ElementError, SpecError
+from kiln.model.spec import ImageSpec, spec_from_dict
 
 
 def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec: object) -> BuildPlan:
@@ -22,7 +22,7 @@ def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec
 @pytest.fixture(autouse=True)
 def fake_release_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     """The plan reads the mirror's InRelease; these tests have no mirror (test_mirror.py serves a real one)."""
-    monkeypatch.setattr("kiln.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
+    monkeypatch.setattr("kiln.build.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
 
 
 @pytest.fixture
@@ -139,8 +139,8 @@ def test_malformed_package_installs_names_element(make_element: Callable[..., Pa
 
 
 def test_the_redhat_family_maps_packages_and_tells_install_packages(host_env: dict[str, str]) -> None:
-    from kiln.packages import map_package
-    from kiln.plan import hook_env
+    from kiln.build.packages import map_package
+    from kiln.build.plan import hook_env
 
     pkg_map = {"family": {"debian": {"web": "apache2"}, "redhat": {"web": "httpd"}},
                "distro": {"rocky": {"web": "httpd-rocky"}}}

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from kiln import prefect_server as ps
-from kiln.errors import ServerError
+from kiln.model.errors import ServerError
+from kiln.server import prefect as ps
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,7 +254,7 @@ def test_configure_environment(clean_env: pytest.MonkeyPatch, tmp_path: Path) ->
 FLOW_SCRIPT = """
 import json, logging, sys
 from pathlib import Path
-from kiln.prefect_server import configure_environment, ensure_server
+from kiln.server.prefect import configure_environment, ensure_server
 
 state = Path(sys.argv[1])
 url = ensure_server(state)          # another process: must reuse the running server
@@ -279,7 +279,7 @@ QUERY_SCRIPT = """
 import asyncio, json, sys, time
 from pathlib import Path
 from uuid import UUID
-from kiln.prefect_server import configure_environment
+from kiln.server.prefect import configure_environment
 
 configure_environment(sys.argv[1], Path(sys.argv[2]))
 

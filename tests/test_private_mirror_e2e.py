@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kiln.store import Store
+from kiln.store.entries import Store
 from tests.e2e import kiln, kiln_env, leftovers, manifest
 from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset
 from tests.upstream_fixtures import FixtureServer, GpgKey, make_key
@@ -169,8 +169,8 @@ def test_a_new_security_upload_makes_a_new_base_and_opting_out_is_recorded(
         archive: tuple[FixtureServer, GpgKey, GpgKey, str], tmp_path: Path) -> None:
     """Every suite's InRelease is in the base key: an upload to -security alone makes a new base (and so
     everything after it); a spec that lists its suites leaves the others out of the key and the plan."""
-    from kiln.plan import make_plan
-    from kiln.spec import load_spec
+    from kiln.build.plan import make_plan
+    from kiln.model.spec import load_spec
 
     server, key, _, _ = archive
     spec = spec_file(tmp_path / "spec.yaml", server, key.keyring)
@@ -212,8 +212,8 @@ def test_a_mirror_the_keyring_did_not_sign_is_refused_and_nothing_is_cached(
 def test_mirror_keyring_changes_the_base_key(archive: tuple[FixtureServer, GpgKey, GpgKey, str],
                                             tmp_path: Path) -> None:
     """Two keyrings, two bases: the key that vouched for a base is part of what names it."""
-    from kiln.plan import make_plan
-    from kiln.spec import load_spec
+    from kiln.build.plan import make_plan
+    from kiln.model.spec import load_spec
 
     server, key, attacker, _ = archive
     a = make_plan(load_spec(spec_file(tmp_path / "a.yaml", server, key.keyring), {}))

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln import qemu, serial_console
-from kiln.errors import BootTestError
-from kiln.qemu import (
+from kiln.boot import qemu, serial_console
+from kiln.boot.qemu import (
     BootResult,
     accel_args,
     boot_test,
@@ -27,8 +26,9 @@ from kiln.qemu import (
     probe_argv,
     qemu_argv,
 )
-from kiln.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
-from kiln.serial_console import SerialFacts, clean_console, serial_tail
+from kiln.boot.seed import boot_test_meta_data, boot_test_user_data, make_nocloud_seed
+from kiln.boot.serial_console import SerialFacts, clean_console, serial_tail
+from kiln.model.errors import BootTestError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -463,8 +463,8 @@ def test_boot_interrupted_kills_qemu(tmp_path: Path, sig: signal.Signals) -> Non
     disk = zero_disk(tmp_path / "zero.raw")
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from kiln import qemu, serial_console
-        from kiln.seed import make_nocloud_seed
+        from kiln.boot import qemu, serial_console
+        from kiln.boot.seed import make_nocloud_seed
         serial_console.FATAL_PATTERNS = ()
         w = Path({str(tmp_path)!r})
         seed = make_nocloud_seed(w / "seed.iso", user_data="#cloud-config\\n", meta_data="instance-id: x\\n")

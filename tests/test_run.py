@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.errors import CommandError
-from kiln.run import TAIL_LINES, run
+from kiln.host.run import TAIL_LINES, run
+from kiln.model.errors import CommandError
 
 
 def test_a_full_disk_named_early_in_the_output_leads_the_tail() -> None:

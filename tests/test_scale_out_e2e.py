@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from kiln import serve
+from kiln.server import serve
 from tests.e2e import REPO, kiln, kiln_env, leftovers
 from tests.test_deployments_stack import PrefectStack, free_port
 from tests.test_private_mirror_e2e import distribution_debs, publish_suite

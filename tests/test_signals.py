@@ -13,7 +13,7 @@ from tests.e2e import REPO
 
 STUBBORN = """
 import signal, sys, time
-from kiln import cli
+from kiln.cli import main as cli
 signal.signal(signal.SIGTERM, cli._on_signal)
 ready = False
 while True:  # like an engine that catches the interrupt and retries its API calls

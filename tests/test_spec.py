@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import SpecError
-from kiln.spec import Arch, ImageFormat, load_spec, merge_overrides, parse_size, spec_from_dict
+from kiln.model.errors import SpecError
+from kiln.model.spec import Arch, ImageFormat, load_spec, merge_overrides, parse_size, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def test_a_distro_kiln_cannot_bootstrap_needs_a_base() -> None:
 
 
 def test_ubuntu_bootstraps_main_and_universe_against_its_archive_keyring(tmp_path: Path) -> None:
-    from kiln.bootstrap import BootstrapRequest, archive_keyring, mmdebstrap_argv
+    from kiln.sources.bootstrap import BootstrapRequest, archive_keyring, mmdebstrap_argv
 
     key = tmp_path / "ubuntu-archive-keyring.gpg"
     key.write_bytes(b"key")
@@ -117,9 +117,9 @@ def test_ubuntu_bootstraps_main_and_universe_against_its_archive_keyring(tmp_pat
 
 def test_ubuntu_without_its_archive_keyring_is_refused_before_bootstrapping(monkeypatch: pytest.MonkeyPatch,
                                                                            tmp_path: Path) -> None:
-    from kiln.bootstrap import archive_keyring
+    from kiln.sources.bootstrap import archive_keyring
 
-    monkeypatch.setattr("kiln.bootstrap.UBUNTU_KEYRING", tmp_path / "none.gpg")
+    monkeypatch.setattr("kiln.sources.bootstrap.UBUNTU_KEYRING", tmp_path / "none.gpg")
     with pytest.raises(SpecError, match=r"distro ubuntu: no keyring for the Ubuntu archive.*mirror_keyring"):
         archive_keyring("ubuntu", None)
     assert archive_keyring("debian", None) is None

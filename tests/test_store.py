@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.store import Store
+from kiln.store.entries import Store
 
 
 def test_entry_appears_only_when_complete(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import SpecError
-from kiln.mirror import MirrorUnavailable, host_security_mirrors, resolve_security_mirror
-from kiln.spec import spec_from_dict
-from kiln.suites import (
+from kiln.model.errors import SpecError
+from kiln.model.spec import spec_from_dict
+from kiln.sources.mirror import MirrorUnavailable, host_security_mirrors, resolve_security_mirror
+from kiln.sources.suites import (
     SuiteSource,
     apt_sources,
     check_suites,
@@ -49,7 +49,7 @@ def test_host_security_entry_is_the_default_security_mirror(tmp_path: Path, monk
         "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
         "Types: deb\nURIs: http://security.example/debian-security/\nSuites: bookworm-security\nComponents: main\n")
     assert host_security_mirrors(tmp_path) == ["http://security.example/debian-security"]
-    monkeypatch.setattr("kiln.mirror.APT_DIR", tmp_path)
+    monkeypatch.setattr("kiln.sources.mirror.APT_DIR", tmp_path)
     assert resolve_security_mirror(None, {}) == "http://security.example/debian-security"
     assert resolve_security_mirror(None, {"DIB_DEBIAN_SECURITY_MIRROR": "http://dib.example/s/"}) == \
         "http://dib.example/s"
@@ -141,7 +141,7 @@ def test_an_index_that_does_not_match_its_inrelease_is_refused(tmp_path: Path) -
 def test_the_suite_digest_follows_its_package_indices_not_the_inrelease_date() -> None:
     """A republished InRelease (new Date, new signature) with the same indices keeps the base; an upload
     (a changed Packages checksum for the build's components and arch) makes a new one."""
-    from kiln.suites import index_digest
+    from kiln.sources.suites import index_digest
 
     def release(date: str, main: str, contrib: str = "c0") -> bytes:
         return (f"Suite: bookworm-security\nDate: {date}\nSHA256:\n {main} 10 main/binary-amd64/Packages.xz\n"

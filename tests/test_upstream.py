@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kiln.errors import SpecError
-from kiln.extract import BaseFormat, guess_format
-from kiln.upstream import (
+from kiln.model.errors import SpecError
+from kiln.sources.extract import BaseFormat, guess_format
+from kiln.sources.upstream import (
     UPSTREAMS,
     BaseSpec,
     PinnedBase,
@@ -21,7 +21,7 @@ from kiln.upstream import (
     pin_base,
     resolve_base,
 )
-from kiln.verify import (
+from kiln.sources.verify import (
     ChecksumFileError,
     ChecksumMismatchError,
     Digest,

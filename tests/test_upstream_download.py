@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.download import DownloadError, Progress, RetryPolicy, download
-from kiln.verify import ChecksumMismatchError, Digest
+from kiln.sources.download import DownloadError, Progress, RetryPolicy, download
+from kiln.sources.verify import ChecksumMismatchError, Digest
 from tests import upstream_fixtures as uf
 
 FAST = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
@@ -173,7 +173,7 @@ def test_progress_bar_on_a_tty_and_log_lines_otherwise(caplog: pytest.LogCapture
     bar.finish()
     assert "image.qcow2:  50.0%" in stream.getvalue() or "100.0%" in stream.getvalue()
     assert stream.getvalue().endswith("\n")
-    caplog.set_level("INFO", logger="kiln.download")
+    caplog.set_level("INFO", logger="kiln.sources.download")
     quiet = Progress("image.qcow2", enabled=False, stream=io.StringIO(), interval=0)
     quiet.begin(0, 1000)
     quiet.advance(250)

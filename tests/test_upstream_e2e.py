@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kiln.run import run
-from kiln.store import Store
+from kiln.host.run import run
+from kiln.store.entries import Store
 from tests.e2e import kiln, kiln_env, leftovers, manifest
 from tests.test_build_e2e import debugfs_cat, root_offset
 from tests.upstream_fixtures import FixtureServer, GpgKey, _sha256, make_key

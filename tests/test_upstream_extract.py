@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln.download import RetryPolicy
-from kiln.extract import (
+from kiln.host.mounts import reclaim
+from kiln.host.run import run
+from kiln.sources.download import RetryPolicy
+from kiln.sources.extract import (
     ESP,
     LINUX_DATA,
     LVM,
@@ -29,10 +31,16 @@ from kiln.extract import (
     read_os_release,
     root_candidates,
 )
-from kiln.mounts import reclaim
-from kiln.run import run
-from kiln.upstream import BaseSpec, ResolvedBase, base_key_fields, fetch_image, image_path, pin_base, resolve_base
-from kiln.verify import ChecksumMismatchError, SignatureError
+from kiln.sources.upstream import (
+    BaseSpec,
+    ResolvedBase,
+    base_key_fields,
+    fetch_image,
+    image_path,
+    pin_base,
+    resolve_base,
+)
+from kiln.sources.verify import ChecksumMismatchError, SignatureError
 from tests import upstream_fixtures as uf
 
 FAST = RetryPolicy(attempts=2, backoff=0.01)
@@ -242,8 +250,8 @@ def test_the_download_cache_is_keyed_by_digest(server: uf.FixtureServer, publish
 @NEEDS_ROOT
 def test_a_killed_extraction_is_reclaimed(published: uf.Published, tmp_path: Path) -> None:
     """What a SIGKILL between mount and unmount leaves, `kiln.mounts.reclaim(workdir)` removes."""
-    from kiln.extract import _mount_partition, read_partitions
-    from kiln.mounts import MountStack
+    from kiln.host.mounts import MountStack
+    from kiln.sources.extract import _mount_partition, read_partitions
 
     raw = tmp_path / "disk.raw"
     run(["qemu-img", "convert", "-O", "raw", str(published.files["disk.qcow2"]), str(raw)], quiet=True)
@@ -265,7 +273,7 @@ def _have(tool: str) -> bool:
 def _fs_disk(published: uf.Published, tmp_path: Path, fstype: str) -> Path:
     """A GPT disk whose one partition holds the tree on `fstype`, filled through a read-write loop mount;
     for btrfs laid out as Fedora does: subvolumes `root` and `home`, the fstab naming them."""
-    from kiln.mounts import MountStack
+    from kiln.host.mounts import MountStack
 
     fs = tmp_path / f"{fstype}.fs"
     with open(fs, "wb") as fh:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from kiln.run import output, run
+from kiln.host.run import output, run
 
 MiB = 1 << 20
 ROOT_UUID = "5b0c7a1e-8f3d-4c2a-9e6b-0d1f2a3b4c5d"

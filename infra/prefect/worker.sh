@@ -25,7 +25,7 @@ for q in ${QUEUES//,/ }; do args+=(--work-queue "$q"); done
 [ -n "${KILN_WORKER_LIMIT:-}" ] && args+=(--limit "$KILN_WORKER_LIMIT")
 cd "$KILN_DIR"
 "$KILN_DIR/.venv/bin/python" -c 'import os
-from kiln import serve
+from kiln.server import serve
 serve.ensure_work_pool(os.environ["PREFECT_API_URL"])
 serve.ensure_zombie_automation(os.environ["PREFECT_API_URL"])'
 exec "$KILN_DIR/.venv/bin/prefect" "${args[@]}"

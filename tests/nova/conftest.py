@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from kiln import glance, nova
-from kiln.run import run
+from kiln.boot import nova
+from kiln.cloud import glance
+from kiln.host.run import run
 from tests.e2e import REPO, started_by_us
 from tests.publish.conftest import digests, manifest_for
 

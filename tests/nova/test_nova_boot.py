@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from kiln import glance, nova
-from kiln.publish import GATES, PublishSpec, load_build, managed_images, no_gate, publish, status_of
-from kiln.serial_console import FINISHED_RE
+from kiln.boot import nova
+from kiln.boot.serial_console import FINISHED_RE
+from kiln.cloud import glance
+from kiln.publish.core import GATES, PublishSpec, load_build, managed_images, no_gate, publish, status_of
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled, unbootable_build
 from tests.publish.conftest import digests

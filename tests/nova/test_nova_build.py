@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln import glance, nova
-from kiln.publish import managed_images, status_of
+from kiln.boot import nova
+from kiln.cloud import glance
+from kiln.publish.core import managed_images, status_of
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled
 

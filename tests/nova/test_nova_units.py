@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kiln import nova
-from kiln.errors import BootTestError
-from kiln.publish import GATES, CandidateImage, nova_gate
+from kiln.boot import nova
+from kiln.model.errors import BootTestError
+from kiln.publish.core import GATES, CandidateImage, nova_gate
 
 GOOD_CONSOLE = ("GNU GRUB  version 2.06\n[    1.0] Linux version 6.1\n{marker_line}\n"
                 "Cloud-init v. 22.4.2 finished at Sun, 29 Nov 2026 04:30:58 +0000. Up 58.0 seconds\n")
@@ -228,7 +228,7 @@ def test_the_nova_gate_turns_a_failed_boot_into_a_failed_result_with_the_tail(mo
     compute = FakeCompute(FLAVORS, console=lambda m, n: "SeaBIOS\nGRUB loading.\nerror: no such device\n"
                           "Entering rescue mode...\ngrub rescue>\n")
     cloud = FakeCloud(compute, kiln_section={"boot_flavor": "kiln.boot"})
-    monkeypatch.setattr("kiln.glance.connect", lambda name, clouds_yaml=None: cloud)
+    monkeypatch.setattr("kiln.cloud.glance.connect", lambda name, clouds_yaml=None: cloud)
     build = SimpleNamespace(spec={"boot_test": {"timeout": 5}})
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="fake", image_id="img"))  # type: ignore[arg-type]
     assert not result.passed
@@ -261,8 +261,8 @@ def test_the_flows_publish_step_boots_in_nova_through_the_boot_test_task() -> No
 
 
 def test_a_nova_boot_test_needs_a_cloud_to_boot_in() -> None:
-    from kiln.errors import SpecError
-    from kiln.spec import spec_from_dict
+    from kiln.model.errors import SpecError
+    from kiln.model.spec import spec_from_dict
 
     with pytest.raises(SpecError, match=r"spec.yaml: .*boot_test.backend nova needs a cloud.*boot_test.cloud"):
         spec_from_dict({"boot_test": {"backend": "nova"}}, "spec.yaml")

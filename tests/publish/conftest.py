@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from kiln import glance, s3
-from kiln.run import run
+from kiln.cloud import glance, s3
+from kiln.host.run import run
 from tests.e2e import started_by_us
 
 ROOT = Path(__file__).resolve().parents[2]

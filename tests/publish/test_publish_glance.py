@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from kiln import glance, publish_cli
-from kiln.publish import (
+from kiln.cli import publish as publish_cli
+from kiln.cloud import glance
+from kiln.host.run import run
+from kiln.publish.core import (
     CANDIDATE_TAG,
     CandidateImage,
     GateFailedError,
@@ -28,7 +30,6 @@ from kiln.publish import (
     rollback,
     status_of,
 )
-from kiln.run import run
 from tests.publish.conftest import MakeBuild, OpenStack, digests
 
 pytestmark = pytest.mark.slow
@@ -322,8 +323,8 @@ def test_a_real_kiln_build_publishes_and_downloads_streamed(conn: Any, image_nam
 def test_publish_to_glance_and_s3_together_then_again_uploads_nothing(conn: Any, openstack_stack: OpenStack,
                                                                        s3_client: Any, bucket: str,
                                                                        make_build: MakeBuild, image_name: str) -> None:
-    from kiln import s3
-    from kiln.publish import publish
+    from kiln.cloud import s3
+    from kiln.publish.core import publish
 
     spec = PublishSpec(targets=["glance:kiln-dev", f"s3://{bucket}/catalog"], visibility="public", keep=2,
                        tags=["nightly"])

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kiln import glance, s3
-from kiln.publish import (
+from kiln.cloud import glance, s3
+from kiln.publish.core import (
     CandidateImage,
     GateFailedError,
     GateResult,
@@ -23,7 +23,7 @@ from kiln.publish import (
     publish,
     status_of,
 )
-from kiln.refresh import publish_changes
+from kiln.publish.refresh import publish_changes
 from tests.e2e import kiln
 from tests.publish.conftest import MakeBuild, OpenStack
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kiln import s3
-from kiln.publish import (
+from kiln.cloud import s3
+from kiln.publish.core import (
     GateFailedError,
     GateResult,
     PublishSpec,

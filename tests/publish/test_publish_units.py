@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kiln import publish_cli, s3
-from kiln.publish import (
+from kiln.cli import publish as publish_cli
+from kiln.cloud import s3
+from kiln.publish.core import (
     Build,
     BuildImage,
     CandidateImage,

@@ -1,0 +1,84 @@
+"""Log in to a booted guest over SSH with a password, as an operator would with the password OpenStack
+injected: `ssh root@…`, password authentication only, one command run.
+
+The guest's port 22 is forwarded from a port on the host's 127.0.0.1 by QEMU's user-mode network (which
+otherwise keeps the guest off the host: restrict=on). The client reads nothing of the host's SSH setup
+(no config file, keys, agent or known_hosts); the password reaches it through SSH_ASKPASS from the
+environment of that one process, never a file or a command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kiln.host.run import run
+from kiln.model.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+PROOF = "KILN-SSH-OK"
+# what runs in the guest: proves a root shell (uid 0) got it
+COMMAND = f'echo "{PROOF} uid=$(id -u)"'
+DENIALS = 3
+_ASKPASS = "#!/bin/sh\nprintf '%s\\n' \"$KILN_SSH_PASSWORD\"\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (QEMU binds it for the guest's port 22)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ssh_argv(port: int, user: str) -> list[str]:
+    return ["ssh", "-F", "/dev/null", "-T", "-p", str(port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
+            "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-o", "NumberOfPasswordPrompts=1",
+            "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR",
+            f"{user}@127.0.0.1", COMMAND]
+
+
+def ssh_login(port: int, user: str, password: str, *, deadline: float,
+              stop: threading.Event | None = None) -> bool:
+    """True once `user` logs in with `password` on 127.0.0.1:`port` and the command runs as root; retried
+    until `deadline` (monotonic) while sshd may still be starting, and never once `stop` is set (the guest
+    is gone: its port may then belong to anyone on the host)."""
+    stop = stop or threading.Event()
+    with tempfile.TemporaryDirectory(prefix="kiln-ssh-") as tmp:
+        askpass = Path(tmp) / "askpass"
+        askpass.write_text(_ASKPASS)
+        askpass.chmod(stat.S_IRWXU)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "SSH_ASKPASS": str(askpass),
+               "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": "", "KILN_SSH_PASSWORD": password}
+        attempt = denied = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.is_set():
+                return False
+            try:
+                done = run(ssh_argv(port, user), env=env, timeout=min(30.0, remaining), check=False, quiet=True,
+                           what=f"ssh {user}@127.0.0.1:{port}")
+            except CommandError as exc:  # timed out
+                log.info("boot test: ssh %s@guest, attempt %d: %s", user, attempt, str(exc).splitlines()[0])
+                continue
+            if done.returncode == 0 and f"{PROOF} uid=0" in done.lines and not stop.is_set():
+                log.info("boot test: ssh %s@guest with the injected password: ok (attempt %d)", user, attempt)
+                return True
+            log.info("boot test: ssh %s@guest, attempt %d: exit %s: %s", user, attempt, done.returncode,
+                     " / ".join(done.lines[-2:]) or "no output")
+            # sshd answered and said no: once may be cloud-init still setting the password, thrice is final
+            denied += any("Permission denied" in line for line in done.lines)
+            if denied >= DENIALS:
+                return False
+            if time.monotonic() + 5 >= deadline or stop.wait(5):
+                return False

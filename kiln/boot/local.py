@@ -1,0 +1,195 @@
+"""The local boot test of a finished image, with its result cached by the image's checksum.
+
+An unchanged image is not booted twice: a passed boot is stored under a key made of the image's
+sha256, the firmware and the boot settings. A failed boot is never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from kiln.boot import qemu, seed
+from kiln.build.plan import digest
+from kiln.host.run import tracked
+from kiln.model.errors import BootTestError
+from kiln.model.spec import BootTestSpec, ImageSpec
+from kiln.store.entries import Store
+
+if TYPE_CHECKING:
+    from kiln.boot.nova import NovaBootResult
+
+BOOT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BootOutcome:
+    firmware: str
+    passed: bool
+    seconds: float
+    accel: str
+    root_bytes: int | None
+    disk_bytes: int | None
+    login_ok: bool | None
+    serial_log: str
+    cached: bool = False
+    backend: str = "qemu"
+    ssh_ok: bool | None = None  # root's password login over SSH (boot_test.ssh_login); None when not asked
+    criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
+    failed_units: list[str] | None = None  # systemd units failed in the guest (None: not reported)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FOREIGN_ARCH_SLOWDOWN = 3  # a guest of another arch runs under TCG emulation of a foreign ISA
+
+
+def effective_timeout(settings: BootTestSpec, arch: str) -> int:
+    """The spec's boot timeout; when left at its default, stretched for a foreign-arch guest."""
+    from kiln.host.arch import host_arch
+
+    if arch != host_arch() and "timeout" not in settings.model_fields_set:
+        return settings.timeout * FOREIGN_ARCH_SLOWDOWN
+    return settings.timeout
+
+
+BOOT_GENERATION_ENV = "KILN_BOOT_GENERATION"
+
+
+def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec, *, cloud_init: bool = True) -> str:
+    """The key of a passed boot. KILN_BOOT_GENERATION, when set, is part of it: a new value boots every image
+    once more (the test suite sets a fresh one per session, so a boot it asserts on ran in that session)."""
+    generation = os.environ.get(BOOT_GENERATION_ENV, "")
+    return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
+                   "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
+                   "root_login": settings.root_login, **({"ssh_login": True} if settings.ssh_login else {}),
+                   **({} if cloud_init else {"criterion": "systemd"}),
+                   **({"generation": generation} if generation else {})})
+
+
+def user_data(marker: str, *, root_password: str | None) -> str:
+    """The boot test's cloud-config; with a password, it goes to cloud-init's default user (`password:`),
+    which is root in an image with the cloud-init-cfg element."""
+    text = seed.boot_test_user_data(marker)
+    if root_password is None:
+        return text
+    config = yaml.safe_load(text)
+    config.update({"password": root_password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]:
+    """The firmware to boot-test with: the spec's (or `wanted`); arm64 machines have no BIOS, only UEFI."""
+    chosen = wanted or [f.value for f in spec.boot_test.firmware]
+    if spec.arch.value == "arm64":
+        return [f for f in chosen if f == "uefi"] or ["uefi"]
+    return chosen
+
+
+def has_cloud_init(packages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an image's package list (manifest.json's `packages`) holds cloud-init."""
+    return any(p.get("name") == "cloud-init" for p in packages)
+
+
+def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, workdir: Path,
+              accel: str, cloud_init: bool = True) -> BootOutcome:
+    """One local QEMU boot of `image` with a fresh NoCloud seed (marker, and a root password to log in
+    with when the settings ask for it); raises BootTestError unless cloud-init finished (and root got in)."""
+    if settings.root_login and not cloud_init:
+        raise BootTestError(f"boot test ({firmware}): boot_test.root_login sets root's password through "
+                            "cloud-init's user-data, and the image has no cloud-init")
+    marker = "KILN-BOOT-" + secrets.token_hex(8)
+    password = secrets.token_urlsafe(12) if settings.root_login else None
+    boot_dir = workdir / f"boot-{firmware}"
+    iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
+                                 meta_data=seed.boot_test_meta_data())
+    try:
+        with tracked(workdir):
+            result = qemu.boot_test(image, firmware=firmware, arch=arch, marker=marker, seed_iso=iso,
+                                    workdir=boot_dir, accel=accel, memory_mib=settings.memory,
+                                    cpus=settings.cpus, timeout=effective_timeout(settings, arch),
+                                    extra_login=("root", password) if password else None,
+                                    ssh_login=settings.ssh_login,
+                                    criterion="cloud-init" if cloud_init else "systemd")
+    finally:
+        iso.unlink(missing_ok=True)
+    if settings.root_login and not result.login_ok:
+        raise BootTestError(f"boot test ({firmware}): cloud-init finished, but root could not log in with "
+                            f"the password set through user-data; console log: {result.serial_log}")
+    if settings.ssh_login and not result.ssh_ok:
+        raise BootTestError(f"boot test ({firmware}): root logged in on the console, but not over SSH with the "
+                            f"password set through user-data (sshd refused it or never answered); console log: "
+                            f"{result.serial_log}")
+    return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
+                       accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
+                       login_ok=result.login_ok, serial_log=str(result.serial_log), ssh_ok=result.ssh_ok,
+                       criterion=result.criterion, failed_units=result.failed_units)
+
+
+def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:
+    """A passed boot in a cloud's Nova as a boot test result of the build; its console kept in `console_log`."""
+    console_log.write_text(result.console)
+    return BootOutcome(firmware=firmware, passed=result.passed, seconds=result.seconds,
+                       accel=f"nova on {result.cloud} ({result.flavor})", root_bytes=result.root_bytes,
+                       disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova")
+
+
+def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
+                 settings: BootTestSpec, workdir: Path, state_dir: Path, kernel: Path | None,
+                 rebuild: bool = False, cloud_init: bool = True) -> BootOutcome:
+    """A passed boot of this image under `firmware`: from the store (keyed by the image's sha256), or
+    booted now and stored."""
+    key = boot_key(image_sha256, firmware, arch, settings, cloud_init=cloud_init)
+    with store.lock(key):
+        if not rebuild and store.valid(key):
+            store.touch(key)
+            data = store.data(key)
+            result = json.loads((data / "boot.json").read_text())
+            return BootOutcome(**{**result, "cached": True, "serial_log": str(data / "serial.log")})
+        outcome = boot_once(image, firmware=firmware, arch=arch, settings=settings, workdir=workdir,
+                            accel=qemu.probe_accel(kernel, state_dir=state_dir), cloud_init=cloud_init)
+        with store.new_entry(key, kind="boot", description=f"boot test {firmware} of {image.name}") as tmp:
+            shutil.copyfile(outcome.serial_log, tmp / "data" / "serial.log")
+            record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
+            (tmp / "data" / "boot.json").write_text(json.dumps(record))
+        # the console log the store keeps, not the build's work directory, which goes with the build
+        return replace(outcome, serial_log=str(store.data(key) / "serial.log"))
+
+
+def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: list[str] | None = None,
+                            timeout: int | None = None) -> list[BootOutcome]:
+    """Boot the image of a finished build (OUTPUT_DIR with manifest.json) under each firmware, uncached."""
+    from kiln.host.state import state_dir
+    from kiln.model.errors import SpecError
+
+    manifest_path = output / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{manifest_path}: not a kiln build output ({exc})") from None
+    spec_data = dict(manifest["spec"])
+    spec_data.pop("secrets", None)
+    spec = ImageSpec.model_validate(spec_data)
+    images = {i["format"]: output / i["file"] for i in manifest["images"]}
+    image = images.get("qcow2") or next(iter(images.values()))
+    if not image.exists():
+        raise SpecError(f"{image}: the build's image is missing")
+    settings = spec.boot_test
+    if timeout:
+        settings = settings.model_copy(update={"timeout": timeout})
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
+    accel = qemu.probe_accel(None, state_dir=state_dir())
+    cloud_init = "packages" not in manifest or has_cloud_init(manifest["packages"])
+    return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
+                      cloud_init=cloud_init)
+            for fw in boot_firmware(spec, firmware)]

@@ -1,0 +1,396 @@
+"""The Nova boot test: boot an image the way the cloud boots it, through openstacksdk.
+
+A server is created from a Glance image with a flavor and a network from the configuration (`networks:
+none` by default: the test needs no network, its user-data comes on a config drive). The user-data is
+kiln's boot-test cloud-config with a random marker. kiln waits for ACTIVE, then reads the console log
+until the marker and cloud-init's "finished" line appear. Pass or fail, the server is deleted: on a
+timeout, on Ctrl-C and on SIGTERM (a cancelled Prefect run raises in the main thread) too, through
+try/finally. kiln creates nothing else for it (no key pair, port or volume: Nova's own port for a named
+network goes with the server). A failure raises `NovaBootError` with the server's fault and the
+console log's tail.
+
+Where the flavor and network come from, first match wins: the caller's arguments (`kiln boot-test
+--flavor/--network`), the environment (`KILN_NOVA_FLAVOR`, `KILN_NOVA_NETWORK`), the cloud's entry in
+clouds.yaml (a `kiln:` section with `boot_flavor`, `boot_network`, `active_timeout`), then defaults
+(the smallest flavor that fits the image; no network).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import openstack.exceptions
+from keystoneauth1 import exceptions as ks_exceptions
+
+from kiln.boot import seed
+from kiln.boot.serial_console import SerialFacts, clean_console
+from kiln.cloud import glance
+from kiln.model.errors import BootTestError, KilnError
+
+if TYPE_CHECKING:
+    import openstack.connection
+
+log = logging.getLogger("kiln.nova")
+
+SERVER_PREFIX = "kiln-boot-"
+TEMP_IMAGE_TAG = "kiln-boot-test"
+DEFAULT_ACTIVE_TIMEOUT = 600  # create -> ACTIVE: scheduling, image download and conversion, spawn
+DEFAULT_BOOT_TIMEOUT = 900  # ACTIVE -> cloud-init's end (TCG on a loaded host takes minutes)
+DELETE_TIMEOUT = 120
+POLL_SECONDS = 5.0
+TAIL_LINES = 40
+NO_NETWORK = "none"
+EMPTY_CONSOLE = ("(the console log is empty: nothing booted far enough to print on ttyS0; no bootloader, or "
+                 "an image without a serial console)")
+
+
+class NovaError(KilnError):
+    """Nova (or the configuration for it) refused or failed a request; the message names the cloud."""
+
+
+class NovaBootError(BootTestError):
+    """The server did not boot to cloud-init's end; carries the reason, Nova's fault and the console tail."""
+
+    def __init__(self, message: str, *, reason: str, fault: str | None, tail: list[str]) -> None:
+        self.reason = reason
+        self.fault = fault
+        self.tail = tail
+        text = message
+        if tail:
+            text += "\n  console log (last lines):\n" + "\n".join(f"    {line}" for line in tail)
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class NovaSettings:
+    """How to boot: a flavor name or id (None: the smallest that fits), `none`, `auto` or a network name
+    or id, and the two timeouts."""
+
+    flavor: str | None = None
+    network: str = NO_NETWORK
+    active_timeout: int = DEFAULT_ACTIVE_TIMEOUT
+    boot_timeout: int = DEFAULT_BOOT_TIMEOUT
+
+
+EFI_RE = re.compile(r"\befi: EFI v\d")
+
+
+@dataclass(frozen=True)
+class NovaBootResult:
+    passed: bool
+    cloud: str
+    image_id: str
+    server_id: str
+    flavor: str
+    network: str
+    active_seconds: float  # create -> ACTIVE
+    seconds: float  # create -> cloud-init's end
+    root_bytes: int | None
+    disk_bytes: int | None
+    console: str = field(repr=False)
+
+    @property
+    def firmware(self) -> str:
+        """What the cloud booted the image with, as the guest's kernel saw it: `uefi` when it reported EFI
+        (Linux prints "efi: EFI v…" booted from UEFI firmware), else `bios`."""
+        return "uefi" if EFI_RE.search(self.console) else "bios"
+
+
+def cloud_label(conn: openstack.connection.Connection) -> str:
+    return glance.cloud_name(conn)
+
+
+def sdk_errors(conn: openstack.connection.Connection, what: str) -> contextlib.AbstractContextManager[None]:
+    """openstacksdk and keystoneauth failures as one NovaError naming the cloud and the step."""
+    return glance.sdk_errors(conn, what, error=NovaError)
+
+
+def settings_for(conn: openstack.connection.Connection, *, flavor: str | None = None, network: str | None = None,
+                 boot_timeout: int | None = None, env: Mapping[str, str] | None = None) -> NovaSettings:
+    """The settings for this cloud: arguments, then KILN_NOVA_* variables, then clouds.yaml's `kiln:` section."""
+    env = os.environ if env is None else env
+    section = conn.config.config.get("kiln") or {}
+    if not isinstance(section, Mapping):
+        raise NovaError(f"cloud {cloud_label(conn)!r}: the 'kiln' entry of clouds.yaml must be a mapping")
+    unknown = set(section) - {"boot_flavor", "boot_network", "active_timeout", "boot_timeout"}
+    if unknown:
+        raise NovaError(f"cloud {cloud_label(conn)!r}: clouds.yaml kiln.{sorted(unknown)[0]} is not a setting "
+                        f"(known: boot_flavor, boot_network, active_timeout, boot_timeout)")
+
+    def number(key: str, default: int) -> int:
+        value = section.get(key, default)
+        if not isinstance(value, int) or value <= 0:
+            raise NovaError(f"cloud {cloud_label(conn)!r}: clouds.yaml kiln.{key} must be a positive number of "
+                            f"seconds, not {value!r}")
+        return value
+
+    return NovaSettings(
+        flavor=flavor or env.get("KILN_NOVA_FLAVOR") or section.get("boot_flavor") or None,
+        network=network or env.get("KILN_NOVA_NETWORK") or section.get("boot_network") or NO_NETWORK,
+        active_timeout=number("active_timeout", DEFAULT_ACTIVE_TIMEOUT),
+        boot_timeout=boot_timeout or number("boot_timeout", DEFAULT_BOOT_TIMEOUT),
+    )
+
+
+def require_compute(conn: openstack.connection.Connection) -> None:
+    with sdk_errors(conn, "read the service catalog"):
+        has = bool(conn.has_service("compute"))
+    if not has:
+        raise NovaError(f"cloud {cloud_label(conn)!r} has no compute endpoint in its catalog: there is no Nova to "
+                        f"boot in (for the local stack: make openstack)")
+
+
+def pick_flavor(conn: openstack.connection.Connection, wanted: str | None, *, min_ram: int, min_disk: int) -> Any:
+    """The named flavor (checked against the image's minimums), or the smallest public one that fits."""
+    cloud = cloud_label(conn)
+    with sdk_errors(conn, "list flavors"):
+        if wanted:
+            flavor = conn.compute.find_flavor(wanted, ignore_missing=True)
+            if flavor is None:
+                names = sorted(f.name for f in conn.compute.flavors())
+                raise NovaError(f"cloud {cloud!r}: no flavor {wanted!r} (there are: {', '.join(names) or 'none'})")
+            if flavor.ram < min_ram or (flavor.disk and flavor.disk < min_disk):
+                raise NovaError(f"cloud {cloud!r}: flavor {flavor.name} ({flavor.ram} MiB, {flavor.disk} GiB) is "
+                                f"smaller than the image needs ({min_ram} MiB, {min_disk} GiB)")
+            return flavor
+        fits = [f for f in conn.compute.flavors() if f.ram >= max(min_ram, 512) and f.disk >= max(min_disk, 1)]
+    if not fits:
+        raise NovaError(f"cloud {cloud!r}: no flavor has {max(min_ram, 512)} MiB and {min_disk} GiB of disk; "
+                        f"name one with --flavor or clouds.yaml kiln.boot_flavor")
+    return min(fits, key=lambda f: (f.vcpus, f.ram, f.disk, f.name))
+
+
+def network_arg(conn: openstack.connection.Connection, network: str) -> str | list[dict[str, str]]:
+    """Nova's `networks` value: "none" and "auto" as they are, else the named network's id."""
+    if network in (NO_NETWORK, "auto"):
+        return network
+    with sdk_errors(conn, f"find network {network!r}"):
+        found = conn.network.find_network(network, ignore_missing=True)
+    if found is None:
+        raise NovaError(f"cloud {cloud_label(conn)!r}: no network {network!r} (use --network none to boot without one)")
+    return [{"uuid": found.id}]
+
+
+def fault_text(server: Any) -> str | None:
+    fault = getattr(server, "fault", None) or {}
+    if not fault:
+        return None
+    message = str(fault.get("message") or "").strip()
+    details = str(fault.get("details") or "").strip().splitlines()
+    return message + (f" ({details[-1].strip()})" if details and details[-1].strip() not in message else "")
+
+
+def console_lines(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [line for line in (clean_console(raw).rstrip() for raw in text.split("\n")) if line.strip()]
+
+
+def _sleep_until(deadline: float, seconds: float) -> None:
+    time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
+
+
+def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings: NovaSettings,
+              on_console: Callable[[str], None] | None = None) -> NovaBootResult:
+    """Boot `image_id` in Nova until cloud-init has finished; delete the server whatever happens.
+
+    Raises NovaBootError when the server errors, never becomes ACTIVE, or does not print the marker and
+    cloud-init's end within the timeouts; NovaError when the cloud refuses the request."""
+    cloud = cloud_label(conn)
+    require_compute(conn)
+    with sdk_errors(conn, f"get image {image_id}"):
+        image = conn.image.get_image(image_id)
+    flavor = pick_flavor(conn, settings.flavor, min_ram=int(image.min_ram or 0), min_disk=int(image.min_disk or 0))
+    networks = network_arg(conn, settings.network)
+    marker = "KILN-NOVA-" + secrets.token_hex(8)
+    name = SERVER_PREFIX + marker.rsplit("-", 1)[1]
+    user_data = seed.boot_test_user_data(marker)
+    where = f"cloud {cloud!r}: image {image_id} ({image.name}), flavor {flavor.name}, network {settings.network}"
+    server_id: str | None = None
+    log.info("%s: booting as server %s", where, name)
+    start = time.monotonic()
+    try:
+        with sdk_errors(conn, f"create server {name}"):
+            server = conn.compute.create_server(
+                name=name, image_id=image_id, flavor_id=flavor.id, networks=networks, config_drive=True,
+                user_data=base64.b64encode(user_data.encode()).decode(), metadata={"kiln": "boot-test"},
+            )
+        server_id = str(server.id)
+        server = _wait_active(conn, server_id, where=where, timeout=settings.active_timeout, start=start)
+        active = time.monotonic() - start
+        log.info("%s: server %s ACTIVE after %.0f s on %s; reading its console", where, server_id, active,
+                 getattr(server, "hypervisor_hostname", None) or "its host")
+        facts, console = _wait_console(conn, server_id, marker, where=where, timeout=settings.boot_timeout,
+                                       on_console=on_console)
+        seconds = time.monotonic() - start
+        log.info("%s: cloud-init finished %.0f s after the server was created", where, seconds)
+        return NovaBootResult(True, cloud, image_id, server_id, str(flavor.name), settings.network,
+                              round(active, 1), round(seconds, 1), facts.root_bytes, facts.disk_bytes, console)
+    finally:
+        delete_servers(conn, [server_id] if server_id else None, name=name)
+
+
+def _wait_active(conn: openstack.connection.Connection, server_id: str, *, where: str, timeout: int,
+                 start: float) -> Any:
+    deadline = start + timeout
+    while True:
+        with sdk_errors(conn, f"get server {server_id}"):
+            server = conn.compute.get_server(server_id)
+        status = str(server.status or "").upper()
+        if status == "ACTIVE":
+            return server
+        if status == "ERROR":
+            fault = fault_text(server)
+            raise NovaBootError(f"{where}: server {server_id} went to ERROR: {fault or 'Nova gave no reason'}",
+                                reason=f"Nova put the server in ERROR: {fault or 'no fault recorded'}", fault=fault,
+                                tail=_tail(conn, server_id))
+        if time.monotonic() >= deadline:
+            state = f"{status}, task {server.task_state or '-'}"
+            raise NovaBootError(f"{where}: server {server_id} not ACTIVE after {timeout} s ({state})",
+                                reason=f"not ACTIVE within {timeout} s ({state})", fault=fault_text(server),
+                                tail=_tail(conn, server_id))
+        _sleep_until(deadline, POLL_SECONDS)
+
+
+def _wait_console(conn: openstack.connection.Connection, server_id: str, marker: str, *, where: str, timeout: int,
+                  on_console: Callable[[str], None] | None) -> tuple[SerialFacts, str]:
+    deadline = time.monotonic() + timeout
+    marker_seen = finished_seen = False
+    text = ""
+    while True:
+        with sdk_errors(conn, f"read the console log of server {server_id}"):
+            text = str(conn.compute.get_server_console_output(server_id).get("output") or "")
+        facts = SerialFacts.parse(text, marker)
+        # the console API returns the log's end: what scrolled out of it was still seen
+        marker_seen = marker_seen or facts.marker_seen
+        finished_seen = finished_seen or facts.finished_seen
+        if on_console is not None:
+            on_console(text)
+        if marker_seen and finished_seen:
+            facts.marker_seen = facts.finished_seen = True
+            return facts, text
+        lines = console_lines(text)
+        if facts.fatal:
+            raise NovaBootError(f"{where}: server {server_id}: {facts.fatal}: {facts.fatal_line}",
+                                reason=f"{facts.fatal} ({facts.fatal_line})", fault=None, tail=lines[-TAIL_LINES:])
+        with sdk_errors(conn, f"get server {server_id}"):
+            server = conn.compute.get_server(server_id)
+        status = str(server.status or "").upper()
+        if status != "ACTIVE":
+            fault = fault_text(server)
+            raise NovaBootError(f"{where}: server {server_id} became {status} before cloud-init finished"
+                                + (f": {fault}" if fault else ""), reason=f"the server became {status}"
+                                + (f": {fault}" if fault else ""), fault=fault, tail=lines[-TAIL_LINES:])
+        if time.monotonic() >= deadline:
+            missing = " and ".join(what for what, seen in (("the marker", marker_seen),
+                                                            ("cloud-init's end", finished_seen)) if not seen)
+            raise NovaBootError(f"{where}: server {server_id}: {missing} not on the console after {timeout} s",
+                                reason=f"{missing} not on the console within {timeout} s", fault=None,
+                                tail=lines[-TAIL_LINES:] or [EMPTY_CONSOLE])
+        _sleep_until(deadline, POLL_SECONDS)
+
+
+def _tail(conn: openstack.connection.Connection, server_id: str) -> list[str]:
+    try:
+        text = conn.compute.get_server_console_output(server_id).get("output") or ""
+    except (openstack.exceptions.SDKException, ks_exceptions.ClientException):
+        return []
+    return console_lines(str(text))[-TAIL_LINES:]
+
+
+def delete_servers(conn: openstack.connection.Connection, server_ids: list[str] | None, *, name: str,
+                   wait: float = DELETE_TIMEOUT) -> None:
+    """Delete the boot-test servers (by id, or by their unique name when the create call was interrupted
+    before it returned an id) and wait until they are gone. Never raises an ordinary error: a failed clean-up
+    is logged with the server's id, so that it does not hide why the boot test ended."""
+    try:
+        if server_ids is None:
+            server_ids = [s.id for s in conn.compute.servers(name=f"^{name}$")]
+        for server_id in server_ids:
+            conn.compute.delete_server(server_id, ignore_missing=True)
+        deadline = time.monotonic() + wait
+        for server_id in server_ids:
+            while conn.compute.find_server(server_id, ignore_missing=True) is not None:
+                if time.monotonic() >= deadline:
+                    log.warning("cloud %r: server %s (%s) is still being deleted after %.0f s", cloud_label(conn),
+                                server_id, name, wait)
+                    break
+                time.sleep(2)
+            else:
+                log.info("cloud %r: deleted server %s (%s)", cloud_label(conn), server_id, name)
+    except (openstack.exceptions.SDKException, ks_exceptions.ClientException) as exc:
+        log.error("cloud %r: could not delete boot-test server %s (%s): %s; delete it by hand",
+                  cloud_label(conn), ", ".join(server_ids or []) or "?", name, exc)
+
+
+def leftover_servers(conn: openstack.connection.Connection) -> list[str]:
+    """Boot-test servers of this project that still exist (none should, once a boot test returned)."""
+    with sdk_errors(conn, "list servers"):
+        return [f"{s.id} ({s.name}, {s.status})" for s in conn.compute.servers(name=f"^{SERVER_PREFIX}")]
+
+
+def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None = None, flavor: str | None = None,
+                   network: str | None = None, timeout: int | None = None) -> NovaBootResult:
+    """Boot an image already in Glance (a publish candidate) in the Nova of `cloud`."""
+    conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
+    return boot_test(conn, image_id, settings=settings_for(conn, flavor=flavor, network=network, boot_timeout=timeout))
+
+
+# ---------------------------------------------------------------------------------------------------
+# `kiln boot-test OUTPUT_DIR --backend nova`
+
+
+def boot_test_output(output: Path, *, cloud: str | None, clouds_yaml: Path | None = None, flavor: str | None = None,
+                     network: str | None = None, timeout: int | None = None) -> NovaBootResult:
+    """Boot a finished build in Nova: its image as already in Glance (same sha512, this project), or
+    uploaded as a temporary private image that is deleted afterwards."""
+    from kiln.cloud import glance
+    from kiln.publish.core import PublishError, glance_properties, load_build, min_disk_gib, min_ram_mib
+
+    build = load_build(output)
+    try:
+        spec = build.publish_spec()
+    except PublishError:
+        from kiln.publish.core import PublishSpec
+
+        spec = PublishSpec()
+    image = build.image(spec.disk_format) if spec.disk_format else build.image()
+    conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
+    require_compute(conn)
+    boot_timeout = timeout or int((build.spec.get("boot_test") or {}).get("timeout") or DEFAULT_BOOT_TIMEOUT)
+    settings = settings_for(conn, flavor=flavor, network=network, boot_timeout=boot_timeout)
+    same = [i for i in glance.list_images(conn, {"os_hash_value": image.sha512}) if i.status == "active"]
+    temporary: str | None = None
+    try:
+        if same:
+            image_id = same[0].id
+            log.info("cloud %r: image %s (%s) already holds this build's %s; booting it", glance.cloud_name(conn),
+                     image_id, same[0].name, image.path.name)
+        else:
+            props = {k: v for k, v in glance_properties(build, image, spec, name=build.name).items()
+                     if not k.startswith("kiln_")}
+            upload = glance.ImageUpload(
+                path=image.path, name=f"kiln-boot-test-{build.build_id}", disk_format=image.format,
+                sha512=image.sha512, sha256=image.sha256, min_disk=min_disk_gib(build.manifest),
+                min_ram=min_ram_mib(build.manifest, spec), properties={**props, "kiln_boot_test": "temporary"},
+                tags=[TEMP_IMAGE_TAG],
+            )
+            uploaded = glance.upload_image(conn, upload)
+            temporary = image_id = uploaded.id
+        return boot_test(conn, image_id, settings=settings)
+    finally:
+        if temporary is not None:
+            try:
+                glance.delete_image(conn, temporary)
+                log.info("cloud %r: deleted the temporary image %s", glance.cloud_name(conn), temporary)
+            except KilnError as exc:
+                log.error("could not delete the temporary image %s: %s; delete it by hand", temporary, exc)

@@ -1,0 +1,390 @@
+"""The `kiln` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__
+from kiln.host.state import state_dir
+from kiln.model.errors import KilnError, SpecError
+from kiln.model.options import BuildOptions
+from kiln.model.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
+
+log = logging.getLogger("kiln.cli")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--env takes NAME=VALUE, not {value!r}")
+    return key, val
+
+
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", type=Path, help="image spec file (YAML); flags add to it or override it")
+    p.add_argument("--name")
+    p.add_argument("--distro")
+    p.add_argument("--release")
+    p.add_argument("--arch")
+    p.add_argument("-e", "--element", action="append", default=[], dest="elements", metavar="NAME",
+                   help="add an element (repeatable)")
+    p.add_argument("-p", "--package", action="append", default=[], dest="packages", metavar="NAME",
+                   help="add a package (repeatable)")
+    p.add_argument("--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE",
+                   help="a variable for the element hooks (repeatable)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="pass the environment variable NAME to the hooks as a secret (never logged or stored)")
+    p.add_argument("--size", help="disk size, e.g. 4G")
+    p.add_argument("--format", type=_csv, help="output formats, e.g. qcow2,raw")
+    p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
+    p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
+    p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
+    p.add_argument("--boot-backend", choices=["qemu", "nova"],
+                   help="boot test under local QEMU (default) or in a cloud's Nova (see --boot-cloud)")
+    p.add_argument("--boot-cloud", metavar="NAME",
+                   help="nova boot test: the clouds.yaml cloud (default: the spec's glance publish target)")
+    p.add_argument("--boot-root-login", action="store_true", default=None,
+                   help="boot test: set a root password through user-data and log in with it (cloud-init-cfg)")
+    p.add_argument("--dib-elements", action="store_true",
+                   help="search the installed diskimage-builder package's elements (before kiln's own)")
+    p.add_argument("--elements-path", action="append", default=[], metavar="DIR",
+                   help="element directory searched before kiln's own (repeatable; also ELEMENTS_PATH)")
+
+
+def _secrets_from_env(names: list[str]) -> dict[str, str]:
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise SpecError(f"--secret {missing[0]}: the environment variable {missing[0]} is not set")
+    return {n: os.environ[n] for n in names}
+
+
+def spec_from_args(args: argparse.Namespace) -> ImageSpec:
+    overrides: dict[str, Any] = {
+        "name": args.name, "distro": args.distro, "release": args.release, "arch": args.arch,
+        "size": args.size, "formats": args.format, "compress": args.compress, "mirror": args.mirror,
+        "add_elements": args.elements or None, "add_packages": args.packages or None,
+        "env": dict(args.env) if args.env else None,
+        "secrets": _secrets_from_env(args.secret) or None,
+        "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login),
+                                        ("backend", args.boot_backend), ("cloud", args.boot_cloud)) if v} or None,
+    }
+    if args.spec is not None:
+        return load_spec(args.spec, overrides)
+    return spec_from_dict(merge_overrides({}, overrides), "command line")
+
+
+def _start_prefect() -> None:
+    from kiln.server import prefect as prefect_server
+
+    state = state_dir()
+    url = prefect_server.ensure_server(state)
+    prefect_server.configure_environment(url, state)
+
+
+def run_build(spec: ImageSpec, options: BuildOptions) -> int:
+    """Build `spec` on the embedded (or the user's) Prefect server and print where the results are."""
+    from kiln.build.customize import check_break
+    from kiln.build.plan import make_plan
+
+    check_break(options.break_at)
+    make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)  # fail fast
+    _reclaim(options.cache)
+    _start_prefect()
+    from flows.build import build_image
+
+    _quiet_kiln_tracebacks()
+    start = time.monotonic()
+    report = build_image(spec, options)
+    print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
+    for path in report["images"]:
+        print(f"  image:    {path}")
+    print(f"  manifest: {report['manifest']}")
+    for b in report["boot_test"]:
+        print(f"  boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} "
+              f"({b['seconds']:.0f} s, {b['accel']}{', cached' if b.get('cached') else ''})")
+    published = report.get("published") or {}
+    if published.get("gate"):
+        print(f"  boot gate: {published['gate']}")
+    for g in published.get("glance", []):
+        print(f"  glance:   {g['cloud']}: {g['name']} = {g['image_id']} ({g['action']})")
+    for s3 in published.get("s3", []):
+        print(f"  s3:       {s3['url']}")
+    return 0
+
+
+class _NoKilnTracebacks(logging.Filter):
+    """kiln's own errors are written for the operator: show their message, not a traceback (the run's logs
+    on the Prefect server keep the full record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KilnError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_kiln_tracebacks() -> None:
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _NoKilnTracebacks) for f in handler.filters):
+                handler.addFilter(_NoKilnTracebacks())
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
+                           no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
+                           break_at=args.break_at, publish=not args.no_publish)
+    return run_build(spec, options)
+
+
+def cmd_dib(argv: list[str]) -> int:
+    """`kiln dib …`: a disk-image-create command line."""
+    from kiln.cli import dib as dib_cli
+
+    spec, opts = dib_cli.parse(argv)
+    if opts["logfile"]:
+        handler = logging.FileHandler(opts["logfile"])
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger("prefect").addHandler(handler)
+    options = BuildOptions(output=opts["output"], cache=opts["cache"], boot_test=opts["boot_test"],
+                           dib_elements=opts["dib_elements"], checksum_files=opts["checksum"],
+                           break_at=opts["break_at"])
+    return run_build(spec, options)
+
+
+def cmd_boot_test(args: argparse.Namespace) -> int:
+    """Boot-test a finished build (its output directory) on its own: local QEMU, or a cloud's Nova."""
+    if args.backend == "nova":
+        return _boot_test_nova(args)
+    for flag in ("cloud", "clouds_yaml", "flavor", "network"):
+        if getattr(args, flag):
+            raise SpecError(f"--{flag.replace('_', '-')} is for --backend nova")
+    from kiln.boot.local import run_boot_test_of_output
+
+    results = run_boot_test_of_output(Path(args.output_dir), backend=args.backend,
+                                      firmware=args.firmware or None, timeout=args.timeout)
+    for r in results:
+        print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
+              f"console log: {r.serial_log}")
+    return 0
+
+
+def _boot_test_nova(args: argparse.Namespace) -> int:
+    from kiln.boot import nova
+
+    if args.firmware:
+        raise SpecError("--firmware is for --backend qemu: in Nova the image's hw_firmware_type decides")
+    output = Path(args.output_dir)
+    if not (output / "manifest.json").is_file():
+        raise SpecError(f"{output / 'manifest.json'}: not a kiln build output")
+    result = nova.boot_test_output(output, cloud=args.cloud, clouds_yaml=args.clouds_yaml, flavor=args.flavor,
+                                   network=args.network, timeout=args.timeout)
+    log_path = output / "boot-nova-console.log"
+    log_path.write_text(result.console)
+    print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
+          f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s); server {result.server_id} deleted; "
+          f"console log: {log_path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kiln.build.plan import make_plan
+
+    spec = spec_from_args(args)
+    plan = make_plan(spec, elements_path=args.elements_path, dib_elements=args.dib_elements)
+    if args.json:
+        print(json.dumps({"spec": spec.model_dump(mode="json"), "mirror": plan.mirror,
+                          "elements": [e.__dict__ for e in plan.elements],
+                          "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "kind": s.kind,
+                                     "key": s.key, "packages": list(s.packages)} for s in plan.steps]}, indent=2))
+        return 0
+    print(f"{spec.name}: {spec.distro.value} {spec.release} {spec.arch.value} from {plan.mirror}")
+    print("elements: " + ", ".join(e.name for e in plan.elements))
+    for s in plan.steps:
+        extra = f" [{' '.join(s.packages)}]" if s.packages else ""
+        print(f"  {s.key[:12]}  {s.phase:<15} {s.name:<30} {s.element}{extra}")
+    return 0
+
+
+def _store(cache: str | None) -> Any:
+    from kiln.store.entries import Store
+
+    return Store(Path(cache) if cache else None)
+
+
+def _reclaim(cache: str | None) -> None:
+    from kiln.store.gc import reclaim_dead_builds
+
+    for line in reclaim_dead_builds(_store(cache)):
+        log.warning("%s", line)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    store = _store(args.cache)
+    if args.cache_cmd == "ls":
+        entries = sorted(store.entries(), key=lambda e: e.last_use, reverse=True)
+        total = 0
+        print(f"{'key':<14} {'kind':<6} {'size':>9}  {'last use':<19}  description")
+        for e in entries:
+            total += e.size
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_use))
+            print(f"{e.key[:12]:<14} {e.kind:<6} {e.size / 1024**2:>7.1f}M  {when}  {e.description}")
+        print(f"{len(entries)} entries, {total / 1024**2:.1f} MiB in {store.root}")
+    elif args.cache_cmd == "gc":
+        removed = store.gc(parse_size(args.max_size))
+        freed = sum(e.size for e in removed)
+        print(f"removed {len(removed)} entries, {freed / 1024**2:.1f} MiB freed")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from kiln.store.gc import reclaim_dead_builds
+
+    lines = reclaim_dead_builds(_store(args.cache))
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing to reclaim")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from kiln.server import prefect as prefect_server
+
+    if args.server_cmd == "start":
+        print(prefect_server.ensure_server(state_dir()))
+    elif args.server_cmd == "stop":
+        print("stopped" if prefect_server.stop_server(state_dir()) else "not running")
+    else:
+        status = prefect_server.server_status(state_dir())
+        print(json.dumps(status, indent=2) if status else "not running")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Build OpenStack cloud images as Prefect flows.")
+    p.add_argument("--version", action="version", version=f"kiln {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build (and boot-test) an image")
+    add_spec_flags(b)
+    b.add_argument("-o", "--output", default="output", help="output directory (default: ./output)")
+    b.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    b.add_argument("--no-cache", action="store_true", help="rebuild every step")
+    b.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot test")
+    b.add_argument("--no-publish", action="store_true", help="do not publish to the spec's publish targets")
+    b.add_argument("--break", dest="break_at", metavar="POINT",
+                   help="drop into a shell: before-<phase>, after-<phase> or after-error (DIB's break=)")
+    b.set_defaults(func=cmd_build)
+
+    pl = sub.add_parser("plan", help="show the resolved elements and every step with its cache key")
+    add_spec_flags(pl)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
+    bt = sub.add_parser("boot-test", help="boot-test a finished build (an output directory with manifest.json)")
+    bt.add_argument("output_dir", metavar="OUTPUT_DIR")
+    bt.add_argument("--backend", choices=["qemu", "nova"], default="qemu",
+                    help="where to boot it: local QEMU (default) or a cloud's Nova")
+    bt.add_argument("--firmware", type=_csv, help="qemu: bios,uefi (default: the spec's)")
+    bt.add_argument("--timeout", type=int, help="seconds until cloud-init must have finished")
+    bt.add_argument("--cloud", help="nova: a clouds.yaml entry (default: OS_CLOUD)")
+    bt.add_argument("--clouds-yaml", type=Path, help="nova: a clouds.yaml to read instead of the usual places")
+    bt.add_argument("--flavor", help="nova: flavor name or id (default: KILN_NOVA_FLAVOR, clouds.yaml "
+                    "kiln.boot_flavor, else the smallest that fits)")
+    bt.add_argument("--network", help="nova: none (default), auto, or a network name or id")
+    bt.set_defaults(func=cmd_boot_test)
+
+    c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
+    c.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    csub.add_parser("ls", help="entries with size and last use")
+    gc = csub.add_parser("gc", help="remove least recently used entries")
+    gc.add_argument("--max-size", required=True, help="keep at most this much, e.g. 20G")
+    c.set_defaults(func=cmd_cache)
+
+    g = sub.add_parser("gc", help="reclaim mounts and temporary entries left by killed builds")
+    g.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    g.set_defaults(func=cmd_gc)
+
+    sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
+
+    from kiln.cli.matrix import register as register_matrix
+    from kiln.cli.publish import register as register_publish
+
+    register_matrix(sub)
+    register_publish(sub)
+
+    s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
+    s.add_argument("server_cmd", choices=["start", "stop", "status"])
+    s.set_defaults(func=cmd_server)
+    return p
+
+
+STOP_GRACE_ENV = "KILN_STOP_GRACE"  # seconds a signalled kiln gets to tear down before it exits anyway
+_stopping = threading.Event()
+
+
+def _exit_after_grace(grace: float) -> None:
+    time.sleep(grace)
+    print(f"kiln: still running {grace:.0f} s after the signal (a Prefect server that stopped answering?); "
+          "exiting now: the next kiln command or `kiln gc` reclaims what is left", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    """Children are killed at once, then the main thread unwinds (hooks, mounts, QEMU torn down). Prefect
+    reports the crash to its server on the way out; if that server is gone, its retries would keep kiln
+    alive for minutes, so a watchdog ends the process after a grace period."""
+    from kiln.host.run import terminate_all
+
+    terminate_all()
+    if not _stopping.is_set():
+        _stopping.set()
+        grace = float(os.environ.get(STOP_GRACE_ENV) or 120)
+        threading.Thread(target=_exit_after_grace, args=(grace,), daemon=True, name="kiln-stop-grace").start()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    dib = bool(argv) and argv[0] == "dib"
+    args = parser().parse_args(["server", "status"] if dib else argv)
+    if dib:
+        args.verbose = False
+        args.func = lambda _: cmd_dib(argv[1:])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except KilnError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted; mounts and processes were torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

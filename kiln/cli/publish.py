@@ -1,0 +1,155 @@
+"""`kiln publish` and `kiln rollback`: the command line of kiln/publish.py.
+
+kiln/cli.py registers them with `publish_cli.register(sub)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kiln.publish.core import GATES, PublishError, PublishSpec, Visibility
+
+log = logging.getLogger("kiln.publish")
+
+
+def _pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--property takes NAME=VALUE, not {value!r}")
+    return key, val
+
+
+def register(sub: Any) -> None:
+    """Add `publish` and `rollback` to kiln's subcommands (`sub` is argparse's subparsers object)."""
+    p = sub.add_parser("publish", help="publish a finished build to Glance and/or S3 (boot gate, promotion, retention)",
+                       description="Upload the build as a candidate, run the boot gate, promote it to the stable "
+                       "name (the old stable becomes previous), mirror it to S3, and rotate old images. Flags "
+                       "override the spec's publish: section recorded in the build's manifest.")
+    p.add_argument("output", type=Path, metavar="OUTPUT_DIR",
+                   help="a build's output: images, manifest.json, SHA256SUMS")
+    p.add_argument("--to", action="append", default=[], dest="targets", metavar="TARGET",
+                   help="glance:CLOUD (a clouds.yaml entry) or s3://BUCKET/PREFIX (repeatable; replaces the spec's)")
+    p.add_argument("--name", help="the stable image name (default: the spec's name)")
+    p.add_argument("--visibility", choices=[v.value for v in Visibility], help="of the stable image in Glance")
+    p.add_argument("--keep", type=int, help="images kept per name, stable included (default 3)")
+    p.add_argument("--property", action="append", default=[], type=_pair, metavar="NAME=VALUE", dest="properties",
+                   help="an extra Glance property (repeatable)")
+    p.add_argument("--tag", action="append", default=[], dest="tags", help="a Glance tag of the stable image")
+    p.add_argument("--disk-format", help="which of the build's formats goes to Glance (default: the first)")
+    p.add_argument("--min-ram", type=int, metavar="MIB", help="default: the boot test's memory")
+    p.add_argument("--gate", choices=sorted(GATES), default="manifest",
+                   help="manifest: the build's own QEMU boot test must have passed (default); qemu: boot it "
+                   "under local QEMU now; none: no gate")
+    p.add_argument("--allow-withdrawn", action="store_true",
+                   help="promote content that an earlier rollback withdrew")
+    p.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_publish)
+
+    d = sub.add_parser("diff", help="the package diff between two builds (output dirs, manifests, S3 or Glance)",
+                       description="Packages added, removed, upgraded (old -> new) and downgraded from OLD to NEW; "
+                       "those that came from a security suite are marked. OLD and NEW: an output directory or "
+                       "manifest.json; s3://BUCKET/PREFIX/NAME (its stable build) or .../NAME/BUILD_ID; "
+                       "glance:CLOUD/NAME (the stable image, its manifest from this host's publish records).")
+    d.add_argument("old", metavar="OLD")
+    d.add_argument("new", metavar="NEW")
+    d.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    d.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
+    d.add_argument("--json", action="store_true", help="print the diff as JSON")
+    d.set_defaults(func=cmd_diff)
+
+    r = sub.add_parser("rollback", help="restore the previous image of NAME in Glance",
+                       description="The stable image is withdrawn (hidden, renamed NAME-withdrawn-BUILD) and the "
+                       "previous one takes the stable name again.")
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("--cloud", help="a clouds.yaml entry (default: OS_CLOUD)")
+    r.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_rollback)
+
+
+def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
+    overrides: dict[str, Any] = {
+        "targets": args.targets or None, "name": args.name, "visibility": args.visibility, "keep": args.keep,
+        "disk_format": args.disk_format, "min_ram": args.min_ram, "s3_endpoint_url": args.s3_endpoint,
+    }
+    data = base.model_dump(mode="json")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if args.properties:
+        data["properties"] = {**data["properties"], **dict(args.properties)}
+    if args.tags:
+        data["tags"] = list(dict.fromkeys([*data["tags"], *args.tags]))
+    try:
+        return PublishSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise PublishError(f"publish settings: {problems}") from None
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from kiln.publish.core import load_build, publish, terminal_progress
+    from kiln.publish.refresh import record_published
+
+    build = load_build(args.output)
+    spec = spec_from_args(build.publish_spec(), args)
+    report = publish(build, spec, gate=GATES[args.gate], allow_withdrawn=args.allow_withdrawn,
+                     clouds_yaml=args.clouds_yaml, progress=terminal_progress)
+    record_published(build, spec.name or build.name)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
+    print(f"kiln: published {spec.name or build.name} (build {build.build_id})")
+    if report.gate:
+        print(f"  gate: {report.gate}")
+    for g in report.glance:
+        print(f"  glance {g.cloud}: image {g.image_id} ({g.action})"
+              + (f", previous {g.previous_id}" if g.previous_id else ""))
+        if g.deleted_ids:
+            print(f"    retention deleted: {', '.join(g.deleted_ids)}")
+        if g.kept_in_use_ids:
+            print(f"    kept, still in use: {', '.join(g.kept_in_use_ids)}")
+    for s in report.s3:
+        print(f"  {s.url}: {len(s.uploaded)} uploaded, {len(s.skipped)} already there, under {s.prefix}")
+        if s.deleted_builds:
+            print(f"    retention deleted: {', '.join(s.deleted_builds)}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from kiln.model.pkgdiff import package_diff
+    from kiln.publish.refresh import manifest_of
+
+    old = manifest_of(args.old, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
+    new = manifest_of(args.new, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
+    diff = package_diff(old, new)
+    if args.json:
+        print(json.dumps(diff.as_dict(), indent=2))
+        return 0
+    print(f"kiln: {old.get('spec', {}).get('name', '?')} {diff.old_build} -> {new.get('spec', {}).get('name', '?')} "
+          f"{diff.new_build}: {diff.summary()}")
+    for line in diff.lines():
+        print(line)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from kiln.cloud import glance
+    from kiln.publish.core import rollback
+
+    conn = glance.connect(args.cloud, clouds_yaml=args.clouds_yaml)
+    report = rollback(conn, args.name)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
+    print(f"kiln: {args.name} on {report.cloud} is image {report.restored_id} again; "
+          f"withdrew {report.withdrawn_id}" + (f"; previous is now {report.previous_id}" if report.previous_id else ""))
+    return 0
