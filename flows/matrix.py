@@ -54,8 +54,9 @@ from kiln.model.matrix import (
     summary_table,
 )
 from kiln.model.options import BuildOptions
+from kiln.model.publishing import PublishSpec
+from kiln.model.record import MANIFEST
 from kiln.model.spec import ImageSpec
-from kiln.publish.core import PublishSpec
 from kiln.store.entries import Store
 
 BUILD_DEPLOYMENT = "build-on-host/build-image"
@@ -130,7 +131,11 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
     if kiln_logger.level == logging.NOTSET:  # a worker's run process: let kiln's INFO lines reach the run logs
         kiln_logger.setLevel(logging.INFO)
     with host_slots(spec, options):
-        report = build_image(spec, options)
+        record = build_image(spec, options)
+    # what crosses to the matrix's run (another process, maybe another host): plain data
+    report = {"images": [str(record.image_path(i)) for i in record.images], "manifest": str(record.path_of(MANIFEST)),
+              "output": str(record.output), "boot_test": [b.as_dict() for b in record.boot_test],
+              "published": record.published[-1] if record.published else None}
     row = {"images": json.dumps(report["images"]), "manifest": report["manifest"], "output": report["output"],
            "boot_test": json.dumps(report["boot_test"]), "host": socket.gethostname(),
            "published": json.dumps(report.get("published"))}

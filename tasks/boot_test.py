@@ -7,10 +7,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from kiln.boot import nova
-from kiln.boot.local import BootOutcome, boot_checked, boot_key
+from kiln.boot.local import boot_checked, boot_key
 from kiln.build.customize import BuildContext
 from kiln.host.state import state_dir
 from kiln.image.convert import ImageOutput
+from kiln.model.record import BootOutcome, BuildRecord
 from tasks.common import store_key
 
 
@@ -39,16 +40,16 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
 # Never cached: a boot in the cloud is the cloud's verdict today (its hypervisors, its Nova), and the server
 # it makes is deleted whatever happens, also when this run is cancelled (SIGTERM is handled in kiln.nova).
 @task(name="boot_test_nova", task_run_name="boot_test nova {cloud}")
-def boot_test_nova(cloud: str | None, image_id: str | None = None, *, output: str | None = None,
+def boot_test_nova(cloud: str | None, image_id: str | None = None, *, build: BuildRecord | None = None,
                    clouds_yaml: Path | None = None, flavor: str | None = None, network: str | None = None,
                    timeout: int | None = None) -> nova.NovaBootResult:
     """Boot in the Nova of `cloud`: the Glance image `image_id` (a publish candidate), or else the image of
-    the finished build in `output` (as already in Glance, or uploaded for the test and deleted after)."""
+    the finished `build` (as already in Glance, or uploaded for the test and deleted after)."""
     if image_id is not None:
         result = nova.boot_candidate(cloud, image_id, clouds_yaml=clouds_yaml, flavor=flavor, network=network,
                                      timeout=timeout)
-    elif output is not None:
-        result = nova.boot_test_output(Path(output), cloud=cloud, clouds_yaml=clouds_yaml, flavor=flavor,
+    elif build is not None:
+        result = nova.boot_test_output(build, cloud=cloud, clouds_yaml=clouds_yaml, flavor=flavor,
                                        network=network, timeout=timeout)
     else:
         raise ValueError("boot_test_nova needs an image_id or a build output")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,10 +14,15 @@ from tests.e2e import REPO, kiln_env, leftovers
 def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> None:
     disk = tmp_path / "broken.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], check=True)
+    data = disk.read_bytes()
+    sha256, sha512 = hashlib.sha256(data).hexdigest(), hashlib.sha512(data).hexdigest()
     (tmp_path / "manifest.json").write_text(json.dumps({
+        "build_id": "20261207T000000Z-broken",
         "spec": {"name": "broken", "boot_test": {"firmware": ["bios"], "timeout": 60}},
-        "images": [{"file": "broken.qcow2", "format": "qcow2"}],
+        "images": [{"file": "broken.qcow2", "format": "qcow2", "size": len(data), "sha256": sha256,
+                    "sha512": sha512}],
     }))
+    (tmp_path / "SHA256SUMS").write_text(f"{sha256}  broken.qcow2\n")
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(tmp_path)], cwd=REPO,
                           env=kiln_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr

@@ -1,4 +1,5 @@
-"""kiln.disk: fast unit tests on synthetic data, and one slow test that packs a real root tree.
+"""kiln.image.disk and its parts (layout, shellvars, grub, bios, filesystems): fast unit tests on synthetic
+data, and one slow test that packs a real root tree.
 
 The slow test packs the tree named by KILN_TEST_TREE (e.g. an mmdebstrap bookworm tree with a cloud
 kernel, grub-pc-bin and grub-efi-amd64-bin); it needs root for the overlay mount. Booting the disk is
@@ -14,26 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from kiln.host.mounts import mounted_targets
+from kiln.host.mounts import MountStack, mounted_targets
 from kiln.host.run import output
 from kiln.image import disk
-from kiln.image.disk import (
-    GPT_BACKUP,
-    DiskLayout,
-    GiB,
-    MiB,
-    PackResult,
-    assemble,
-    check_fits,
-    cmdline_from_defaults,
-    grub_cmdline,
-    kernel_in,
-    pack,
-    parse_shell_assignments,
-    patch_bios_boot,
-    plan_layout,
-    write_boot_files,
-)
+from kiln.image.bios import patch_bios_boot
+from kiln.image.disk import PackResult, assemble, kernel_in, write_boot_files
+from kiln.image.filesystems import check_fits
+from kiln.image.grub import cmdline_from_defaults, grub_cfg_text, grub_cmdline
+from kiln.image.layout import GPT_BACKUP, DiskLayout, GiB, MiB, plan_layout
+from kiln.image.shellvars import parse_shell_assignments
 from kiln.model.errors import CommandError, DiskError
 
 ROOT_UUID = "7e1f5a0c-2b4d-4c6e-9f80-1a2b3c4d5e6f"
@@ -313,6 +303,38 @@ def test_write_boot_files_names_the_missing_grub_package(tmp_path: Path) -> None
         write_boot_files(tmp_path / "pack", tree, layout())
 
 
+HOST_OS_RELEASE = 'PRETTY_NAME="HOST SECRET 1"\nNAME="HOST SECRET"\n'
+
+
+@pytest.mark.parametrize(
+    ("link", "fallback"),
+    [("absolute", False), ("absolute", True), ("relative", False), ("relative", True), ("via-usr-lib", False)],
+)
+def test_boot_menu_title_never_reads_os_release_outside_the_tree(tmp_path: Path, link: str, fallback: bool) -> None:
+    """An os-release symlinked out of the tree (to an absolute host path, or up with ../..) is not read:
+    the title comes from the tree's other os-release, else is "Linux"; never from the host file."""
+    tree = _fake_tree(tmp_path)
+    host = _touch(tmp_path / "host/etc/os-release", HOST_OS_RELEASE.encode())
+    (tree / "etc/os-release").unlink()
+    if link == "via-usr-lib":
+        # etc/os-release -> /usr/lib/os-release, inside the tree (as on Debian), which itself points out of it
+        (tree / "etc/os-release").symlink_to("/usr/lib/os-release")
+        (tree / "usr/lib").mkdir(parents=True, exist_ok=True)
+        (tree / "usr/lib/os-release").symlink_to(host)
+    else:
+        target = str(host) if link == "absolute" else "../../host/etc/os-release"
+        (tree / "etc/os-release").symlink_to(target)
+        assert (tree / "etc/os-release").read_text() == HOST_OS_RELEASE  # the link does reach the host file
+        if fallback:
+            _touch(tree / "usr/lib/os-release", b'PRETTY_NAME="Tree OS 7"\n')
+    pack_layer = tmp_path / "pack"
+    write_boot_files(pack_layer, tree, layout())
+    cfg = (pack_layer / "boot/grub/grub.cfg").read_text()
+    assert "HOST SECRET" not in cfg
+    title = "Tree OS 7" if fallback else "Linux"
+    assert f"menuentry '{title}, with Linux 6.1.0-50-cloud-amd64'" in cfg
+
+
 def _merged(tmp_path: Path, lay: DiskLayout) -> Path:
     """The overlay the caller would mount, as a plain copy (no root needed)."""
     tree = _fake_tree(tmp_path)
@@ -354,7 +376,7 @@ def test_assemble_removes_the_partial_file_on_failure(tmp_path: Path, monkeypatc
         raise CommandError("grub-mkimage -O x86_64-efi: exited with 1", returncode=1, tail=["invalid ELF header"])
 
     monkeypatch.setattr(disk, "_require_tools", lambda: None)
-    monkeypatch.setattr(disk, "_sgdisk", fake_sgdisk)
+    monkeypatch.setattr(disk, "write_gpt", fake_sgdisk)
     monkeypatch.setattr(disk, "make_grub_image", failing_mkimage)
     with pytest.raises(CommandError, match="invalid ELF header"):
         assemble(merged, out, lay, workdir=tmp_path / "work")
@@ -375,7 +397,14 @@ def test_pack_real_tree(tmp_path: Path, default_tree: Path) -> None:
     fstab_before = (tree / "etc/fstab").read_bytes() if (tree / "etc/fstab").exists() else None
     out = tmp_path / "disk.raw"
 
-    result = pack(tree, out, lay, workdir=tmp_path / "work")
+    # what kiln.image.pack does with the layer stack: the boot files into an empty pack layer, mounted over
+    # the tree, and the disk assembled from the merged view
+    work = tmp_path / "work"
+    pack_layer = work / "pack-layer"
+    write_boot_files(pack_layer, tree, lay)
+    with MountStack(work) as mounts:
+        merged = mounts.overlay([pack_layer, tree], work / "merged")
+        result = assemble(merged, out, lay, workdir=work / "assemble")
 
     assert isinstance(result, PackResult)
     assert result.path == out and out.stat().st_size == 3 * GiB
@@ -426,7 +455,7 @@ def test_pack_real_tree(tmp_path: Path, default_tree: Path) -> None:
 
 
 def test_grub_cfg_with_an_empty_cmdline_has_no_trailing_blank() -> None:
-    cfg = disk.grub_cfg_text(layout=layout(), version="6.1.0-50-cloud-amd64", cmdline="", title="Debian", timeout=1)
+    cfg = grub_cfg_text(layout=layout(), version="6.1.0-50-cloud-amd64", cmdline="", title="Debian", timeout=1)
     assert f"linux /boot/vmlinuz-6.1.0-50-cloud-amd64 root=UUID={ROOT_UUID} ro\n" in cfg
     with pytest.raises(DiskError, match="newline"):
-        disk.grub_cfg_text(layout=layout(), version="6.1", cmdline="a\nb", title="Debian", timeout=1)
+        grub_cfg_text(layout=layout(), version="6.1", cmdline="a\nb", title="Debian", timeout=1)

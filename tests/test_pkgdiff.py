@@ -84,14 +84,15 @@ def test_the_summary_says_published_unchanged_and_lists_the_package_changes() ->
 
 def test_a_publish_record_never_leaves_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The image name and build id of a record come from a manifest (or a cloud): a path in them is refused."""
-    from kiln.publish.core import Build, PublishError
+    from kiln.model.publishing import PublishError
+    from kiln.model.record import BuildRecord
     from kiln.publish.refresh import record_published, recorded_manifest
 
     monkeypatch.setenv("KILN_STATE", str(tmp_path / "state"))
-    good = Build(tmp_path, {"build_id": "20261206T000000Z-abcdef", "spec": {"name": "x"}}, ())
+    good = BuildRecord(kiln_version="", build_id="20261206T000000Z-abcdef", spec={"name": "x"}, output=tmp_path)
     assert record_published(good, "debian-12").is_relative_to(tmp_path / "state" / "published" / "debian-12")
     for name, build_id in (("../../etc", "b"), ("x", "../../../tmp/evil"), ("a/b", "b"), ("..", "b")):
         with pytest.raises(PublishError, match="is not a plain name"):
-            record_published(Build(tmp_path, {"build_id": build_id, "spec": {"name": "x"}}, ()), name)
+            record_published(BuildRecord(kiln_version="", build_id=build_id, spec={"name": "x"}, output=tmp_path), name)
         assert recorded_manifest(name, build_id) is None
     assert not (tmp_path / "etc").exists() and not (tmp_path / "tmp").exists()

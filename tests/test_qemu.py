@@ -221,6 +221,20 @@ def test_probe_verdict_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert len(calls) == 2
 
 
+def test_image_info_ignores_qemu_img_s_warnings_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-img warns on stderr (a locked image, a deprecated option) and prints its JSON on stdout: the JSON
+    is read alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-img"
+    fake.write_text("#!/bin/sh\n"
+                    "echo 'qemu-img: warning: Failed to get shared \"write\" lock' >&2\n"
+                    "echo '{\"format\": \"qcow2\", \"virtual-size\": 2147483648}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert qemu._image_info(tmp_path / "image.qcow2") == ("qcow2", 2147483648)
+
+
 def test_probe_argv() -> None:
     argv = probe_argv(Path("/k/vmlinuz"), "amd64")
     assert argv[0] == "qemu-system-x86_64"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from kiln.cloud import glance, s3
-from kiln.publish.core import managed_images, status_of
+from kiln.publish.promote import managed_images, status_of
 from tests.e2e import kiln, kiln_env, leftovers
 from tests.publish.conftest import OpenStack, openstack_stack, s3_stack  # noqa: F401  (fixtures)
 from tests.test_deployments_stack import PrefectStack, started_stack

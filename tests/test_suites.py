@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 from kiln.model.errors import SpecError
+from kiln.model.facts import check_suites, default_suites, opted_out
 from kiln.model.spec import spec_from_dict
 from kiln.sources.mirror import MirrorUnavailable, host_security_mirrors, resolve_security_mirror
 from kiln.sources.suites import (
     SuiteSource,
     apt_sources,
-    check_suites,
-    default_suites,
-    opted_out,
     package_origins,
     suite_sources,
 )

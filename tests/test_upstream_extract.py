@@ -14,21 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from kiln.host.mounts import reclaim
+from kiln.host.mounts import MountStack, reclaim
 from kiln.host.run import run
 from kiln.sources.download import RetryPolicy
-from kiln.sources.extract import (
+from kiln.sources.extract import BaseFormat, ExtractError, extract_rootfs, parse_fstab, read_os_release
+from kiln.sources.partitions import (
     ESP,
     LINUX_DATA,
     LVM,
     ROOT_TYPES,
     SWAP,
-    BaseFormat,
-    ExtractError,
     Partition,
-    extract_rootfs,
-    parse_fstab,
-    read_os_release,
+    mount_partition,
+    read_partitions,
     root_candidates,
 )
 from kiln.sources.upstream import (
@@ -250,14 +248,11 @@ def test_the_download_cache_is_keyed_by_digest(server: uf.FixtureServer, publish
 @NEEDS_ROOT
 def test_a_killed_extraction_is_reclaimed(published: uf.Published, tmp_path: Path) -> None:
     """What a SIGKILL between mount and unmount leaves, `kiln.mounts.reclaim(workdir)` removes."""
-    from kiln.host.mounts import MountStack
-    from kiln.sources.extract import _mount_partition, read_partitions
-
     raw = tmp_path / "disk.raw"
     run(["qemu-img", "convert", "-O", "raw", str(published.files["disk.qcow2"]), str(raw)], quiet=True)
     root = next(p for p in read_partitions(raw) if p.number == 3)
     stack = MountStack(tmp_path / "work")
-    _mount_partition(stack, raw, root, tmp_path / "work/extract/mnt/p3")
+    mount_partition(stack, raw, root, tmp_path / "work/extract/mnt/p3")
     stack.targets.clear()  # as if the process died: only the journal knows
     assert reclaim(tmp_path / "work") == [str(tmp_path / "work/extract/mnt/p3")]
     shutil.rmtree(tmp_path / "work")
@@ -273,8 +268,6 @@ def _have(tool: str) -> bool:
 def _fs_disk(published: uf.Published, tmp_path: Path, fstype: str) -> Path:
     """A GPT disk whose one partition holds the tree on `fstype`, filled through a read-write loop mount;
     for btrfs laid out as Fedora does: subvolumes `root` and `home`, the fstab naming them."""
-    from kiln.host.mounts import MountStack
-
     fs = tmp_path / f"{fstype}.fs"
     with open(fs, "wb") as fh:
         fh.truncate(320 << 20)  # xfs wants at least 300 MiB

@@ -12,43 +12,24 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from kiln.boot import qemu, seed
+from kiln.boot.nova import NovaBootResult
 from kiln.build.plan import digest
+from kiln.host.arch import host_arch
 from kiln.host.run import tracked
-from kiln.model.errors import BootTestError
+from kiln.host.state import state_dir
+from kiln.model.errors import BootTestError, SpecError
+from kiln.model.record import BootOutcome, BuildRecord
 from kiln.model.spec import BootTestSpec, ImageSpec
 from kiln.store.entries import Store
 
-if TYPE_CHECKING:
-    from kiln.boot.nova import NovaBootResult
-
 BOOT_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class BootOutcome:
-    firmware: str
-    passed: bool
-    seconds: float
-    accel: str
-    root_bytes: int | None
-    disk_bytes: int | None
-    login_ok: bool | None
-    serial_log: str
-    cached: bool = False
-    backend: str = "qemu"
-    ssh_ok: bool | None = None  # root's password login over SSH (boot_test.ssh_login); None when not asked
-    criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
-    failed_units: list[str] | None = None  # systemd units failed in the guest (None: not reported)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 FOREIGN_ARCH_SLOWDOWN = 3  # a guest of another arch runs under TCG emulation of a foreign ISA
@@ -56,8 +37,6 @@ FOREIGN_ARCH_SLOWDOWN = 3  # a guest of another arch runs under TCG emulation of
 
 def effective_timeout(settings: BootTestSpec, arch: str) -> int:
     """The spec's boot timeout; when left at its default, stretched for a foreign-arch guest."""
-    from kiln.host.arch import host_arch
-
     if arch != host_arch() and "timeout" not in settings.model_fields_set:
         return settings.timeout * FOREIGN_ARCH_SLOWDOWN
     return settings.timeout
@@ -166,30 +145,24 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
         return replace(outcome, serial_log=str(store.data(key) / "serial.log"))
 
 
-def run_boot_test_of_output(output: Path, *, backend: str = "qemu", firmware: list[str] | None = None,
+def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmware: list[str] | None = None,
                             timeout: int | None = None) -> list[BootOutcome]:
-    """Boot the image of a finished build (OUTPUT_DIR with manifest.json) under each firmware, uncached."""
-    from kiln.host.state import state_dir
-    from kiln.model.errors import SpecError
-
-    manifest_path = output / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"{manifest_path}: not a kiln build output ({exc})") from None
-    spec_data = dict(manifest["spec"])
+    """Boot the image of a finished build (read from its output directory) under each firmware, uncached."""
+    if build.output is None:
+        raise SpecError(f"build {build.build_id}: no output directory to boot from")
+    spec_data = dict(build.spec)
     spec_data.pop("secrets", None)
     spec = ImageSpec.model_validate(spec_data)
-    images = {i["format"]: output / i["file"] for i in manifest["images"]}
+    images = {i.format: build.image_path(i) for i in build.images}
     image = images.get("qcow2") or next(iter(images.values()))
     if not image.exists():
         raise SpecError(f"{image}: the build's image is missing")
     settings = spec.boot_test
     if timeout:
         settings = settings.model_copy(update={"timeout": timeout})
-    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=output))
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
-    cloud_init = "packages" not in manifest or has_cloud_init(manifest["packages"])
+    cloud_init = not build.packages or has_cloud_init(build.packages)
     return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
                       cloud_init=cloud_init)
             for fw in boot_firmware(spec, firmware)]

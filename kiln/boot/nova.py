@@ -35,7 +35,10 @@ from keystoneauth1 import exceptions as ks_exceptions
 from kiln.boot import seed
 from kiln.boot.serial_console import SerialFacts, clean_console
 from kiln.cloud import glance
+from kiln.cloud.properties import glance_properties, min_disk_gib, min_ram_mib
 from kiln.model.errors import BootTestError, KilnError
+from kiln.model.publishing import PublishError, PublishSpec
+from kiln.model.record import BuildRecord
 
 if TYPE_CHECKING:
     import openstack.connection
@@ -349,24 +352,19 @@ def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None
 # `kiln boot-test OUTPUT_DIR --backend nova`
 
 
-def boot_test_output(output: Path, *, cloud: str | None, clouds_yaml: Path | None = None, flavor: str | None = None,
-                     network: str | None = None, timeout: int | None = None) -> NovaBootResult:
+def boot_test_output(build: BuildRecord, *, cloud: str | None, clouds_yaml: Path | None = None,
+                     flavor: str | None = None, network: str | None = None,
+                     timeout: int | None = None) -> NovaBootResult:
     """Boot a finished build in Nova: its image as already in Glance (same sha512, this project), or
     uploaded as a temporary private image that is deleted afterwards."""
-    from kiln.cloud import glance
-    from kiln.publish.core import PublishError, glance_properties, load_build, min_disk_gib, min_ram_mib
-
-    build = load_build(output)
     try:
         spec = build.publish_spec()
     except PublishError:
-        from kiln.publish.core import PublishSpec
-
         spec = PublishSpec()
     image = build.image(spec.disk_format) if spec.disk_format else build.image()
     conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
     require_compute(conn)
-    boot_timeout = timeout or int((build.spec.get("boot_test") or {}).get("timeout") or DEFAULT_BOOT_TIMEOUT)
+    boot_timeout = timeout or int(build.boot_settings.get("timeout") or DEFAULT_BOOT_TIMEOUT)
     settings = settings_for(conn, flavor=flavor, network=network, boot_timeout=boot_timeout)
     same = [i for i in glance.list_images(conn, {"os_hash_value": image.sha512}) if i.status == "active"]
     temporary: str | None = None
@@ -374,14 +372,14 @@ def boot_test_output(output: Path, *, cloud: str | None, clouds_yaml: Path | Non
         if same:
             image_id = same[0].id
             log.info("cloud %r: image %s (%s) already holds this build's %s; booting it", glance.cloud_name(conn),
-                     image_id, same[0].name, image.path.name)
+                     image_id, same[0].name, image.file)
         else:
             props = {k: v for k, v in glance_properties(build, image, spec, name=build.name).items()
                      if not k.startswith("kiln_")}
             upload = glance.ImageUpload(
-                path=image.path, name=f"kiln-boot-test-{build.build_id}", disk_format=image.format,
-                sha512=image.sha512, sha256=image.sha256, min_disk=min_disk_gib(build.manifest),
-                min_ram=min_ram_mib(build.manifest, spec), properties={**props, "kiln_boot_test": "temporary"},
+                path=build.image_path(image), name=f"kiln-boot-test-{build.build_id}", disk_format=image.format,
+                sha512=image.sha512, sha256=image.sha256, min_disk=min_disk_gib(build),
+                min_ram=min_ram_mib(build, spec), properties={**props, "kiln_boot_test": "temporary"},
                 tags=[TEMP_IMAGE_TAG],
             )
             uploaded = glance.upload_image(conn, upload)

@@ -11,7 +11,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -146,7 +145,3 @@ def package_actions(
 
 def for_phase(actions: list[PackageAction], phase: str, *, uninstall: bool) -> list[str]:
     return sorted({a.package for a in actions if a.phase == phase and a.uninstall == uninstall})
-
-
-def read_package_list(path: Path) -> list[str]:
-    return [w for w in path.read_text().split() if w]

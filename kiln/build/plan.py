@@ -21,6 +21,7 @@ from pathlib import Path
 from kiln.build import elements, packages
 from kiln.build.secrets import secret_digest
 from kiln.host.run import redact_value
+from kiln.model import facts
 from kiln.model.errors import ElementError, SpecError
 from kiln.model.spec import ImageSpec
 from kiln.sources import bootstrap, suites
@@ -165,12 +166,12 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
     infos = [ElementInfo(e.name, str(e.path), e.content_hash, e.origin) for e in resolved.elements]
     hashes = {i.name: i.hash for i in infos}
     env = hook_env(spec, mirror, resolved.names, host_env)
-    suite_names = spec.suites or suites.default_suites(spec.release)
+    suite_names = spec.suites or facts.default_suites(spec.release)
     sources: tuple[suites.SuiteSource, ...] = ()
     if spec.base is None:
         bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring)  # a missing keyring named first
         security_mirror = ""
-        if any(n.endswith("-" + suites.SECURITY_POCKET) for n in suite_names):
+        if any(n.endswith("-" + facts.SECURITY_POCKET) for n in suite_names):
             security_mirror = resolve_security_mirror(spec.security_mirror, host_env, distro=spec.distro.value,
                                                       mirror=mirror)
             env["DIB_DEBIAN_SECURITY_MIRROR"] = security_mirror
@@ -209,7 +210,7 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in resolved.search_path], elements=infos,
                      env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,
-                     upstream=upstream, suites_opted_out=suites.opted_out(spec.release, suite_names))
+                     upstream=upstream, suites_opted_out=facts.opted_out(spec.release, suite_names))
 
     actions = packages.package_actions(resolved, distro=spec.distro.value, release=spec.release,
                                        arch=spec.arch.value, env=env)

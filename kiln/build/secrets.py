@@ -9,9 +9,10 @@ import os
 import secrets
 from pathlib import Path
 
+from kiln.host.state import state_dir
+
 
 def _key_file() -> Path:
-    from kiln.host.state import state_dir
 
     return state_dir() / "secret-key"
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from kiln.build import elements as kiln_elements
 from kiln.model.errors import KilnError, SpecError
+from kiln.model.facts import BOOTSTRAPPED
 from kiln.model.spec import ImageSpec, spec_from_dict
-from kiln.sources.bootstrap import BOOTSTRAPPED
 
 # the distribution elements of a DIB line: the distro they build. The element itself stays on the line, as in
 # DIB: `debian` brings more than the `debian-minimal` base every Debian spec has (sshd, cloud-init, …)
@@ -27,8 +27,6 @@ DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ub
 DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9", "rocky": "9", "almalinux": "9"}
 ARCHES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
-# accepted for compatibility; they change nothing in kiln (it uses no tmpfs and always scrubs the environment)
-IGNORED = ("--no-tmpfs", "-c")
 UNSUPPORTED = ("--mkfs-options", "--root-label", "--ramdisk-element", "--install-type", "--docker-target",
                "--max-online-resize", "--min-tmpfs", "--mkfs-journal-size", "--image-extra-size")
 

@@ -14,10 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
+from kiln.boot import nova
+from kiln.boot.local import run_boot_test_of_output
+from kiln.build.customize import check_break
+from kiln.build.plan import make_plan
+from kiln.cli import dib as dib_cli
+from kiln.cli.matrix import register as register_matrix
+from kiln.cli.publish import register as register_publish
+from kiln.host.run import terminate_all
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.options import BuildOptions
+from kiln.model.record import MANIFEST, BuildRecord
 from kiln.model.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
+from kiln.server import prefect as prefect_server
+from kiln.store.entries import Store
+from kiln.store.gc import reclaim_dead_builds
 
 log = logging.getLogger("kiln.cli")
 
@@ -87,7 +99,6 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
 
 
 def _start_prefect() -> None:
-    from kiln.server import prefect as prefect_server
 
     state = state_dir()
     url = prefect_server.ensure_server(state)
@@ -96,8 +107,6 @@ def _start_prefect() -> None:
 
 def run_build(spec: ImageSpec, options: BuildOptions) -> int:
     """Build `spec` on the embedded (or the user's) Prefect server and print where the results are."""
-    from kiln.build.customize import check_break
-    from kiln.build.plan import make_plan
 
     check_break(options.break_at)
     make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)  # fail fast
@@ -107,15 +116,15 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
 
     _quiet_kiln_tracebacks()
     start = time.monotonic()
-    report = build_image(spec, options)
+    record = build_image(spec, options)
     print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
-    for path in report["images"]:
-        print(f"  image:    {path}")
-    print(f"  manifest: {report['manifest']}")
-    for b in report["boot_test"]:
-        print(f"  boot test {b['firmware']}: {'passed' if b['passed'] else 'FAILED'} "
-              f"({b['seconds']:.0f} s, {b['accel']}{', cached' if b.get('cached') else ''})")
-    published = report.get("published") or {}
+    for image in record.images:
+        print(f"  image:    {record.image_path(image)}")
+    print(f"  manifest: {record.path_of(MANIFEST)}")
+    for b in record.boot_test:
+        print(f"  boot test {b.firmware}: {'passed' if b.passed else 'FAILED'} "
+              f"({b.seconds:.0f} s, {b.accel}{', cached' if b.cached else ''})")
+    published = record.published[-1] if record.published else {}
     if published.get("gate"):
         print(f"  boot gate: {published['gate']}")
     for g in published.get("glance", []):
@@ -153,7 +162,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_dib(argv: list[str]) -> int:
     """`kiln dib …`: a disk-image-create command line."""
-    from kiln.cli import dib as dib_cli
 
     spec, opts = dib_cli.parse(argv)
     if opts["logfile"]:
@@ -174,9 +182,8 @@ def cmd_boot_test(args: argparse.Namespace) -> int:
     for flag in ("cloud", "clouds_yaml", "flavor", "network"):
         if getattr(args, flag):
             raise SpecError(f"--{flag.replace('_', '-')} is for --backend nova")
-    from kiln.boot.local import run_boot_test_of_output
 
-    results = run_boot_test_of_output(Path(args.output_dir), backend=args.backend,
+    results = run_boot_test_of_output(BuildRecord.load(Path(args.output_dir)), backend=args.backend,
                                       firmware=args.firmware or None, timeout=args.timeout)
     for r in results:
         print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
@@ -185,15 +192,12 @@ def cmd_boot_test(args: argparse.Namespace) -> int:
 
 
 def _boot_test_nova(args: argparse.Namespace) -> int:
-    from kiln.boot import nova
 
     if args.firmware:
         raise SpecError("--firmware is for --backend qemu: in Nova the image's hw_firmware_type decides")
     output = Path(args.output_dir)
-    if not (output / "manifest.json").is_file():
-        raise SpecError(f"{output / 'manifest.json'}: not a kiln build output")
-    result = nova.boot_test_output(output, cloud=args.cloud, clouds_yaml=args.clouds_yaml, flavor=args.flavor,
-                                   network=args.network, timeout=args.timeout)
+    result = nova.boot_test_output(BuildRecord.load(output), cloud=args.cloud, clouds_yaml=args.clouds_yaml,
+                                   flavor=args.flavor, network=args.network, timeout=args.timeout)
     log_path = output / "boot-nova-console.log"
     log_path.write_text(result.console)
     print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
@@ -203,7 +207,6 @@ def _boot_test_nova(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kiln.build.plan import make_plan
 
     spec = spec_from_args(args)
     plan = make_plan(spec, elements_path=args.elements_path, dib_elements=args.dib_elements)
@@ -222,13 +225,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _store(cache: str | None) -> Any:
-    from kiln.store.entries import Store
 
     return Store(Path(cache) if cache else None)
 
 
 def _reclaim(cache: str | None) -> None:
-    from kiln.store.gc import reclaim_dead_builds
 
     for line in reclaim_dead_builds(_store(cache)):
         log.warning("%s", line)
@@ -253,7 +254,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from kiln.store.gc import reclaim_dead_builds
 
     lines = reclaim_dead_builds(_store(args.cache))
     for line in lines:
@@ -264,7 +264,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from kiln.server import prefect as prefect_server
 
     if args.server_cmd == "start":
         print(prefect_server.ensure_server(state_dir()))
@@ -325,8 +324,6 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
 
-    from kiln.cli.matrix import register as register_matrix
-    from kiln.cli.publish import register as register_publish
 
     register_matrix(sub)
     register_publish(sub)
@@ -352,7 +349,6 @@ def _on_signal(signum: int, _frame: object) -> None:
     """Children are killed at once, then the main thread unwinds (hooks, mounts, QEMU torn down). Prefect
     reports the crash to its server on the way out; if that server is gone, its retries would keep kiln
     alive for minutes, so a watchdog ends the process after a grace period."""
-    from kiln.host.run import terminate_all
 
     terminate_all()
     if not _stopping.is_set():

@@ -17,7 +17,13 @@ from typing import Any
 
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError
+from kiln.model.matrix import CellResult, load_cells, publish_text, select
 from kiln.model.options import BuildOptions
+from kiln.model.pkgdiff import diff_from_dict
+from kiln.server import prefect as prefect_server
+from kiln.server import serve
+from kiln.store.entries import Store
+from kiln.store.gc import reclaim_dead_builds
 
 log = logging.getLogger("kiln.matrix_cli")
 
@@ -77,7 +83,6 @@ def register(subparsers: Any) -> None:
 
 
 def _start_prefect(port: int | None = None) -> tuple[str, Path]:
-    from kiln.server import prefect as prefect_server
 
     state = state_dir()
     url = prefect_server.ensure_server(state, port=port)
@@ -86,9 +91,6 @@ def _start_prefect(port: int | None = None) -> tuple[str, Path]:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from kiln.model.matrix import load_cells, select
-    from kiln.store.entries import Store
-    from kiln.store.gc import reclaim_dead_builds
 
     spec_file, cells = load_cells(args.matrix)
     cells = select(cells, args.only, str(args.matrix))
@@ -126,9 +128,6 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from kiln.model.matrix import load_cells, publish_text, select
-    from kiln.store.entries import Store
-    from kiln.store.gc import reclaim_dead_builds
 
     spec_file, cells = load_cells(args.matrix)
     cells = select(cells, args.only, str(args.matrix))
@@ -153,8 +152,6 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0 if state.is_completed() else 1
-    from kiln.model.matrix import CellResult
-    from kiln.model.pkgdiff import diff_from_dict
 
     print(f"\nkiln: refresh {spec_file.name} in {time.monotonic() - start:.0f} s")
     for cell in summary["cells"]:
@@ -169,8 +166,6 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kiln.server import prefect as prefect_server
-    from kiln.server import serve
 
     url, state = _start_prefect(args.port)
     env = dict(os.environ)
@@ -208,15 +203,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kiln serve: the worker exited with {worker.proc.returncode}; see {worker.log}", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kiln.matrix_cli matrix|serve …`: the same as `kiln matrix|serve …`."""
-    from kiln.cli import main as cli
-
-    return cli.main(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())

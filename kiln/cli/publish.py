@@ -14,7 +14,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kiln.publish.core import GATES, PublishError, PublishSpec, Visibility
+from kiln.cloud import glance
+from kiln.model.pkgdiff import package_diff
+from kiln.model.publishing import PublishError, PublishSpec, Visibility
+from kiln.model.record import BuildRecord
+from kiln.publish.core import publish
+from kiln.publish.gates import GATES
+from kiln.publish.progress import terminal_progress
+from kiln.publish.promote import rollback
+from kiln.publish.refresh import manifest_of, record_published
 
 log = logging.getLogger("kiln.publish")
 
@@ -96,10 +104,7 @@ def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from kiln.publish.core import load_build, publish, terminal_progress
-    from kiln.publish.refresh import record_published
-
-    build = load_build(args.output)
+    build = BuildRecord.load(args.output)
     spec = spec_from_args(build.publish_spec(), args)
     report = publish(build, spec, gate=GATES[args.gate], allow_withdrawn=args.allow_withdrawn,
                      clouds_yaml=args.clouds_yaml, progress=terminal_progress)
@@ -125,8 +130,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from kiln.model.pkgdiff import package_diff
-    from kiln.publish.refresh import manifest_of
 
     old = manifest_of(args.old, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
     new = manifest_of(args.new, clouds_yaml=args.clouds_yaml, s3_endpoint=args.s3_endpoint)
@@ -142,9 +145,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from kiln.cloud import glance
-    from kiln.publish.core import rollback
-
     conn = glance.connect(args.cloud, clouds_yaml=args.clouds_yaml)
     report = rollback(conn, args.name)
     if args.json:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.exceptions
 
-from kiln.model.errors import KilnError
+from kiln.model.publishing import S3Error as S3Error
+from kiln.model.publishing import S3Location as S3Location  # the API of this module too
+from kiln.model.publishing import parse_s3_url as parse_s3_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -38,43 +39,11 @@ log = logging.getLogger("kiln.s3")
 MiB = 1 << 20
 DEFAULT_PART_SIZE = 16 * MiB
 MAX_PARTS = 10_000
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 Progress = Callable[[int], None]
-
-
-class S3Error(KilnError):
-    """The S3 store refused or failed a request; the message names the bucket and key."""
 
 
 class S3ChecksumError(S3Error):
     """The bytes of a file are not the ones the build recorded; nothing was stored."""
-
-
-@dataclass(frozen=True)
-class S3Location:
-    """`s3://BUCKET/PREFIX` split up; `prefix` has no leading or trailing slash."""
-
-    bucket: str
-    prefix: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-    def key(self, *parts: str) -> str:
-        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
-
-
-def parse_s3_url(url: str) -> S3Location:
-    if not url.startswith("s3://"):
-        raise S3Error(f"{url!r} is not an S3 URL (s3://BUCKET/PREFIX)")
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    if not BUCKET_RE.match(bucket):
-        raise S3Error(f"{url!r}: {bucket!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')")
-    prefix = prefix.strip("/")
-    if "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
-        raise S3Error(f"{url!r}: the prefix may not contain empty, '.' or '..' parts")
-    return S3Location(bucket, prefix)
 
 
 @dataclass(frozen=True)

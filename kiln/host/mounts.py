@@ -14,8 +14,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,10 +42,6 @@ def mounted_targets() -> set[str]:
         for line in fh:
             targets.add(decode_mount_path(line.split()[4]))
     return targets
-
-
-def is_mounted(path: Path) -> bool:
-    return str(path) in mounted_targets()
 
 
 def _umount(target: str) -> None:
@@ -168,15 +163,6 @@ class MountStack:
                 errors.append(str(exc))
         if errors:
             raise MountError("could not unmount:\n" + "\n".join(errors))
-
-
-@contextmanager
-def mount_stack(journal_dir: Path) -> Iterator[MountStack]:
-    stack = MountStack(journal_dir)
-    try:
-        yield stack
-    finally:
-        stack.unmount_all()
 
 
 def _mounted_under(path: Path) -> list[str]:

@@ -3,7 +3,9 @@
 Every child is started in its own process group so that a timeout kills it with all its descendants,
 and is registered so that a SIGTERM/SIGINT to kiln (a cancelled Prefect run, Ctrl-C) takes the
 children down too. Output is streamed line by line into the `kiln.run` logger (which Prefect forwards
-into the run's logs) and the last lines are kept for the error message.
+into the run's logs) and the last lines are kept for the error message. Output that a program parses
+(`output`, `capture`) is stdout alone: stderr is read apart, logged and kept for the error message, so
+that a warning on stderr cannot corrupt it. (`interactive` hands the user's terminal to the child.)
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from kiln.model.errors import CommandError
 
 log = logging.getLogger("kiln.run")
 
 TAIL_LINES = 25
+STDERR_JOIN_TIMEOUT = 10.0
 PROCESS_JOURNAL = "processes.json"
 _active: set[int] = set()
 _active_lock = threading.Lock()
@@ -107,7 +111,8 @@ def reap_journal(workdir: Path) -> list[int]:
 class Completed:
     args: list[str]
     returncode: int
-    lines: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # stdout and stderr merged, or stdout alone (stderr_apart)
+    stderr_lines: list[str] = field(default_factory=list)  # with stderr_apart
 
     @property
     def output(self) -> str:
@@ -164,24 +169,29 @@ def run(
     quiet: bool = False,
     on_line: Callable[[str], None] | None = None,
     what: str | None = None,
+    stderr_apart: bool = False,
 ) -> Completed:
     """Run a command, stream its merged output, return its lines; raise CommandError on failure.
 
     `what` names the step for the error message (default: the command line). `quiet` logs the output
-    at DEBUG instead of INFO. `timeout` kills the whole process group.
+    at DEBUG instead of INFO. `timeout` kills the whole process group. With `stderr_apart`, stderr is
+    read on its own: it is logged and makes the error's tail (stdout's tail when stderr said nothing)
+    but stays out of `lines` and `on_line`, which see stdout alone.
     """
     argv = [os.fspath(a) for a in args]
     label = what or describe(argv)
     log.debug("running: %s", describe(argv))
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     lines: list[str] = []
+    err_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    err_lines: list[str] = []
     level = logging.DEBUG if quiet else logging.INFO
     try:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             process_group=0,
@@ -199,6 +209,11 @@ def run(
         kill_group(proc.pid)
 
     timer = threading.Timer(timeout, on_timeout) if timeout else None
+    reader: threading.Thread | None = None
+    if proc.stderr is not None:
+        reader = threading.Thread(target=_drain, args=(proc.stderr, err_lines, err_tail, level),
+                                  name=f"stderr of {proc.pid}", daemon=True)
+        reader.start()
     try:
         if timer:
             timer.daemon = True
@@ -211,9 +226,7 @@ def run(
                 pass
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if _redactions:
-                line = redact(line)
+            line = _decode(raw)
             lines.append(line)
             tail.append(line)
             log.log(level, "%s", line)
@@ -230,14 +243,33 @@ def run(
         # the leader is gone; make sure nothing it left in its group survives
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        if reader is not None:
+            # stderr ends with the group; only a child that left the group could hold it open longer
+            reader.join(timeout=STDERR_JOIN_TIMEOUT)
         _unregister(proc.pid)
         if journal is not None:
             _journal_update(journal, proc.pid, add=False)
+    error_tail = _tail(err_tail, list(err_lines)) if err_lines else _tail(tail, lines)
     if timed_out.is_set():
-        raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=_tail(tail, lines))
+        raise CommandError(f"{label}: timed out after {timeout:.0f} s", returncode=None, tail=error_tail)
     if check and returncode != 0:
-        raise CommandError(f"{label}: exited with {returncode}", returncode=returncode, tail=_tail(tail, lines))
-    return Completed(argv, returncode, lines)
+        raise CommandError(f"{label}: exited with {returncode}", returncode=returncode, tail=error_tail)
+    return Completed(argv, returncode, lines, list(err_lines))
+
+
+def _decode(raw: bytes) -> str:
+    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    return redact(line) if _redactions else line
+
+
+def _drain(stream: IO[bytes], lines: list[str], tail: collections.deque[str], level: int) -> None:
+    """Read a child's stderr apart from its stdout (in a thread of its own, so neither pipe fills up)."""
+    with stream:
+        for raw in stream:
+            line = _decode(raw)
+            lines.append(line)
+            tail.append(line)
+            log.log(level, "%s", line)
 
 
 # causes worth naming even when the command went on printing long after them
@@ -253,27 +285,23 @@ def _tail(tail: collections.deque[str], lines: list[str]) -> list[str]:
     return kept
 
 
-def output(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
-    """Run quietly and return stdout+stderr as one stripped string."""
-    kwargs.setdefault("quiet", True)
-    return run(args, **kwargs).output.strip()  # type: ignore[arg-type]
+def output(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    what: str | None = None,
+) -> str:
+    """Run quietly and return its stdout as one stripped string (for output a program parses, such as JSON,
+    which a warning on stderr must not corrupt); raise CommandError with stderr's tail when it fails."""
+    return run(args, env=env, cwd=cwd, timeout=timeout, what=what, quiet=True, stderr_apart=True).output.strip()
 
 
 def capture(args: Sequence[str | os.PathLike[str]], *, timeout: float, what: str) -> str:
-    """Run a short command and return its stdout alone (for output a program parses, such as JSON, which a
-    warning on stderr must not corrupt); raise CommandError with stderr's tail when it fails."""
-    argv = [os.fspath(a) for a in args]
-    log.debug("running: %s", describe(argv))
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise CommandError(f"{what}: timed out after {timeout:.0f} s", returncode=None, tail=[]) from None
-    except OSError as exc:
-        raise CommandError(f"{what}: could not start: {exc}", returncode=None, tail=[]) from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").splitlines()[-TAIL_LINES:]
-        raise CommandError(f"{what}: exited with {proc.returncode}", returncode=proc.returncode, tail=tail)
-    return proc.stdout.decode(errors="replace")
+    """Run a short command and return its stdout alone, unstripped (as `output`, which it predates)."""
+    completed = run(args, timeout=timeout, what=what, quiet=True, stderr_apart=True)
+    return "".join(line + "\n" for line in completed.lines)
 
 
 def interactive(args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str], what: str) -> int:

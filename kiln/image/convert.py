@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.build.plan import digest
 from kiln.host.checksums import file_digests
 from kiln.host.run import output, run
 from kiln.store.entries import Store
@@ -52,7 +53,6 @@ class ImageOutput:
 
 
 def convert_key(pack_key: str, fmt: str, compress: bool, options: str | None = None) -> str:
-    from kiln.build.plan import digest
 
     return digest({"stage": "convert", "pack": pack_key, "format": fmt, "compress": compress and fmt == "qcow2",
                    "options": options})

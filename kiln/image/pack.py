@@ -19,6 +19,7 @@ from kiln.build.plan import digest
 from kiln.host.mounts import MountStack
 from kiln.host.run import output, tracked
 from kiln.image import disk
+from kiln.image.layout import plan_layout
 
 log = logging.getLogger("kiln.pack")
 
@@ -97,8 +98,8 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
         log.info("packing %s into a %d MiB disk", ctx.plan.spec.name, ctx.plan.spec.size // 1024**2)
         root_uuid = str(uuid.uuid5(UUID_NAMESPACE, key))
         esp_serial = f"{key[:4]}-{key[4:8]}".upper()
-        layout = disk.plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,
-                                  esp_serial=esp_serial)
+        layout = plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,
+                             esp_serial=esp_serial)
         lowers = layer_stack(ctx, len(ctx.plan.steps))
         with store.new_entry(key, kind="disk", description=f"{ctx.plan.spec.name} raw disk") as tmp, \
                 tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:

@@ -20,12 +20,11 @@ from pydantic import (
     model_validator,
 )
 
+from kiln.model.base import BaseSpec
 from kiln.model.errors import SpecError
+from kiln.model.facts import BOOTSTRAPPED, check_suites
 from kiln.model.names import check_name
-from kiln.publish.core import PublishSpec
-from kiln.sources.bootstrap import BOOTSTRAPPED
-from kiln.sources.suites import check_suites
-from kiln.sources.upstream import BaseSpec
+from kiln.model.publishing import PublishSpec
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from kiln import __version__
 from kiln.host.checksums import file_digests, write_sha256sums
+from kiln.host.run import run
+from kiln.model.record import MANIFEST, BuildRecord
 
 
 def install_file(src: Path, dest: Path) -> Path:
@@ -27,50 +27,44 @@ def install_file(src: Path, dest: Path) -> Path:
 
 
 def _cp_sparse(src: Path, dest: Path) -> None:
-    from kiln.host.run import run
-
     run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)], quiet=True, what=f"copy {src.name}")
 
 
-def write_manifest(output: Path, manifest: dict[str, Any]) -> Path:
-    target = output / "manifest.json"
-    tmp = target.with_name("manifest.json.partial")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+def write_record(record: BuildRecord) -> Path:
+    """The record as manifest.json in its output directory (written whole, then renamed into place), and
+    SHA256SUMS of its images."""
+    if record.output is None:
+        raise ValueError(f"build {record.build_id}: no output directory")
+    target = record.output / MANIFEST
+    tmp = target.with_name(MANIFEST + ".partial")
+    tmp.write_text(json.dumps(record.manifest(), indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, target)
+    write_sha256sums(record.output, {img.file: img.sha256 for img in record.images})
     return target
 
 
-def write_checksums(output: Path, images: list[dict[str, Any]]) -> Path:
-    return write_sha256sums(output, {img["file"]: img["sha256"] for img in images})
-
-
-def base_manifest(*, build_id: str) -> dict[str, Any]:
-    return {"kiln_version": __version__, "build_id": build_id}
-
-
-def markdown_summary(manifest: dict[str, Any]) -> str:
-    spec = manifest["spec"]
+def markdown_summary(record: BuildRecord) -> str:
+    spec = record.spec
     lines = [
         f"# {spec['name']}",
         "",
-        f"{spec['distro']} {spec['release']} {spec['arch']}, build `{manifest['build_id']}`, "
-        f"{len(manifest.get('packages', []))} packages, elements: {', '.join(e['name'] for e in manifest['elements'])}",
+        f"{spec['distro']} {spec['release']} {spec['arch']}, build `{record.build_id}`, "
+        f"{len(record.packages)} packages, elements: {', '.join(e.name for e in record.elements)}",
         "",
         "| image | size | sha256 |",
         "|---|---:|---|",
     ]
-    for img in manifest["images"]:
-        lines.append(f"| {img['file']} | {img['size'] / 1024**2:.0f} MiB | `{img['sha256'][:16]}…` |")
+    for img in record.images:
+        lines.append(f"| {img.file} | {img.size / 1024**2:.0f} MiB | `{img.sha256[:16]}…` |")
     lines += ["", "| stage | seconds | cached |", "|---|---:|---|"]
-    for stage, t in manifest["timings"].items():
-        lines.append(f"| {stage} | {t['seconds']:.1f} | {'yes' if t['cached'] else 'no'} |")
-    boots = manifest.get("boot_test") or []
-    if boots:
+    for stage, t in record.timings.items():
+        lines.append(f"| {stage} | {t.seconds:.1f} | {'yes' if t.cached else 'no'} |")
+    if record.boot_test:
         lines += ["", "| boot test | result | seconds | accel | root fs grown to |", "|---|---|---:|---|---:|"]
-        for b in boots:
-            grown = f"{b['root_bytes'] / 1024**3:.1f} GiB" if b.get("root_bytes") else "?"
-            lines.append(f"| {b['firmware']} | {'passed' if b['passed'] else 'FAILED'} | {b['seconds']:.0f} | "
-                         f"{b['accel']} | {grown} |")
+        for b in record.boot_test:
+            grown = f"{b.root_bytes / 1024**3:.1f} GiB" if b.root_bytes else "?"
+            lines.append(f"| {b.firmware} | {'passed' if b.passed else 'FAILED'} | {b.seconds:.0f} | "
+                         f"{b.accel} | {grown} |")
     else:
         lines += ["", "Boot test: skipped."]
     return "\n".join(lines) + "\n"

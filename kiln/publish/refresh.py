@@ -20,12 +20,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.cloud import s3
+from kiln.cloud import glance, s3
+from kiln.cloud.properties import P_CONTENT
 from kiln.host.state import state_dir
 from kiln.model.names import is_plain_name
 from kiln.model.pkgdiff import DiffInputError, PackageDiff, content_digest, load_manifest, package_diff
-from kiln.publish import core as pub
-from kiln.publish.manifest import write_manifest
+from kiln.model.publishing import PublishError, PublishSpec, S3Location, Status, parse_s3_url
+from kiln.model.record import BuildRecord
+from kiln.publish.core import publish
+from kiln.publish.gates import Gate, manifest_gate
+from kiln.publish.manifest import write_record
+from kiln.publish.progress import ProgressFactory, _no_progress
+from kiln.publish.promote import build_id_of, managed_images, newest_first, status_of
+from kiln.publish.s3_builds import s3_versions
 
 log = logging.getLogger("kiln.refresh")
 
@@ -71,16 +78,16 @@ def _record_path(name: str, build_id: str) -> Path:
     stranger may have written: anything but a plain name (a `/`, `..`) is refused, never followed."""
     for what, value in (("image name", name), ("build id", build_id)):
         if not is_plain_name(value):
-            raise pub.PublishError(f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '+', '-')")
+            raise PublishError(f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '+', '-')")
     return records_dir() / name / f"{build_id}.json"
 
 
-def record_published(build: pub.Build, name: str) -> Path:
+def record_published(build: BuildRecord, name: str) -> Path:
     """Keep the manifest of a build that was published under `name` (for later diffs against it)."""
     target = _record_path(name, build.build_id)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(build.manifest, indent=1) + "\n")
+    tmp.write_text(json.dumps(build.manifest(), indent=1) + "\n")
     os.replace(tmp, target)
     return target
 
@@ -88,7 +95,7 @@ def record_published(build: pub.Build, name: str) -> Path:
 def recorded_manifest(name: str, build_id: str) -> dict[str, Any] | None:
     try:
         path = _record_path(name, build_id)
-    except pub.PublishError:
+    except PublishError:
         return None
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -98,21 +105,19 @@ def recorded_manifest(name: str, build_id: str) -> dict[str, Any] | None:
 
 
 def glance_stable(cloud: str, name: str, *, clouds_yaml: Path | None) -> Stable:
-    from kiln.cloud import glance
-
     conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
-    stables = pub.newest_first(i for i in pub.managed_images(conn, name) if pub.status_of(i) == pub.Status.stable)
+    stables = newest_first(i for i in managed_images(conn, name) if status_of(i) == Status.stable)
     if not stables:
         return Stable(f"glance:{cloud}")
     image = stables[0]
-    build_id = pub.build_id_of(image)
-    content = image.properties.get(pub.P_CONTENT)
+    build_id = build_id_of(image)
+    content = image.properties.get(P_CONTENT)
     return Stable(f"glance:{cloud}", build_id, str(content) if content else None, recorded_manifest(name, build_id))
 
 
-def s3_stable(client: Any, location: s3.S3Location, name: str) -> Stable:
+def s3_stable(client: Any, location: S3Location, name: str) -> Stable:
     target = location.url
-    stables = [v for v in pub.s3_versions(client, location, name) if v.status == pub.Status.stable]
+    stables = [v for v in s3_versions(client, location, name) if v.status == Status.stable]
     if not stables:
         return Stable(target)
     data = s3.get_bytes(client, location.bucket, stables[0].id + "manifest.json")
@@ -125,7 +130,7 @@ def s3_stable(client: Any, location: s3.S3Location, name: str) -> Stable:
     return Stable(target, str(manifest.get("build_id", "")), content_digest(manifest), manifest)
 
 
-def current_stables(spec: pub.PublishSpec, name: str, *, clouds_yaml: Path | None) -> list[Stable]:
+def current_stables(spec: PublishSpec, name: str, *, clouds_yaml: Path | None) -> list[Stable]:
     out = [glance_stable(cloud, name, clouds_yaml=clouds_yaml) for cloud in spec.glance_clouds]
     if spec.s3_locations:
         client = s3.client(endpoint_url=spec.s3_endpoint_url)
@@ -133,12 +138,12 @@ def current_stables(spec: pub.PublishSpec, name: str, *, clouds_yaml: Path | Non
     return out
 
 
-def publish_changes(build: pub.Build, spec: pub.PublishSpec, *, gate: pub.Gate = pub.manifest_gate,
-                    gates: Mapping[str, pub.Gate] | None = None, clouds_yaml: Path | None = None,
-                    progress: pub.ProgressFactory = pub._no_progress) -> ChangeReport:
+def publish_changes(build: BuildRecord, spec: PublishSpec, *, gate: Gate = manifest_gate,
+                    gates: Mapping[str, Gate] | None = None, clouds_yaml: Path | None = None,
+                    progress: ProgressFactory = _no_progress) -> ChangeReport:
     """Publish `build` to the targets of `spec` whose stable does not already have its content."""
     name = spec.name or build.name
-    mine = content_digest(build.manifest)
+    mine = content_digest(build.manifest())
     stables = current_stables(spec, name, clouds_yaml=clouds_yaml)
     changed = [s.target for s in stables if s.content != mine]
     report = ChangeReport(name, "unchanged", mine, changed_targets=changed,
@@ -149,17 +154,17 @@ def publish_changes(build: pub.Build, spec: pub.PublishSpec, *, gate: pub.Gate =
         return report
     old = next((s for s in stables if s.target in changed and s.manifest is not None), None)
     if old is not None and old.manifest is not None:
-        diff: PackageDiff = package_diff(old.manifest, build.manifest)
+        diff: PackageDiff = package_diff(old.manifest, build.manifest())
         report.replaces, report.diff = old.build_id, diff.as_dict()
-        build.manifest["diff"] = {"against": old.build_id, "target": old.target, **diff.as_dict()}
-        write_manifest(build.output, build.manifest)
+        build.diff = {"against": old.build_id, "target": old.target, **diff.as_dict()}
+        write_record(build)
         log.info("publish: %s replaces build %s: %s", name, old.build_id, diff.summary())
         for line in diff.lines():
             log.info("publish: %s", line)
     elif any(s.build_id for s in stables if s.target in changed):
         log.warning("publish: %s: the stable's manifest is neither in an S3 target nor in this host's records "
                     "(%s): no package diff", name, records_dir())
-    result = pub.publish(build, spec.model_copy(update={"targets": changed}), gate=gate, gates=gates,
+    result = publish(build, spec.model_copy(update={"targets": changed}), gate=gate, gates=gates,
                          clouds_yaml=clouds_yaml, progress=progress)
     record_published(build, name)
     report.status, report.publish = "published", asdict(result)
@@ -172,12 +177,12 @@ def manifest_of(ref: str, *, clouds_yaml: Path | None = None, s3_endpoint: str |
     NAME` (its stable build) or `s3://BUCKET/PREFIX/NAME/BUILD_ID`; `glance:CLOUD/NAME` (the stable image's
     build, from an S3 copy or this host's publish records)."""
     if ref.startswith("s3://"):
-        location = s3.parse_s3_url(ref.rstrip("/"))
+        location = parse_s3_url(ref.rstrip("/"))
         client = s3.client(endpoint_url=s3_endpoint)
         data = s3.get_bytes(client, location.bucket, location.key("manifest.json"))
         if data is None:
             parent, _, name = location.prefix.rpartition("/")
-            stable = s3_stable(client, s3.S3Location(location.bucket, parent), name)
+            stable = s3_stable(client, S3Location(location.bucket, parent), name)
             if stable.manifest is None:
                 raise DiffInputError(f"{ref}: no kiln build there (neither PREFIX/NAME/BUILD_ID/manifest.json nor a "
                                      "stable build of NAME)")

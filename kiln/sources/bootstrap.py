@@ -14,14 +14,13 @@ from pathlib import Path
 
 from kiln.host.checksums import file_digests
 from kiln.host.run import run
+from kiln.model.errors import SpecError
+from kiln.model.facts import COMPONENTS
 
 log = logging.getLogger("kiln.bootstrap")
 
 BOOTSTRAP_VERSION = "3"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
-COMPONENTS = {"debian": ("main",), "ubuntu": ("main", "universe")}
-# the distros kiln bootstraps with mmdebstrap; the others start from their cloud image (a `base:` block)
-BOOTSTRAPPED = frozenset(COMPONENTS)
 # the archive keyring mmdebstrap checks an Ubuntu mirror's Release files with (the host's apt keyrings
 # are Debian's); the spec's mirror_keyring overrides it
 UBUNTU_KEYRING = Path("/usr/share/keyrings/ubuntu-archive-keyring.gpg")
@@ -110,8 +109,6 @@ def mmdebstrap_argv(req: BootstrapRequest, target: Path, deb_cache: Path) -> lis
 def archive_keyring(distro: str, spec_keyring: Path | None) -> str | None:
     """The keyring for the bootstrap mirror: the spec's, else Ubuntu's archive keyring for Ubuntu, else
     None (the host's apt keyrings, which hold Debian's)."""
-    from kiln.model.errors import SpecError
-
     if spec_keyring is not None:
         if not spec_keyring.is_file():
             raise SpecError(f"mirror_keyring {spec_keyring}: no such file")

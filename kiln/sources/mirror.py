@@ -12,7 +12,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kiln.model.errors import KilnError, SpecError
-from kiln.sources.bootstrap import BOOTSTRAPPED
+from kiln.model.facts import BOOTSTRAPPED
+from kiln.sources.extract import read_os_release
 
 APT_DIR = Path("/etc/apt")
 
@@ -94,8 +95,6 @@ def host_security_mirrors(apt_dir: Path | None = None) -> list[str]:
 
 
 def host_distro() -> str:
-    from kiln.sources.extract import read_os_release
-
     return read_os_release(Path("/")).get("ID", "")
 
 

@@ -24,16 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.model.errors import SpecError
+from kiln.model.facts import SECURITY_POCKET
 from kiln.sources.mirror import MirrorUnavailable, fetch_url, release_file
 
 log = logging.getLogger("kiln.suites")
 
-# the pockets a release has besides itself, in the order apt is given them
-POCKETS = ("updates", "security")
-SECURITY_POCKET = "security"
-# releases that have no -updates or -security suite
-NO_POCKETS = frozenset({"sid", "unstable", "experimental", "rc-buggy"})
 # the keyring the distribution's apt package brings, named by the image's Signed-By
 DISTRO_KEYRINGS = {"debian": "/usr/share/keyrings/debian-archive-keyring.gpg",
                    "ubuntu": "/usr/share/keyrings/ubuntu-archive-keyring.gpg"}
@@ -55,32 +50,6 @@ class SuiteSource:
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "mirror": self.mirror, "digest": self.digest}
-
-
-def default_suites(release: str) -> list[str]:
-    if release in NO_POCKETS:
-        return [release]
-    return [release, *(f"{release}-{p}" for p in POCKETS)]
-
-
-def check_suites(release: str, suites: Sequence[str]) -> list[str]:
-    """The spec's `suites`, checked: the release itself first, then pockets of that release, each once."""
-    out: list[str] = []
-    for suite in suites:
-        if suite in out:
-            raise SpecError(f"suites: {suite!r} is listed twice")
-        if suite != release and not (suite.startswith(release + "-") and len(suite) > len(release) + 1):
-            raise SpecError(f"suites: {suite!r} is not the release {release!r} or one of its pockets "
-                            f"({', '.join(default_suites(release)[1:]) or 'none'})")
-        out.append(suite)
-    if not out or out[0] != release:
-        raise SpecError(f"suites: the list must start with the release itself ({release!r}), got {list(suites)}")
-    return out
-
-
-def opted_out(release: str, suites: Sequence[str]) -> list[str]:
-    """The default suites a spec's `suites` leaves out (what the manifest reports)."""
-    return [s for s in default_suites(release) if s not in suites]
 
 
 def index_digest(release: bytes, components: Sequence[str], arch: str) -> str:

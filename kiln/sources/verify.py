@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.host.run import run
+from kiln.model.base import ALGORITHMS as ALGORITHMS
+from kiln.model.base import Digest as Digest
+from kiln.model.base import normalize_fingerprint as normalize_fingerprint
 from kiln.model.errors import KilnError
 
 log = logging.getLogger("kiln.verify")
 
 #: hex length of each supported digest; the order is the order of preference (strongest first)
-ALGORITHMS: dict[str, int] = {"sha512": 128, "sha256": 64}
 CLEARSIGN_HEADER = b"-----BEGIN PGP SIGNED MESSAGE-----"
 ARMOR_BEGIN = re.compile(r"^-----BEGIN PGP (PUBLIC KEY BLOCK|SIGNATURE|MESSAGE)-----\s*$")
 
@@ -68,43 +70,9 @@ class UnsignedChecksumError(SignatureError):
 # digests
 
 
-@dataclass(frozen=True)
-class Digest:
-    """A digest as `algorithm:hex`, e.g. `sha256:9f86d0…`."""
-
-    algorithm: str
-    hexdigest: str
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unsupported digest algorithm {self.algorithm!r} (kiln checks {', '.join(ALGORITHMS)})")
-        if not re.fullmatch(rf"[0-9a-f]{{{ALGORITHMS[self.algorithm]}}}", self.hexdigest):
-            raise ValueError(
-                f"{self.algorithm} digest {self.hexdigest!r} is not {ALGORITHMS[self.algorithm]} lowercase hex digits"
-            )
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hexdigest}"
-
-    @classmethod
-    def parse(cls, value: str) -> Digest:
-        """`sha256:HEX` or `sha512:HEX` (case-insensitive hex) -> Digest; ValueError otherwise."""
-        algorithm, sep, hexdigest = value.strip().partition(":")
-        if not sep:
-            raise ValueError(f"checksum {value!r} must be written as sha256:HEX or sha512:HEX")
-        return cls(algorithm.lower().replace("-", ""), hexdigest.lower())
-
-
 def file_digest(path: Path, algorithm: str) -> Digest:
     with open(path, "rb") as fh:
         return Digest(algorithm, hashlib.file_digest(fh, algorithm).hexdigest())
-
-
-def check_file(path: Path, expected: Digest, *, what: str) -> None:
-    """Raise ChecksumMismatchError unless `path` has the digest `expected`."""
-    actual = file_digest(path, expected.algorithm)
-    if actual != expected:
-        raise ChecksumMismatchError(mismatch_message(what, expected=expected, actual=actual))
 
 
 def mismatch_message(what: str, *, expected: Digest, actual: Digest) -> str:
@@ -262,13 +230,6 @@ def binary_keyring(path: Path, workdir: Path) -> Path:
     out = workdir / f"{path.name}.dearmored.gpg"
     out.write_bytes(dearmor(data.decode("ascii", errors="replace")))
     return out.resolve()
-
-
-def normalize_fingerprint(fpr: str) -> str:
-    clean = re.sub(r"\s+", "", fpr).upper()
-    if not re.fullmatch(r"[0-9A-F]{40}|[0-9A-F]{64}", clean):
-        raise ValueError(f"{fpr!r} is not a full OpenPGP fingerprint (40 or 64 hex digits)")
-    return clean
 
 
 # --------------------------------------------------------------------------------------------------

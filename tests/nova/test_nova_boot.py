@@ -19,7 +19,11 @@ import pytest
 from kiln.boot import nova
 from kiln.boot.serial_console import FINISHED_RE
 from kiln.cloud import glance
-from kiln.publish.core import GATES, PublishSpec, load_build, managed_images, no_gate, publish, status_of
+from kiln.model.publishing import PublishSpec
+from kiln.model.record import BuildRecord
+from kiln.publish.core import publish
+from kiln.publish.gates import GATES, no_gate
+from kiln.publish.promote import managed_images, status_of
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled, unbootable_build
 from tests.publish.conftest import digests
@@ -38,7 +42,7 @@ def test_default_image_boots_in_nova_and_is_promoted(nova_stack: NovaStack, nova
         return result
 
     monkeypatch.setattr(nova, "boot_test", spy)
-    build = load_build(default_build)
+    build = BuildRecord.load(default_build)
     spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name)
     start = time.monotonic()
     report = publish(build, spec, gate=GATES["nova"], clouds_yaml=nova_stack.clouds_yaml)
@@ -112,7 +116,7 @@ def test_the_default_image_boots_under_uefi_in_nova(nova_stack: NovaStack, nova_
     the console is read here instead."""
     spec = PublishSpec(targets=[f"glance:{nova_stack.cloud}"], name=nova_image_name,
                        properties={"hw_firmware_type": "uefi"})
-    report = publish(load_build(default_build), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml)
+    report = publish(BuildRecord.load(default_build), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml)
     image_id = report.glance[0].image_id
     assert glance.get_image(nova_conn, image_id).properties.get("hw_firmware_type") == "uefi"
     flavor = nova.pick_flavor(nova_conn, None, min_ram=0, min_disk=5)
@@ -149,7 +153,7 @@ def test_retention_keeps_an_image_a_server_in_nova_runs_on(nova_stack: NovaStack
         manifest["images"][0].update({"size": disk.stat().st_size, **digests(disk)})
         (out / "manifest.json").write_text(json.dumps(manifest))
         (out / "SHA256SUMS").write_text(f"{manifest['images'][0]['sha256']}  {disk.name}\n")
-        return load_build(out)
+        return BuildRecord.load(out)
 
     first = publish(build(1), spec, gate=no_gate, clouds_yaml=nova_stack.clouds_yaml).glance[0].image_id
     flavor = nova.pick_flavor(nova_conn, None, min_ram=0, min_disk=1)

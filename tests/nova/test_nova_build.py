@@ -19,7 +19,7 @@ import yaml
 
 from kiln.boot import nova
 from kiln.cloud import glance
-from kiln.publish.core import managed_images, status_of
+from kiln.publish.promote import managed_images, status_of
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled
 

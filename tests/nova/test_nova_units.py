@@ -14,7 +14,7 @@ import yaml
 
 from kiln.boot import nova
 from kiln.model.errors import BootTestError
-from kiln.publish.core import GATES, CandidateImage, nova_gate
+from kiln.publish.gates import GATES, CandidateImage, nova_gate
 
 GOOD_CONSOLE = ("GNU GRUB  version 2.06\n[    1.0] Linux version 6.1\n{marker_line}\n"
                 "Cloud-init v. 22.4.2 finished at Sun, 29 Nov 2026 04:30:58 +0000. Up 58.0 seconds\n")

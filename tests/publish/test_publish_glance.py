@@ -15,21 +15,11 @@ import pytest
 from kiln.cli import publish as publish_cli
 from kiln.cloud import glance
 from kiln.host.run import run
-from kiln.publish.core import (
-    CANDIDATE_TAG,
-    CandidateImage,
-    GateFailedError,
-    GateResult,
-    PublishError,
-    PublishSpec,
-    load_build,
-    managed_images,
-    manifest_gate,
-    publish_glance,
-    retain_glance,
-    rollback,
-    status_of,
-)
+from kiln.model.publishing import CANDIDATE_TAG, GateFailedError, PublishError, PublishSpec
+from kiln.model.record import BuildRecord
+from kiln.publish.gates import CandidateImage, GateResult, manifest_gate
+from kiln.publish.promote import managed_images, publish_glance, rollback, status_of
+from kiln.publish.retention import retain_glance
 from tests.publish.conftest import MakeBuild, OpenStack, digests
 
 pytestmark = pytest.mark.slow
@@ -53,7 +43,7 @@ def _all_image_ids(conn: Any) -> set[str]:
 def test_upload_records_properties_and_glance_sha512_matches_the_build(conn: Any, make_build: MakeBuild,
                                                                        image_name: str) -> None:
     out = make_build(image_name)
-    build = load_build(out)
+    build = BuildRecord.load(out)
     report = publish_glance(conn, build, _spec(tags=["nightly"], properties={"os_admin_user": "debian"}),
                             gate=manifest_gate, name=image_name)
     assert report.action == "uploaded"
@@ -81,7 +71,8 @@ def test_upload_records_properties_and_glance_sha512_matches_the_build(conn: Any
 
 def test_openstack_image_show_lists_the_properties(conn: Any, openstack_stack: OpenStack, make_build: MakeBuild,
                                                    image_name: str) -> None:
-    report = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
+    report = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=manifest_gate,
+                            name=image_name)
     shown = run([str(openstack_stack.venv / "bin" / "openstack"), "--os-cloud", "kiln-dev", "image", "show",
                  report.image_id, "-f", "json"], env={"OS_CLIENT_CONFIG_FILE": str(openstack_stack.clouds_yaml),
                                                       "PATH": "/usr/bin:/bin"}, quiet=True)
@@ -96,12 +87,12 @@ def test_openstack_image_show_lists_the_properties(conn: Any, openstack_stack: O
 
 def test_publishing_the_same_content_twice_uploads_nothing(conn: Any, make_build: MakeBuild,
                                                            image_name: str) -> None:
-    first = publish_glance(conn, load_build(make_build(image_name, seed=7)), _spec(), gate=manifest_gate,
+    first = publish_glance(conn, BuildRecord.load(make_build(image_name, seed=7)), _spec(), gate=manifest_gate,
                            name=image_name)
     created = glance.get_image(conn, first.image_id).created_at
     images_before = _all_image_ids(conn)
     # a second build with identical bytes (a cached rebuild: new build id, same image)
-    again = publish_glance(conn, load_build(make_build(image_name, seed=7)), _spec(), gate=manifest_gate,
+    again = publish_glance(conn, BuildRecord.load(make_build(image_name, seed=7)), _spec(), gate=manifest_gate,
                            name=image_name)
     assert again.action == "already-stable" and again.image_id == first.image_id
     assert _all_image_ids(conn) == images_before, "no image was created"
@@ -114,7 +105,7 @@ def test_a_file_changed_after_the_build_is_caught_and_its_image_deleted(conn: An
     """A real corruption, not an injected one: the build recorded the checksums, then the file changed
     (same size, so the cheap checks before the upload pass). Glance computes the sha512 of what it got."""
     out = make_build(image_name, formats=("raw",))
-    build = load_build(out)
+    build = BuildRecord.load(out)
     path = out / f"{image_name}.raw"
     with path.open("r+b") as fh:
         fh.seek(1 << 20)
@@ -140,12 +131,12 @@ def test_promotion_runs_the_gate_on_a_private_candidate_and_keeps_the_previous(c
                      "status": status_of(image), "stable": stable})
         return manifest_gate(candidate)
 
-    a = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
+    a = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
     assert seen[0]["visibility"] == "private" and seen[0]["tags"] == [CANDIDATE_TAG]
     assert seen[0]["status"] == "candidate" and seen[0]["name"].startswith(f"{image_name}-candidate-")
     assert seen[0]["stable"] == [], "nothing takes the stable name before the gate passed"
 
-    b = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
+    b = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
     assert seen[1]["stable"] == [a.image_id], "the old stable stays stable while the candidate is gated"
     assert b.previous_id == a.image_id
     state = _by_status(conn, image_name)
@@ -154,7 +145,7 @@ def test_promotion_runs_the_gate_on_a_private_candidate_and_keeps_the_previous(c
     prev = state["previous"][0]
     assert prev.name == f"{image_name}-previous" and not prev.hidden
 
-    c = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
+    c = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=inspecting_gate, name=image_name)
     state = _by_status(conn, image_name)
     assert [i.id for i in state["stable"]] == [c.image_id]
     assert [i.id for i in state["previous"]] == [b.image_id]
@@ -165,7 +156,7 @@ def test_promotion_runs_the_gate_on_a_private_candidate_and_keeps_the_previous(c
 
 def test_a_failed_candidate_is_deleted_and_the_stable_image_stays_as_it_was(conn: Any, make_build: MakeBuild,
                                                                             image_name: str) -> None:
-    a = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
+    a = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
     stable_before = glance.get_image(conn, a.image_id)
     gated: list[str] = []
 
@@ -176,7 +167,7 @@ def test_a_failed_candidate_is_deleted_and_the_stable_image_stays_as_it_was(conn
         gated.append(candidate.image_id)
         return GateResult(False, "no 'login:' on the console within 600 s", ("BdsDxe: failed to load Boot0001",))
 
-    bad = load_build(make_build(image_name))
+    bad = BuildRecord.load(make_build(image_name))
     with pytest.raises(GateFailedError, match="no 'login:'") as err:
         publish_glance(conn, bad, _spec(), gate=console_gate, name=image_name)
     assert "BdsDxe" in str(err.value)
@@ -195,7 +186,7 @@ def test_a_build_whose_own_boot_test_failed_is_not_even_uploaded(conn: Any, make
                                              "tail": ["BdsDxe: failed to load Boot0001"]}])
     before = _all_image_ids(conn)
     with pytest.raises(GateFailedError, match="failed under uefi") as err:
-        publish_glance(conn, load_build(failing), _spec(), gate=manifest_gate, name=image_name)
+        publish_glance(conn, BuildRecord.load(failing), _spec(), gate=manifest_gate, name=image_name)
     assert "BdsDxe" in str(err.value)
     assert _all_image_ids(conn) == before
 
@@ -205,17 +196,17 @@ def test_a_gate_that_rejects_everything_never_promotes(conn: Any, make_build: Ma
         return GateResult(False, "console shows no login prompt", ("[  OK  ] Reached target", "no login:"))
 
     with pytest.raises(GateFailedError, match="no login prompt"):
-        publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=reject, name=image_name)
+        publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=reject, name=image_name)
     assert managed_images(conn, image_name) == []
 
 
 def test_rollback_restores_the_previous_image_and_refuses_to_repromote_the_withdrawn(
         conn: Any, make_build: MakeBuild, image_name: str) -> None:
-    a = publish_glance(conn, load_build(make_build(image_name, seed=1)), _spec(), gate=manifest_gate,
+    a = publish_glance(conn, BuildRecord.load(make_build(image_name, seed=1)), _spec(), gate=manifest_gate,
                        name=image_name)
     b_out = make_build(image_name, seed=2)
-    b = publish_glance(conn, load_build(b_out), _spec(), gate=manifest_gate, name=image_name)
-    c = publish_glance(conn, load_build(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
+    b = publish_glance(conn, BuildRecord.load(b_out), _spec(), gate=manifest_gate, name=image_name)
+    c = publish_glance(conn, BuildRecord.load(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
                        name=image_name)
     report = rollback(conn, image_name)
     assert (report.restored_id, report.withdrawn_id, report.previous_id) == (b.image_id, c.image_id, a.image_id)
@@ -227,21 +218,21 @@ def test_rollback_restores_the_previous_image_and_refuses_to_repromote_the_withd
 
     # a nightly rebuild with the withdrawn content must not quietly bring it back
     with pytest.raises(PublishError, match="withdrawn"):
-        publish_glance(conn, load_build(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
+        publish_glance(conn, BuildRecord.load(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
                        name=image_name)
-    again = publish_glance(conn, load_build(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
+    again = publish_glance(conn, BuildRecord.load(make_build(image_name, seed=3)), _spec(), gate=manifest_gate,
                            name=image_name, allow_withdrawn=True)
     assert again.action == "reused" and again.image_id == c.image_id
 
     # the previous image's content comes back without an upload either
-    back = publish_glance(conn, load_build(b_out), _spec(), gate=manifest_gate, name=image_name)
+    back = publish_glance(conn, BuildRecord.load(b_out), _spec(), gate=manifest_gate, name=image_name)
     assert back.action == "reused" and back.image_id == b.image_id
 
 
 def test_rollback_without_a_previous_image_says_so(conn: Any, make_build: MakeBuild, image_name: str) -> None:
     with pytest.raises(PublishError, match="no stable image"):
         rollback(conn, image_name)
-    publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
+    publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
     with pytest.raises(PublishError, match="no previous image"):
         rollback(conn, image_name)
 
@@ -250,7 +241,7 @@ def test_retention_keeps_the_newest_n_and_never_an_image_in_use(conn: Any, make_
                                                                 image_name: str) -> None:
     """Without Nova here, which image a server uses is an injected predicate; the default one (ask Nova
     when the catalog has compute) is exercised by the Nova issue's tests."""
-    ids = [publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate,
+    ids = [publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=manifest_gate,
                           name=image_name).image_id for _ in range(5)]
     oldest, second = ids[0], ids[1]
 
@@ -269,7 +260,8 @@ def test_retention_keeps_the_newest_n_and_never_an_image_in_use(conn: Any, make_
 
 def test_the_default_in_use_check_asks_nova_only_when_the_catalog_has_compute(conn: Any, make_build: MakeBuild,
                                                                               image_name: str) -> None:
-    report = publish_glance(conn, load_build(make_build(image_name)), _spec(), gate=manifest_gate, name=image_name)
+    report = publish_glance(conn, BuildRecord.load(make_build(image_name)), _spec(), gate=manifest_gate,
+                            name=image_name)
     assert glance.has_compute(conn) is False  # this stack is Keystone + Glance
     assert glance.servers_using(conn, report.image_id) == []
     assert glance.image_in_use(conn, glance.get_image(conn, report.image_id)) is False
@@ -298,7 +290,7 @@ def test_kiln_publish_and_kiln_rollback_on_the_command_line(conn: Any, openstack
 
 def test_a_real_kiln_build_publishes_and_downloads_streamed(conn: Any, image_name: str, tmp_path: Path,
                                                            default_build: Path) -> None:
-    build = load_build(default_build)
+    build = BuildRecord.load(default_build)
     report = publish_glance(conn, build, _spec(), gate=lambda c: GateResult(True, "gated by the build's own test"),
                             name=image_name)
     image = glance.get_image(conn, report.image_id)
@@ -328,7 +320,7 @@ def test_publish_to_glance_and_s3_together_then_again_uploads_nothing(conn: Any,
 
     spec = PublishSpec(targets=["glance:kiln-dev", f"s3://{bucket}/catalog"], visibility="public", keep=2,
                        tags=["nightly"])
-    build = load_build(make_build(image_name))
+    build = BuildRecord.load(make_build(image_name))
     first = publish(build, spec, clouds_yaml=openstack_stack.clouds_yaml)
     assert first.glance[0].action == "uploaded" and len(first.s3[0].uploaded) == 3
     assert "booted" in first.gate

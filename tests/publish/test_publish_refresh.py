@@ -13,16 +13,11 @@ from typing import Any
 import pytest
 
 from kiln.cloud import glance, s3
-from kiln.publish.core import (
-    CandidateImage,
-    GateFailedError,
-    GateResult,
-    PublishSpec,
-    load_build,
-    managed_images,
-    publish,
-    status_of,
-)
+from kiln.model.publishing import GateFailedError, PublishSpec
+from kiln.model.record import BuildRecord
+from kiln.publish.core import publish
+from kiln.publish.gates import CandidateImage, GateResult
+from kiln.publish.promote import managed_images, status_of
 from kiln.publish.refresh import publish_changes
 from tests.e2e import kiln
 from tests.publish.conftest import MakeBuild, OpenStack
@@ -52,13 +47,13 @@ def test_only_what_changed_is_published_with_a_package_diff(conn: Any, openstack
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_STATE", str(tmp_path / "state"))
     spec = PublishSpec(targets=["glance:kiln-dev", f"s3://{bucket}/catalog"], keep=3)
-    night1 = load_build(make_build(image_name, packages=[OPENSSL_OLD, BASH]))
+    night1 = BuildRecord.load(make_build(image_name, packages=[OPENSSL_OLD, BASH]))
     first = publish_changes(night1, spec, clouds_yaml=openstack_stack.clouds_yaml)
     assert first.status == "published" and first.diff is None
     assert _statuses(conn, image_name) == ["stable"]
 
     # night 2: new bytes (another seed), same packages, elements and spec: nothing goes anywhere
-    night2 = load_build(make_build(image_name, packages=[BASH, OPENSSL_OLD]))
+    night2 = BuildRecord.load(make_build(image_name, packages=[BASH, OPENSSL_OLD]))
     second = publish_changes(night2, spec, clouds_yaml=openstack_stack.clouds_yaml)
     assert second.status == "unchanged", second
     assert sorted(second.unchanged_targets) == sorted(spec.targets) and "unchanged" in second.line()
@@ -67,7 +62,7 @@ def test_only_what_changed_is_published_with_a_package_diff(conn: Any, openstack
         == [night1.build_id]
 
     # night 3: openssl upgraded from the security suite: published, the diff names it, night 1 is previous
-    night3 = load_build(make_build(image_name, packages=[OPENSSL_NEW, BASH]))
+    night3 = BuildRecord.load(make_build(image_name, packages=[OPENSSL_NEW, BASH]))
     third = publish_changes(night3, spec, clouds_yaml=openstack_stack.clouds_yaml)
     assert third.status == "published" and third.replaces == night1.build_id
     assert third.diff is not None
@@ -98,14 +93,14 @@ def test_a_gate_failing_on_one_cloud_leaves_no_cloud_half_promoted(conn: Any, ot
                                                                   openstack_stack: OpenStack, make_build: MakeBuild,
                                                                   image_name: str) -> None:
     spec = PublishSpec(targets=["glance:kiln-dev", f"glance:{OTHER_CLOUD}"])
-    old = load_build(make_build(image_name))
+    old = BuildRecord.load(make_build(image_name))
     publish(old, spec, clouds_yaml=openstack_stack.clouds_yaml)
     assert _statuses(conn, image_name) == ["stable"] and _statuses(other_conn, image_name) == ["stable"]
 
     def refuses(candidate: CandidateImage) -> GateResult:  # this cloud's gate: its boot fails
         return GateResult(False, f"image {candidate.image_id} did not boot on {candidate.cloud}")
 
-    new = load_build(make_build(image_name))
+    new = BuildRecord.load(make_build(image_name))
     with pytest.raises(GateFailedError, match=f"cloud '{OTHER_CLOUD}'"):
         publish(new, spec, clouds_yaml=openstack_stack.clouds_yaml, gates={OTHER_CLOUD: refuses})
     # kiln-dev's candidate passed its gate but was never promoted, and is gone with the other's

@@ -14,16 +14,11 @@ from typing import Any
 import pytest
 
 from kiln.cloud import s3
-from kiln.publish.core import (
-    GateFailedError,
-    GateResult,
-    PublishSpec,
-    load_build,
-    publish,
-    publish_s3,
-    retain_s3,
-    s3_versions,
-)
+from kiln.model.publishing import GateFailedError, PublishSpec
+from kiln.model.record import BuildRecord
+from kiln.publish.core import publish
+from kiln.publish.gates import GateResult
+from kiln.publish.s3_builds import publish_s3, retain_s3, s3_versions
 from tests.publish.conftest import MakeBuild
 
 pytestmark = pytest.mark.slow
@@ -43,7 +38,7 @@ def _objects(client: Any, bucket: str) -> dict[str, dict[str, Any]]:
 def test_a_build_lands_beside_its_manifest_and_sha256sums_with_metadata(s3_client: Any, bucket: str,
                                                                         make_build: MakeBuild) -> None:
     out = make_build("deb", formats=("qcow2", "raw"))
-    build = load_build(out)
+    build = BuildRecord.load(out)
     location = s3.parse_s3_url(f"s3://{bucket}/images/nightly")
     report = publish_s3(s3_client, location, build)
     base = f"images/nightly/deb/{build.build_id}/"
@@ -62,7 +57,7 @@ def test_a_build_lands_beside_its_manifest_and_sha256sums_with_metadata(s3_clien
 
 
 def test_publishing_again_uploads_nothing(s3_client: Any, bucket: str, make_build: MakeBuild) -> None:
-    build = load_build(make_build("deb", size_mib=20))  # above the part size: a multipart object
+    build = BuildRecord.load(make_build("deb", size_mib=20))  # above the part size: a multipart object
     location = s3.parse_s3_url(f"s3://{bucket}/x")
     publish_s3(s3_client, location, build)
     before = _objects(s3_client, bucket)
@@ -113,10 +108,10 @@ def test_retention_keeps_the_newest_builds_per_name_and_a_protected_one(s3_clien
     location = s3.parse_s3_url(f"s3://{bucket}/mirror")
     prefixes = []
     for _ in range(4):
-        build = load_build(make_build("deb"))
+        build = BuildRecord.load(make_build("deb"))
         publish_s3(s3_client, location, build)
         prefixes.append(f"mirror/deb/{build.build_id}/")
-    other = load_build(make_build("other"))
+    other = BuildRecord.load(make_build("other"))
     publish_s3(s3_client, location, other)
     # an interrupted upload: images but no manifest.json
     s3_client.put_object(Bucket=bucket, Key="mirror/deb/interrupted/deb.qcow2", Body=b"partial")
@@ -135,7 +130,7 @@ def test_retention_keeps_the_newest_builds_per_name_and_a_protected_one(s3_clien
 
 
 def test_publish_to_s3_alone_still_runs_the_gate(s3_client: Any, bucket: str, make_build: MakeBuild) -> None:
-    build = load_build(make_build("deb", boots=[]))
+    build = BuildRecord.load(make_build("deb", boots=[]))
     spec = PublishSpec(targets=[f"s3://{bucket}/g"])
     with pytest.raises(GateFailedError, match="not boot-tested"):
         publish(build, spec)
@@ -145,7 +140,7 @@ def test_publish_to_s3_alone_still_runs_the_gate(s3_client: Any, bucket: str, ma
 
 
 def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_build: Path) -> None:
-    build = load_build(default_build)
+    build = BuildRecord.load(default_build)
     report = publish_s3(s3_client, s3.parse_s3_url(f"s3://{bucket}/real"), build)
     key = f"real/{build.name}/{build.build_id}/{build.images[0].path.name}"
     assert key in report.uploaded

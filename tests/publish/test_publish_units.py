@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from kiln.cli import publish as publish_cli
 from kiln.cloud import s3
-from kiln.publish.core import (
-    Build,
-    BuildImage,
-    CandidateImage,
-    PublishError,
-    PublishSpec,
-    Status,
-    Version,
-    glance_properties,
-    load_build,
-    manifest_gate,
-    min_disk_gib,
-    min_ram_mib,
-    plan_retention,
-    qemu_gate,
-)
+from kiln.cloud.properties import glance_properties, min_disk_gib, min_ram_mib
+from kiln.model.publishing import PublishError, PublishSpec, Status
+from kiln.model.record import BuildRecord, ImageRecord
+from kiln.publish.gates import CandidateImage, manifest_gate, qemu_gate
+from kiln.publish.retention import Version, plan_retention
 from tests.publish.conftest import MakeBuild, manifest_for
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
-def _build(**manifest_args: object) -> tuple[Build, BuildImage]:
-    image = BuildImage(Path("/nonexistent/x.qcow2"), "qcow2", 10, "a" * 64, "b" * 128)
+def _build(**manifest_args: object) -> tuple[BuildRecord, ImageRecord]:
+    image = ImageRecord(file="x.qcow2", format="qcow2", size=10, sha256="a" * 64, sha512="b" * 128)
     manifest = manifest_for("debian-12-amd64", build_id="20261129T000000Z-abcdef", **manifest_args)  # type: ignore[arg-type]
-    return Build(Path("/nonexistent"), manifest, (image,)), image
+    return BuildRecord.model_validate({**manifest, "images": [image], "output": Path("/nonexistent")}), image
+
+
+def _changed(build: BuildRecord, change: Callable[[dict[str, Any]], object]) -> BuildRecord:
+    """The build as if its manifest had been written with `change` applied."""
+    manifest = build.manifest()
+    change(manifest)
+    return BuildRecord.model_validate({**manifest, "output": build.output})
 
 
 def test_properties_map_the_manifest_to_what_nova_reads() -> None:
@@ -51,17 +49,16 @@ def test_properties_map_the_manifest_to_what_nova_reads() -> None:
     assert props["kiln_name"] == "debian-12"
     assert props["kiln_build_id"] == "20261129T000000Z-abcdef"
     assert props["kiln_sha256"] == "a" * 64
-    assert props["kiln_base_checksum"] == build.manifest["base"]["key"]
+    assert props["kiln_base_checksum"] == build.base["key"]
     assert len(props["kiln_spec_sha256"]) == 64 and len(props["kiln_elements_sha256"]) == 64
-    assert props["kiln_element_qemu-guest-agent"] == build.manifest["elements"][5]["sha256"]
+    assert props["kiln_element_qemu-guest-agent"] == build.elements[5].sha256
     assert all(len(v) <= 255 for v in props.values())
 
 
 def test_spec_hash_changes_with_the_spec_and_elements_hash_with_an_element() -> None:
     build, image = _build()
     before = glance_properties(build, image, PublishSpec(), name="n")
-    build.manifest["spec"]["packages"] = ["htop"]
-    build.manifest["elements"][0]["sha256"] = "0" * 64
+    build = _changed(build, lambda m: (m["spec"].update(packages=["htop"]), m["elements"][0].update(sha256="0" * 64)))
     after = glance_properties(build, image, PublishSpec(), name="n")
     assert before["kiln_spec_sha256"] != after["kiln_spec_sha256"]
     assert before["kiln_elements_sha256"] != after["kiln_elements_sha256"]
@@ -70,7 +67,7 @@ def test_spec_hash_changes_with_the_spec_and_elements_hash_with_an_element() -> 
 def test_the_spec_hash_ignores_where_the_image_is_published() -> None:
     build, image = _build()
     before = glance_properties(build, image, PublishSpec(), name="n")["kiln_spec_sha256"]
-    build.manifest["spec"]["publish"] = {"targets": ["glance:prod"], "keep": 7}
+    build = _changed(build, lambda m: m["spec"].update(publish={"targets": ["glance:prod"], "keep": 7}))
     assert glance_properties(build, image, PublishSpec(), name="n")["kiln_spec_sha256"] == before
 
 
@@ -79,13 +76,13 @@ def test_uefi_only_images_say_so() -> None:
     props = glance_properties(build, image, PublishSpec(), name="n")
     assert props["hw_firmware_type"] == "uefi" and props["architecture"] == "aarch64"
     build, image = _build()
-    build.manifest["disk"]["firmware"] = ["uefi"]
+    build = _changed(build, lambda m: m["disk"].update(firmware=["uefi"]))
     assert glance_properties(build, image, PublishSpec(), name="n")["hw_firmware_type"] == "uefi"
 
 
 def test_without_the_guest_agent_element_the_property_says_no() -> None:
     build, image = _build()
-    build.manifest["elements"] = [e for e in build.manifest["elements"] if e["name"] != "qemu-guest-agent"]
+    build = _changed(build, lambda m: m.update(elements=[e for e in m["elements"] if e["name"] != "qemu-guest-agent"]))
     assert glance_properties(build, image, PublishSpec(), name="n")["hw_qemu_guest_agent"] == "no"
 
 
@@ -98,10 +95,10 @@ def test_spec_properties_override_kilns_defaults() -> None:
 
 def test_min_disk_rounds_up_and_min_ram_defaults_to_the_boot_test_memory() -> None:
     build, _ = _build()
-    build.manifest["disk"]["size"] = 4 * 1024**3 + 1
-    assert min_disk_gib(build.manifest) == 5
-    assert min_ram_mib(build.manifest, PublishSpec()) == 1024
-    assert min_ram_mib(build.manifest, PublishSpec(min_ram=512)) == 512
+    build = _changed(build, lambda m: m["disk"].update(size=4 * 1024**3 + 1))
+    assert min_disk_gib(build) == 5
+    assert min_ram_mib(build, PublishSpec()) == 1024
+    assert min_ram_mib(build, PublishSpec(min_ram=512)) == 512
 
 
 def test_publish_spec_refuses_what_it_does_not_know() -> None:
@@ -198,26 +195,26 @@ def test_manifest_gate_takes_a_boot_in_nova_for_any_firmware() -> None:
 
 def test_load_build_reads_a_build_and_catches_a_changed_or_unlisted_file(make_build: MakeBuild) -> None:
     out = make_build("n1", formats=("qcow2", "raw"))
-    build = load_build(out)
+    build = BuildRecord.load(out)
     assert [i.format for i in build.images] == ["qcow2", "raw"]
-    assert build.image("raw").path == out / "n1.raw"
+    assert build.image_path(build.image("raw")) == out / "n1.raw"
     with pytest.raises(PublishError, match="no vmdk image"):
         build.image("vmdk")
     with (out / "n1.raw").open("ab") as fh:
         fh.write(b"x")
     with pytest.raises(PublishError, match="the file changed after the build"):
-        load_build(out)
+        BuildRecord.load(out)
     (out / "SHA256SUMS").write_text("")
     with pytest.raises(PublishError, match=r"SHA256SUMS: n1\.qcow2 is missing"):
-        load_build(out)
-    with pytest.raises(PublishError, match="kiln build's output directory"):
-        load_build(out / "nope")
+        BuildRecord.load(out)
+    with pytest.raises(PublishError, match=r"manifest\.json: not a kiln build output"):
+        BuildRecord.load(out / "nope")
 
 
 def test_the_spec_publish_section_is_read_from_the_manifest_and_flags_override_it(make_build: MakeBuild) -> None:
     out = make_build("n2", publish={"targets": ["glance:prod"], "visibility": "public", "keep": 5,
                                     "tags": ["nightly"], "properties": {"os_admin_user": "debian"}})
-    build = load_build(out)
+    build = BuildRecord.load(out)
     assert build.publish_spec().targets == ["glance:prod"]
     parser = argparse.ArgumentParser()
     publish_cli.register(parser.add_subparsers())
@@ -238,7 +235,7 @@ def test_a_bad_publish_section_in_the_manifest_names_the_file(make_build: MakeBu
     manifest["spec"]["publish"] = {"keep": -1}
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PublishError, match=r"manifest\.json: spec\.publish"):
-        load_build(out).publish_spec()
+        BuildRecord.load(out).publish_spec()
 
 
 def test_retention_orders_builds_of_the_same_second_by_build_id() -> None:
@@ -252,10 +249,10 @@ def test_the_qemu_gate_turns_a_boot_error_into_a_failed_result(make_build: MakeB
     """Only the error path: a real boot takes minutes (kiln boot-test's own tests boot for real)."""
     out = make_build("n4")
     (out / "n4.qcow2").unlink()
-    result = qemu_gate(CandidateImage("n4", load_build_unchecked(out), BuildImage(out / "n4.qcow2", "qcow2", 0,
-                                                                                     "", "")))
+    build = load_build_unchecked(out)
+    result = qemu_gate(CandidateImage("n4", build, build.image("qcow2")))
     assert not result.passed and "missing" in result.detail
 
 
-def load_build_unchecked(out: Path) -> Build:
-    return Build(out, json.loads((out / "manifest.json").read_text()), ())
+def load_build_unchecked(out: Path) -> BuildRecord:
+    return BuildRecord.model_validate({**json.loads((out / "manifest.json").read_text()), "output": out})

@@ -1,0 +1,90 @@
+"""The Glance properties of a published image: the ones Nova and users read, and kiln's own
+(provenance and state)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from kiln.model import facts
+from kiln.model.pkgdiff import content_digest
+from kiln.model.publishing import PublishSpec
+from kiln.model.record import BuildRecord, ImageRecord
+
+GiB = 1 << 30
+
+# kiln's own Glance properties
+P_NAME = "kiln_name"
+P_STATUS = "kiln_status"
+P_BUILD_ID = "kiln_build_id"
+P_CREATED = "kiln_created"
+P_SHA256 = "kiln_sha256"
+P_SPEC = "kiln_spec_sha256"
+P_ELEMENTS = "kiln_elements_sha256"
+P_ELEMENT = "kiln_element_"
+P_BASE = "kiln_base_checksum"
+P_VERSION = "kiln_version"
+P_CONTENT = "kiln_content_sha256"  # packages, elements and spec: equal for a rebuild that changed nothing
+
+
+def canonical_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _element_key(name: str) -> str:
+    return P_ELEMENT + re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def uefi_only(build: BuildRecord) -> bool:
+    """Whether the image boots only under UEFI: the disk's recorded firmware, else its architecture's."""
+    if build.disk.firmware:
+        return set(build.disk.firmware) == {"uefi"}
+    return facts.uefi_only(build.arch)
+
+
+def min_disk_gib(build: BuildRecord) -> int:
+    size = build.disk.size or build.spec.get("size") or 0
+    return math.ceil(int(size) / GiB)
+
+
+def min_ram_mib(build: BuildRecord, spec: PublishSpec) -> int:
+    if spec.min_ram is not None:
+        return spec.min_ram
+    return int(build.boot_settings.get("memory") or 0)
+
+
+def glance_properties(build: BuildRecord, image: ImageRecord, spec: PublishSpec, *, name: str) -> dict[str, str]:
+    """The properties a published image carries: the ones Nova and users read, then kiln's own
+    (provenance and state), then the spec's `properties`, which win over kiln's defaults."""
+    s = build.spec
+    distro, release = str(s.get("distro", "")), str(s.get("release", ""))
+    elements = {e.name: e.sha256 for e in build.elements}
+    props: dict[str, str] = {
+        "os_type": "linux",
+        "os_distro": distro,
+        "os_version": facts.os_version(distro, release),
+        "architecture": facts.machine_of(build.arch),
+        "hw_disk_bus": "virtio",
+        "hw_qemu_guest_agent": "yes" if "qemu-guest-agent" in elements else "no",
+    }
+    if uefi_only(build):
+        props["hw_firmware_type"] = "uefi"
+    base = build.base
+    props.update({
+        P_NAME: name,
+        P_BUILD_ID: build.build_id,
+        P_CREATED: build.created,
+        P_SHA256: image.sha256,
+        P_SPEC: canonical_sha256({k: v for k, v in s.items() if k != "publish"}),  # what was built, not where to
+        P_ELEMENTS: canonical_sha256(sorted(elements.items())),
+        P_BASE: str(base.get("sha256") or base.get("checksum") or base.get("key") or ""),
+        P_VERSION: build.kiln_version,
+        P_CONTENT: content_digest(build.manifest()),
+    })
+    for element, digest in sorted(elements.items()):
+        props[_element_key(element)] = digest
+    props.update(spec.properties)
+    return {k: v for k, v in props.items() if v != ""}

@@ -1,0 +1,192 @@
+"""Levels 2 and 4 of the disk: the filesystems (how big the root tree may be, the ext4 root made with
+`mkfs.ext4 -d`, the EFI system partition made with `mkfs.fat --offset` and mtools) and the fstab naming them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from kiln.host.run import output, run
+from kiln.image.layout import BLOCK, GPT_BACKUP, ROOT_START, SECTOR, DiskLayout, GiB, KiB, MiB, human_size
+from kiln.model.errors import DiskError
+
+ROOT_LABEL = "cloudimg-rootfs"
+
+# Pinned so that the host's /etc/mke2fs.conf cannot add features GRUB 2.06 cannot read
+# (orphan_file, metadata_csum_seed): bookworm's own ext4 defaults.
+MKE2FS_CONF = """\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tenable_periodic_fsck = 0
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+"""
+
+
+def fstab_text(layout: DiskLayout) -> str:
+    """The image's /etc/fstab: the root filesystem and the ESP, by UUID."""
+    return (
+        "# Written by kiln: the root filesystem and the EFI system partition, by UUID.\n"
+        f"UUID={layout.root_uuid}\t/\text4\trw,discard,errors=remount-ro\t0\t1\n"
+        f"UUID={layout.esp_serial}\t/boot/efi\tvfat\tumask=0077\t0\t1\n"
+    )
+
+
+def default_journal_blocks(blocks: int) -> int:
+    """mke2fs 1.47's default journal size (ext2fs_default_journal_size) for a filesystem of `blocks`."""
+    for limit, journal in (
+        (32768, 1024),
+        (256 * 1024, 4096),
+        (512 * 1024, 8192),
+        (4096 * 1024, 16384),
+        (8192 * 1024, 32768),
+        (16384 * 1024, 65536),
+        (32768 * 1024, 131072),
+    ):
+        if blocks < limit:
+            return journal
+    return 262144
+
+
+def root_capacity(fs_bytes: int) -> tuple[int, int]:
+    """(bytes, inodes) that files can use in an ext4 of `fs_bytes` made with our mke2fs.conf.
+
+    Subtracts the inode tables (256 bytes per 16 KiB), the journal, group metadata and the 5 % reserved
+    for root, so that the image does not boot with a full root filesystem.
+    """
+    blocks = fs_bytes // BLOCK
+    inodes = fs_bytes // 16384
+    metadata = inodes * 256 + default_journal_blocks(blocks) * BLOCK + fs_bytes // 200 + 4 * MiB
+    return max(fs_bytes - metadata - fs_bytes // 20, 0), inodes
+
+
+def _needed(tree_bytes: int) -> int:
+    # extent blocks, directories growing as entries are added in another order, xattr blocks
+    return tree_bytes + tree_bytes // 50 + 8 * MiB
+
+
+def check_fits(tree_bytes: int, tree_inodes: int, layout: DiskLayout) -> None:
+    """Raise DiskError if a tree of `tree_bytes` (du) and `tree_inodes` cannot fill the root partition."""
+    capacity, inodes = root_capacity(layout.root_fs_size)
+    needed = _needed(tree_bytes)
+    if needed <= capacity and tree_inodes + 64 <= inodes:
+        return
+    size = math.ceil(layout.size / GiB) * GiB
+    while True:
+        cap, ino = root_capacity((size - GPT_BACKUP - ROOT_START) // BLOCK * BLOCK)
+        if needed <= cap and tree_inodes + 64 <= ino:
+            break
+        size += GiB
+    if needed > capacity:
+        problem = (
+            f"needs about {human_size(needed)} ({human_size(tree_bytes)} in {tree_inodes} files, plus ext4 "
+            f"overhead) but the root partition of a {human_size(layout.size)} disk has room for about "
+            f"{human_size(capacity)} after ext4 metadata and the 5 % root reserve"
+        )
+    else:
+        problem = (
+            f"has {tree_inodes} files but the root filesystem of a {human_size(layout.size)} disk has only "
+            f"{inodes} inodes"
+        )
+    raise DiskError(f"the root tree does not fit: it {problem}; raise the image's size to at least {size // GiB} GiB")
+
+
+def measure_tree(tree: Path) -> tuple[int, int]:
+    """(allocated bytes, inodes) of a tree, hard links counted once, as `du` reports them."""
+    used = output(["du", "-s", "-x", "-B1", str(tree)], what=f"measure {tree}")
+    inodes = output(["du", "-s", "-x", "--inodes", str(tree)], what=f"count files in {tree}")
+    try:
+        return int(used.split()[0]), int(inodes.split()[0])
+    except (ValueError, IndexError) as exc:
+        raise DiskError(f"cannot read du's output for {tree}: {used!r} / {inodes!r}") from exc
+
+
+def _mtools_env() -> dict[str, str]:
+    return {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null", "LC_ALL": "C"}
+
+
+def make_esp(disk: Path, layout: DiskLayout, efi_image: Path) -> None:
+    """Format the ESP in place (FAT32) and put GRUB's EFI binary on it, as the removable-media loader too."""
+    esp = layout.esp
+    # mkfs.fat sizes clusters by the whole file, not by BLOCKS: give FAT32 enough clusters explicitly
+    run(
+        [
+            "mkfs.fat",
+            "-F",
+            "32",
+            "-S",
+            str(SECTOR),
+            "-s",
+            "1",
+            f"--offset={esp.first_sector}",
+            "-h",
+            str(esp.first_sector),
+            "-i",
+            layout.esp_serial.replace("-", ""),
+            "-n",
+            "EFI",
+            str(disk),
+            str(esp.size // KiB),
+        ],
+        quiet=True,
+        timeout=60,
+        what="format the EFI system partition (mkfs.fat)",
+    )
+    image = f"{disk}@@{esp.start}"
+    env = _mtools_env()
+    run(
+        ["mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"],
+        env=env,
+        quiet=True,
+        timeout=60,
+        what="make directories on the ESP (mmd)",
+    )
+    loader = layout.platform.efi_loader
+    grub_name = "grub" + loader.removeprefix("BOOT").lower()  # grubx64.efi / grubaa64.efi
+    for target in (f"::/EFI/BOOT/{loader}", f"::/EFI/debian/{grub_name}"):
+        run(
+            ["mcopy", "-i", image, "-m", str(efi_image), target],
+            env=env,
+            quiet=True,
+            timeout=60,
+            what=f"copy GRUB to {target} on the ESP (mcopy)",
+        )
+
+
+def make_root(disk: Path, layout: DiskLayout, merged: Path, workdir: Path) -> None:
+    """Make the ext4 root filesystem in place, filled from `merged` (mkfs.ext4 -d)."""
+    conf = workdir / "mke2fs.conf"
+    conf.write_text(MKE2FS_CONF)
+    # The file is fresh and sparse, so its blocks read as zeros: nothing needs discarding or zeroing.
+    extended = f"offset={layout.root.start},nodiscard,assume_storage_prezeroed=1"
+    run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-E",
+            extended,
+            "-d",
+            str(merged),
+            "-U",
+            layout.root_uuid,
+            "-L",
+            ROOT_LABEL,
+            str(disk),
+            f"{layout.root_fs_size // KiB}k",
+        ],
+        env={**os.environ, "MKE2FS_CONFIG": str(conf), "LC_ALL": "C"},
+        timeout=1800,
+        what="make the root filesystem (mkfs.ext4 -d)",
+    )

@@ -1,0 +1,99 @@
+"""Distribution and architecture facts: the one place kiln keeps them.
+
+Architectures are named as Debian names them (amd64, arm64); everything else (the kernel's `uname -m`,
+QEMU's binary names, Glance's `architecture` property) is mapped from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kiln.model.errors import SpecError
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    name: str  # Debian's: amd64, arm64
+    machine: str  # the kernel's uname -m, QEMU's system binary suffix, Glance's `architecture`
+    firmware: tuple[str, ...]  # what its machines boot with: arm64 machines have no BIOS, only UEFI
+
+
+ARCHES: dict[str, ArchFacts] = {a.name: a for a in (
+    ArchFacts("amd64", "x86_64", ("bios", "uefi")),
+    ArchFacts("arm64", "aarch64", ("uefi",)),
+)}
+MACHINES: dict[str, str] = {a.machine: a.name for a in ARCHES.values()} | {"arm64": "arm64"}  # macOS says arm64
+
+
+def arch_of_machine(machine: str) -> str:
+    """`uname -m` (x86_64, aarch64) as Debian's architecture name; unknown machines unchanged."""
+    return MACHINES.get(machine, machine)
+
+
+def machine_of(arch: str) -> str:
+    """Debian's architecture name as the kernel's (and QEMU's, and Glance's)."""
+    return ARCHES[arch].machine if arch in ARCHES else arch
+
+
+def firmware_of(arch: str) -> tuple[str, ...]:
+    """What machines of `arch` boot with."""
+    return ARCHES[arch].firmware if arch in ARCHES else ("bios", "uefi")
+
+
+def uefi_only(arch: str) -> bool:
+    return firmware_of(arch) == ("uefi",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributions
+
+COMPONENTS = {"debian": ("main",), "ubuntu": ("main", "universe")}  # what kiln's bootstrap enables
+BOOTSTRAPPED = frozenset(COMPONENTS)  # the distributions kiln bootstraps with mmdebstrap
+
+# os_version, as Glance's and Nova's os_version property wants it (a number, not a codename)
+DEBIAN_VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
+UBUNTU_VERSIONS = {"focal": "20.04", "jammy": "22.04", "noble": "24.04", "oracular": "24.10", "plucky": "25.04",
+                   "questing": "25.10"}
+VERSIONS = {"debian": DEBIAN_VERSIONS, "ubuntu": UBUNTU_VERSIONS}
+
+
+def os_version(distro: str, release: str) -> str:
+    """The release's version number (bookworm -> 12, noble -> 24.04); a release kiln does not know (or one
+    that is a number already: fedora 41) unchanged."""
+    return VERSIONS.get(distro, {}).get(release, release)
+
+
+# ---------------------------------------------------------------------------------------------------
+# apt suites: a release and its pockets
+
+POCKETS = ("updates", "security")
+SECURITY_POCKET = "security"
+# suites that have no -updates or -security pocket
+NO_POCKETS = frozenset({"sid", "unstable", "experimental", "rc-buggy"})
+
+
+def default_suites(release: str) -> list[str]:
+    if release in NO_POCKETS:
+        return [release]
+    return [release, *(f"{release}-{p}" for p in POCKETS)]
+
+
+def check_suites(release: str, suites: Sequence[str]) -> list[str]:
+    """The spec's `suites`, checked: the release itself first, then pockets of that release, each once."""
+    out: list[str] = []
+    for suite in suites:
+        if suite in out:
+            raise SpecError(f"suites: {suite!r} is listed twice")
+        if suite != release and not (suite.startswith(release + "-") and len(suite) > len(release) + 1):
+            raise SpecError(f"suites: {suite!r} is not the release {release!r} or one of its pockets "
+                            f"({', '.join(default_suites(release)[1:]) or 'none'})")
+        out.append(suite)
+    if not out or out[0] != release:
+        raise SpecError(f"suites: the list must start with the release itself ({release!r}), got {list(suites)}")
+    return out
+
+
+def opted_out(release: str, suites: Sequence[str]) -> list[str]:
+    """The default suites a spec's `suites` leaves out (what the manifest reports)."""
+    return [s for s in default_suites(release) if s not in suites]

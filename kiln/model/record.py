@@ -1,0 +1,225 @@
+"""The build record: what one build made, typed. The flow makes it once and passes it along; manifest.json
+is its serialization, read back (`BuildRecord.load`) only by commands that start from an output
+directory (`kiln publish`, `kiln boot-test OUTPUT`, the refresh's diff against a published build).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiln.model.publishing import PublishError, PublishSpec
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+
+
+@dataclass(frozen=True)
+class BootOutcome:
+    """One boot test of the build's image: under local QEMU (one per firmware) or in a cloud's Nova."""
+
+    firmware: str
+    passed: bool
+    seconds: float = 0.0
+    accel: str = ""
+    root_bytes: int | None = None
+    disk_bytes: int | None = None
+    login_ok: bool | None = None
+    serial_log: str = ""
+    cached: bool = False
+    backend: str = "qemu"
+    ssh_ok: bool | None = None  # root's password login over SSH (boot_test.ssh_login); None when not asked
+    criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
+    failed_units: list[str] | None = None  # systemd units failed in the guest (None: not reported)
+    tail: list[str] = field(default_factory=list)  # the console's last lines, of a boot that failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RecordError(PublishError):
+    """A build's output directory cannot be read as one: bad input, named by its file and field."""
+
+    exit_code = 2
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)  # a newer kiln's fields survive a round trip
+
+
+class ImageRecord(_Part):
+    file: str
+    format: str
+    size: int
+    sha256: str
+    sha512: str
+
+
+class ElementRecord(_Part):
+    name: str
+    path: str = ""
+    sha256: str = ""
+    origin: str = ""
+
+
+class StepRecord(_Part):
+    phase: str
+    name: str
+    element: str
+    key: str
+
+
+class DiskRecord(_Part):
+    size: int = 0
+    root_uuid: str | None = None
+    esp_serial: str | None = None
+    cmdline: str | None = None
+    key: str | None = None
+    firmware: list[str] = Field(default_factory=list)  # what the disk boots with
+
+
+class StageRecord(_Part):
+    seconds: float
+    cached: bool
+
+
+class BuildRecord(BaseModel):
+    """One build: its spec (as built), inputs, layers, disk, packages, images, stage timings, boot tests
+    and where it was published."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kiln_version: str
+    build_id: str
+    created: str = ""
+    spec: dict[str, Any]
+    mirror: str | None = None
+    elements: list[ElementRecord] = Field(default_factory=list)
+    base: dict[str, Any] = Field(default_factory=dict)  # bootstrap or upstream: see docs/design-notes.md
+    tree_key: str | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    disk: DiskRecord = Field(default_factory=DiskRecord)
+    packages: list[dict[str, Any]] = Field(default_factory=list)  # name, version, arch (+ suite, origin)
+    package_origins: dict[str, int] = Field(default_factory=dict)
+    security_updates: int = 0
+    images: list[ImageRecord] = Field(default_factory=list)
+    timings: dict[str, StageRecord] = Field(default_factory=dict)
+    boot_test: list[BootOutcome] = Field(default_factory=list)
+    published: list[dict[str, Any]] = Field(default_factory=list)  # one report per publish of this build
+    diff: dict[str, Any] | None = None  # the package diff against the stable build it replaced (the refresh)
+    output: Path | None = Field(default=None, exclude=True)  # the output directory, once written or loaded
+
+    @property
+    def name(self) -> str:
+        return str(self.spec["name"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.spec.get("arch", ""))
+
+    @property
+    def boot_settings(self) -> dict[str, Any]:
+        """The spec's boot_test section as built (memory, firmware, flavor, …)."""
+        return dict(self.spec.get("boot_test") or {})
+
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json's content."""
+        return self.model_dump(mode="json")
+
+    def image(self, disk_format: str | None = None) -> ImageRecord:
+        if not self.images:
+            raise PublishError(f"{self.where}: the build has no images")
+        if disk_format is None:
+            return self.images[0]
+        for img in self.images:
+            if img.format == disk_format:
+                return img
+        raise PublishError(f"{self.where}: the build has no {disk_format} image "
+                           f"(it has {', '.join(i.format for i in self.images)})")
+
+    def image_path(self, image: ImageRecord) -> Path:
+        return self.path_of(image.file)
+
+    def path_of(self, name: str) -> Path:
+        """A file of the build's output directory (an image, manifest.json, SHA256SUMS)."""
+        if self.output is None:
+            raise PublishError(f"build {self.build_id}: not written to an output directory yet")
+        return self.output / name
+
+    @property
+    def where(self) -> str:
+        return str(self.output / MANIFEST) if self.output else f"build {self.build_id}"
+
+    def publish_spec(self) -> PublishSpec:
+        """The `publish:` section the build's spec carried, or the defaults."""
+        try:
+            return PublishSpec.model_validate(self.spec.get("publish") or {})
+        except ValueError as exc:
+            raise PublishError(f"{self.where}: spec.publish: {exc}") from None
+
+    @classmethod
+    def load(cls, output: Path) -> BuildRecord:
+        """Read and cross-check a build's output directory (cheap: sizes and recorded checksums, no hashing;
+        the uploads hash every byte they send and compare with the manifest)."""
+        manifest_path = output / MANIFEST
+        try:
+            data = json.loads(manifest_path.read_text())
+        except OSError as exc:
+            raise RecordError(f"{manifest_path}: not a kiln build output ({output}: {exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{manifest_path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecordError(f"{manifest_path}: not a JSON object")
+        for key in ("build_id", "spec", "images"):
+            if key not in data:
+                raise RecordError(f"{manifest_path}: no {key!r} field")
+        for index, entry in enumerate(data["images"] if isinstance(data["images"], list) else []):
+            missing = [k for k in ("file", "format", "size", "sha256", "sha512") if not isinstance(entry, dict)
+                       or k not in entry]
+            if missing:
+                raise RecordError(f"{manifest_path}: images[{index}] lacks {', '.join(missing)}")
+        data.setdefault("kiln_version", "")
+        try:
+            record = cls.model_validate({**data, "output": output})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise RecordError(f"{manifest_path}: {where}: {first['msg']}") from None
+        sums_path = output / SUMS
+        try:
+            sums = read_sha256sums(sums_path)
+        except OSError as exc:
+            raise RecordError(f"{sums_path}: cannot read: {exc.strerror}") from None
+        for entry in record.images:
+            if "/" in entry.file or entry.file in ("", ".", ".."):
+                raise RecordError(f"{manifest_path}: image file {entry.file!r} is not a name in {output}")
+            path = output / entry.file
+            if sums.get(entry.file) != entry.sha256:
+                raise RecordError(f"{sums_path}: {entry.file} is missing or its sha256 differs from manifest.json")
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise RecordError(f"{path}: {exc.strerror}") from None
+            if size != entry.size:
+                raise RecordError(f"{path}: {size} bytes, but the manifest recorded {entry.size}: the file "
+                                   f"changed after the build")
+        if not record.images:
+            raise RecordError(f"{manifest_path}: the build has no images")
+        return record
+
+
+def read_sha256sums(path: Path) -> dict[str, str]:
+    sums: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.match(r"^([0-9a-f]{64}) [ *](.+)$", line.strip())
+        if not m:
+            raise RecordError(f"{path}:{number}: not a SHA256SUMS line: {line[:80]!r}")
+        sums[m.group(2)] = m.group(1)
+    return sums
