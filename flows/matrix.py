@@ -55,7 +55,7 @@ from kiln.model.matrix import (
 )
 from kiln.model.options import BuildOptions
 from kiln.model.publishing import PublishSpec
-from kiln.model.record import MANIFEST
+from kiln.model.record import MANIFEST, new_build_id
 from kiln.model.spec import ImageSpec
 from kiln.store.entries import Store
 
@@ -131,7 +131,7 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
     if kiln_logger.level == logging.NOTSET:  # a worker's run process: let kiln's INFO lines reach the run logs
         kiln_logger.setLevel(logging.INFO)
     with host_slots(spec, options):
-        record = build_image(spec, options)
+        record = build_image(spec, options, new_build_id())
     # what crosses to the matrix's run (another process, maybe another host): plain data
     report = {"images": [str(record.image_path(i)) for i in record.images], "manifest": str(record.path_of(MANIFEST)),
               "output": str(record.output), "boot_test": [b.as_dict() for b in record.boot_test],
@@ -212,7 +212,7 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
     result = CellResult(name=cell.name, axes=cell.axes, status="failed", output=options.output)
     if deployment is None:
         with host_slots(cell.spec, options):
-            state: State[Any] = build_image(cell.spec, options, return_state=True)  # type: ignore[assignment]
+            state: State[Any] = build_image(cell.spec, options, new_build_id(), return_state=True)  # type: ignore[assignment]
         result.status = _status(state)
         result.error = _error(state)
         result.flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None

@@ -20,7 +20,7 @@ from kiln.sources.bootstrap import components
 from kiln.sources.suites import origin_counts, package_origins
 
 
-@task(name="outputs")
+@task(name="outputs", task_run_name="outputs")
 def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packed: PackOutput,
                   images: list[ImageOutput], boots: list[BootOutcome],
                   stages: dict[str, dict[str, Any]]) -> BuildRecord:
@@ -33,7 +33,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
     if plan.suites and packed.packages:
         package_list = package_origins(packed.packages, plan.suites, arch=plan.spec.arch.value,
                                        components=components(plan.spec.distro.value))
-        logger.info("outputs: %d of %d packages from the security suite%s", sum(
+        logger.info("%d of %d packages from the security suite%s", sum(
             1 for p in package_list if str(p["suite"]).endswith("-security")), len(package_list),
             f" (suites left out by the spec: {', '.join(plan.suites_opted_out)})" if plan.suites_opted_out else "")
     record = BuildRecord(
@@ -63,12 +63,12 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         for f, i in zip(files, images, strict=True):
             write_checksum_files(f, sha256=i.sha256)
     for f in files:
-        logger.info("outputs: image %s", f)
-    logger.info("outputs: manifest %s", out / "manifest.json")
+        logger.info("image %s", f)
+    logger.info("manifest %s", out / "manifest.json")
     return record
 
 
-@task(name="record_boot_tests")
+@task(name="record_boot_tests", task_run_name="record boot tests")
 def record_boot_tests(record: BuildRecord, boots: list[BootOutcome], stages: dict[str, dict[str, Any]]) -> BuildRecord:
     """Add boot results that came after the outputs were written (a boot in Nova needs the finished build)."""
     record = record.model_copy(update={"boot_test": [*record.boot_test, *boots],
@@ -77,7 +77,7 @@ def record_boot_tests(record: BuildRecord, boots: list[BootOutcome], stages: dic
     return record
 
 
-@task(name="record_published")
+@task(name="record_published", task_run_name="record published")
 def record_published(record: BuildRecord, report: dict[str, Any]) -> BuildRecord:
     """Add where the build was published to its record and manifest.json."""
     record = record.model_copy(update={"published": [*record.published, report]})

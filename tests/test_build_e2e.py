@@ -146,13 +146,22 @@ def test_image_content_is_clean(seed_build: tuple[Path, dict[str, Any], float]) 
 def test_second_build_comes_from_the_cache(seed_build: tuple[Path, dict[str, Any], float],
                                           tmp_path: Path) -> None:
     _, first, _ = seed_build
-    proc = kiln("build", "tests/data/seed-example.yaml", "--output", str(tmp_path))
+    proc = kiln("-v", "build", "tests/data/seed-example.yaml", "--output", str(tmp_path))
     m = manifest(tmp_path)
     stages = m["timings"]
     assert all(v["cached"] for k, v in stages.items() if k not in ("plan", "convert")), stages
     assert all(b["cached"] for b in m["boot_test"])
     assert [i["sha256"] for i in m["images"]] == [i["sha256"] for i in first["images"]]
-    assert "Cached" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    # every stage says in one line, by its name, whether it ran or came from the cache; Prefect's anonymous
+    # "Finished in state Cached(type=COMPLETED)" lines are gone, and the build ends with its stage table
+    for stage, timing in stages.items():
+        assert f"kiln.build: {stage}: {'cached' if timing['cached'] else 'done'} in " in out, (stage, out[-3000:])
+        assert any(line.split()[:1] == [stage.split()[0]] and line.rstrip().endswith("yes" if timing["cached"]
+                   else "no") for line in out.splitlines()), stage
+    assert "Finished in state Cached" not in out
+    # -v: kiln's own debug lines (issue 14: the flow used to force INFO), not those of the HTTP libraries
+    assert " DEBUG kiln." in out and " DEBUG httpcore" not in out
 
 
 def test_failing_hook_names_element_hook_code_and_output(tmp_path: Path) -> None:

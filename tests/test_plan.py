@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kiln.build import plan as plan_mod
 from kiln.build.elements import installed_dib_library
 from kiln.build.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
 from kiln.model.errors import ElementError, SpecError
+from kiln.model.options import BuildOptions
 from kiln.model.spec import ImageSpec, spec_from_dict
+from tasks import plan as tasks_plan
 
 
 def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec: object) -> BuildPlan:
@@ -183,3 +187,23 @@ def test_elements_path_naming_dibs_library_makes_it_the_library(make_element: Ca
     assert origins["growroot"] == "diskimage-builder"  # the user's path wins over kiln's growroot, as in DIB
     assert origins["vm"] == "kiln"  # native
     assert plan.env["_LIB"] == str(library.parent / "lib")
+
+
+def test_a_build_plans_once(elements: Callable[..., Path], host_env: dict[str, str], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln build` plans before starting Prefect (bad input fails at once) and hands the plan to the flow's
+    plan task, which takes it instead of planning again (no second round of InRelease and checksum fetches);
+    a reference is good once, and one from another process (a worker's run) finds nothing."""
+    plan = plan_for(elements, host_env)
+    ref = plan_mod.hand_over(plan)
+    assert plan_mod.take_over(ref) is plan and plan_mod.take_over(ref) is None and plan_mod.take_over(None) is None
+
+    def no_second_plan(*args: Any, **kwargs: Any) -> BuildPlan:
+        raise AssertionError("planned twice")
+
+    monkeypatch.setattr(tasks_plan, "make_plan", no_second_plan)
+    options = BuildOptions(cache=str(tmp_path / "store"), plan_ref=plan_mod.hand_over(plan))
+    ctx = tasks_plan.plan_build.fn(plan.spec, options, "20261207T000000Z-abcdef")
+    assert ctx.plan is plan
+    with pytest.raises(AssertionError, match="planned twice"):  # the same reference again: planned anew
+        tasks_plan.plan_build.fn(plan.spec, options, "20261207T000001Z-abcdef")

@@ -305,7 +305,7 @@ def test_argv_arm64() -> None:
     assert _pairs(argv, "-machine") == ["virt"] and _pairs(argv, "-cpu") == ["max"]
     assert _pairs(argv, "-drive")[0].endswith("file=/usr/share/AAVMF/AAVMF_CODE.fd")
     assert vars_.name == "AAVMF_VARS.fd"
-    with pytest.raises(ValueError, match="UEFI only"):
+    with pytest.raises(ValueError, match="arm64 boots with uefi only"):
         _argv(arch="arm64", firmware="bios")
 
 

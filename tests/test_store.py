@@ -69,3 +69,32 @@ def test_concurrent_builders_of_one_key_build_once(tmp_path: Path) -> None:
         t.join()
     assert built == [1]
     assert len(store.entries()) == 1
+
+
+def test_a_step_builds_once_then_is_served_from_the_store(tmp_path: Path) -> None:
+    """Store.step: the one lock -> check -> touch -> new entry sequence every stage uses."""
+    store = Store(tmp_path / "s")
+    with store.step("k1", kind="layer", description="first") as entry:
+        assert not entry.cached and entry.scratch is not None and entry.data == entry.scratch / "data"
+        (entry.data / "f").write_text("x")
+        assert not store.has("k1")  # not committed before the block ends
+    assert store.valid("k1") and (store.data("k1") / "f").read_text() == "x"
+    before = (store.path("k1") / "last-use").stat().st_mtime_ns
+    time.sleep(0.01)
+    with store.step("k1", kind="layer", description="again") as entry:
+        assert entry.cached and entry.scratch is None and (entry.data / "f").read_text() == "x"
+    assert (store.path("k1") / "last-use").stat().st_mtime_ns > before  # touched: gc keeps what is used
+    with store.step("k1", kind="layer", description="rebuilt", rebuild=True) as entry:
+        assert not entry.cached
+        (entry.data / "f").write_text("y")
+    assert (store.data("k1") / "f").read_text() == "y"
+
+
+def test_a_failed_step_leaves_nothing_and_the_next_builds_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(RuntimeError), store.step("k2", kind="disk", description="d") as entry:
+        (entry.data / "half").write_text("written")
+        raise RuntimeError("the hook failed")
+    assert not store.has("k2") and list(store.tmp_dir.iterdir()) == []
+    with store.step("k2", kind="disk", description="d") as entry:
+        assert not entry.cached

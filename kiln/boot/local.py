@@ -24,6 +24,7 @@ from kiln.build.plan import digest
 from kiln.host.arch import host_arch
 from kiln.host.run import tracked
 from kiln.host.state import state_dir
+from kiln.model import facts
 from kiln.model.errors import BootTestError, SpecError
 from kiln.model.record import BootOutcome, BuildRecord
 from kiln.model.spec import BootTestSpec, ImageSpec
@@ -68,11 +69,10 @@ def user_data(marker: str, *, root_password: str | None) -> str:
 
 
 def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]:
-    """The firmware to boot-test with: the spec's (or `wanted`); arm64 machines have no BIOS, only UEFI."""
+    """The firmware to boot-test with: the spec's (or `wanted`) that machines of its arch have (arm64: UEFI)."""
     chosen = wanted or [f.value for f in spec.boot_test.firmware]
-    if spec.arch.value == "arm64":
-        return [f for f in chosen if f == "uefi"] or ["uefi"]
-    return chosen
+    able = facts.firmware_of(spec.arch.value)
+    return [f for f in chosen if f in able] or list(able[-1:])
 
 
 def has_cloud_init(packages: Sequence[Mapping[str, Any]]) -> bool:
@@ -129,18 +129,15 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
     """A passed boot of this image under `firmware`: from the store (keyed by the image's sha256), or
     booted now and stored."""
     key = boot_key(image_sha256, firmware, arch, settings, cloud_init=cloud_init)
-    with store.lock(key):
-        if not rebuild and store.valid(key):
-            store.touch(key)
-            data = store.data(key)
-            result = json.loads((data / "boot.json").read_text())
-            return BootOutcome(**{**result, "cached": True, "serial_log": str(data / "serial.log")})
+    with store.step(key, kind="boot", description=f"boot test {firmware} of {image.name}", rebuild=rebuild) as entry:
+        if entry.cached:
+            result = json.loads((entry.data / "boot.json").read_text())
+            return BootOutcome(**{**result, "cached": True, "serial_log": str(entry.data / "serial.log")})
         outcome = boot_once(image, firmware=firmware, arch=arch, settings=settings, workdir=workdir,
                             accel=qemu.probe_accel(kernel, state_dir=state_dir), cloud_init=cloud_init)
-        with store.new_entry(key, kind="boot", description=f"boot test {firmware} of {image.name}") as tmp:
-            shutil.copyfile(outcome.serial_log, tmp / "data" / "serial.log")
-            record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
-            (tmp / "data" / "boot.json").write_text(json.dumps(record))
+        shutil.copyfile(outcome.serial_log, entry.data / "serial.log")
+        record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
+        (entry.data / "boot.json").write_text(json.dumps(record))
         # the console log the store keeps, not the build's work directory, which goes with the build
         return replace(outcome, serial_log=str(store.data(key) / "serial.log"))
 

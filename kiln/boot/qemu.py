@@ -26,15 +26,17 @@ from typing import Any
 
 from kiln.boot import guest_ssh
 from kiln.boot.serial_console import Login, SerialConsole, serial_tail
+from kiln.host.arch import host_arch
 from kiln.host.run import output, run
+from kiln.model import facts
 from kiln.model.errors import BootTestError, CommandError
 
 log = logging.getLogger("kiln.qemu")
 
 ACCELS = ("kvm", "tcg")
 FIRMWARES = ("bios", "uefi")
-ARCHES = ("amd64", "arm64")
-QEMU_BINARY = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+ARCHES = tuple(facts.ARCHES)
+QEMU_BINARY = {arch: f"qemu-system-{facts.machine_of(arch)}" for arch in ARCHES}
 UEFI_FILES = {
     "amd64": (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
     "arm64": (Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
@@ -78,12 +80,6 @@ def with_parent_death_signal(argv: list[str]) -> list[str]:
     return ["setpriv", "--pdeathsig", "KILL", *argv] if shutil.which("setpriv") else argv
 
 
-def host_arch() -> str:
-    """The host's architecture in Debian's naming."""
-    machine = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
-
-
 def _opt(path: Path | str) -> str:
     """A path as a QEMU option value (commas are doubled)."""
     return str(path).replace(",", ",,")
@@ -123,8 +119,8 @@ def qemu_argv(
         raise ValueError(f"unknown arch {arch!r} (expected one of {', '.join(ARCHES)})")
     if firmware not in FIRMWARES:
         raise ValueError(f"unknown firmware {firmware!r} (expected one of {', '.join(FIRMWARES)})")
-    if arch == "arm64" and firmware != "uefi":
-        raise ValueError("arm64 boots with UEFI only")
+    if firmware not in facts.firmware_of(arch):
+        raise ValueError(f"{arch} boots with {' or '.join(facts.firmware_of(arch))} only")
     argv = [QEMU_BINARY[arch], "-name", name]
     argv += ["-machine", "q35" if arch == "amd64" else "virt"]
     argv += accel_args(accel)

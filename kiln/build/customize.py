@@ -130,24 +130,21 @@ def ensure_base(ctx: BuildContext) -> StepResult:
     """The bootstrapped base tree, from the store or built now."""
     key = ctx.plan.base_key
     start = time.monotonic()
-    with ctx.store.lock(key):
-        if not ctx.rebuild and ctx.store.valid(key):
-            ctx.store.touch(key)
+    req, pinned = ctx.plan.bootstrap, ctx.plan.upstream
+    description = pinned.base.what if pinned else f"{req.distro} {req.release} {req.arch}"
+    with ctx.store.step(key, kind="base", description=description, rebuild=ctx.rebuild,
+                        extra={"upstream": pinned.manifest()} if pinned else None) as entry:
+        if entry.cached:
             log.info("base %s %s: cached", ctx.plan.spec.distro.value, ctx.plan.spec.release)
             return StepResult("bootstrap", key, True, time.monotonic() - start)
-        req = ctx.plan.bootstrap
         ensure_binfmt(req.arch)
-        pinned = ctx.plan.upstream
-        if pinned is not None:
-            with ctx.store.new_entry(key, kind="base", description=pinned.base.what,
-                                     extra={"upstream": pinned.manifest()}) as tmp, tracked(ctx.workdir):
+        with tracked(ctx.workdir):
+            if pinned is not None:
                 image = fetch_image(pinned, ctx.store.root / "downloads")
-                extract_rootfs(image.path, tmp / "data", workdir=ctx.workdir, format=pinned.base.format,
+                extract_rootfs(image.path, entry.data, workdir=ctx.workdir, format=pinned.base.format,
                                arch=pinned.base.arch)
-        else:
-            with ctx.store.new_entry(key, kind="base", description=f"{req.distro} {req.release} {req.arch}") \
-                    as tmp, tracked(ctx.workdir):
-                bootstrap_mod.bootstrap(req, tmp / "data", deb_cache=ctx.deb_cache)
+            else:
+                bootstrap_mod.bootstrap(req, entry.data, deb_cache=ctx.deb_cache)
     return StepResult("bootstrap", key, False, time.monotonic() - start)
 
 
@@ -278,15 +275,14 @@ def _shell_on_mounted_root(ctx: BuildContext, *, in_chroot: bool, why: str) -> N
 
 def run_step(ctx: BuildContext, step: Step) -> StepResult:
     start = time.monotonic()
-    with ctx.store.lock(step.key):
-        if not ctx.rebuild and ctx.store.valid(step.key):
-            ctx.store.touch(step.key)
+    with ctx.store.step(step.key, kind="layer", description=step.label, rebuild=ctx.rebuild, keep=(HOOKS_LAYER,),
+                        extra={"phase": step.phase, "hook": step.name, "element": step.element}) as entry:
+        if entry.cached:
             return StepResult(step.label, step.key, True, time.monotonic() - start)
         log.info("running %s", step.label)
-        with ctx.store.new_entry(step.key, kind="layer", description=step.label, keep=(HOOKS_LAYER,),
-                                 extra={"phase": step.phase, "hook": step.name, "element": step.element}) as entry, \
-                MountStack(ctx.workdir) as mounts:
-            hooks = _mount_step(ctx, step, mounts, entry)
+        assert entry.scratch is not None
+        with MountStack(ctx.workdir) as mounts:
+            hooks = _mount_step(ctx, step, mounts, entry.scratch)
             try:
                 _run_step_in(ctx, step, hooks)
             except HookError:

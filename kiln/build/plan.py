@@ -11,9 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shlex
 import tempfile
+import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from kiln.sources import bootstrap, suites
 from kiln.sources.mirror import resolve_mirror, resolve_security_mirror
 from kiln.sources.suites import suite_digest
 from kiln.sources.upstream import PinnedBase, base_key_fields, pin_base, resolve_base
+
+log = logging.getLogger("kiln.plan")
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 LAYER_FORMAT = "1"  # bump when the way steps are run changes what they produce
@@ -154,12 +159,37 @@ def image_apt_env(spec: ImageSpec, sources: Sequence[suites.SuiteSource], securi
     return env
 
 
+_handed_over: dict[str, BuildPlan] = {}
+_handed_over_lock = threading.Lock()
+
+
+def hand_over(plan: BuildPlan) -> str:
+    """Keep `plan` for the build that is about to run in this process; the reference to give it. `kiln build`
+    plans before it starts Prefect (bad input fails at once) and the flow's plan task takes this plan
+    instead of making it again: a build is planned once (one round of InRelease and checksum fetches).
+    A flow run in another process (a worker's) finds nothing under the reference and plans itself."""
+    ref = uuid.uuid4().hex
+    with _handed_over_lock:
+        _handed_over[ref] = plan
+    return ref
+
+
+def take_over(ref: str | None) -> BuildPlan | None:
+    """The plan handed over under `ref`, once; None when it is not in this process."""
+    with _handed_over_lock:
+        return _handed_over.pop(ref, None) if ref else None
+
+
 def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_elements: bool = False,
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
-    mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
     resolved = elements.resolve_image(spec.distro.value, spec.elements, elements_path=elements_path,
                                       env_path=host_env.get("ELEMENTS_PATH", ""), dib_elements=dib_elements)
+    return _make_plan(spec, resolved, host_env=host_env)
+
+
+def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env: dict[str, str]) -> BuildPlan:
+    mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
     if spec.boot_test.enabled and spec.boot_test.ssh_login and "openssh-server" not in resolved.names:
         raise SpecError("field 'boot_test.ssh_login': the image has no SSH server (no openssh-server element "
                         f"among {', '.join(resolved.names)}); add it, or drop ssh_login")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build import elements as kiln_elements
+from kiln.model import facts
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.facts import BOOTSTRAPPED
 from kiln.model.spec import ImageSpec, spec_from_dict
@@ -25,7 +26,7 @@ DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ub
                    "fedora": "fedora", "centos": "centos", "rocky": "rocky", "almalinux": "almalinux"}
 # DIB_RELEASE when unset; Fedora has no default (DIB's fedora element asks for one too)
 DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9", "rocky": "9", "almalinux": "9"}
-ARCHES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
+ARCHES = {**{a: a for a in facts.ARCHES}, **facts.MACHINES}  # DIB's -a takes either naming
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
 UNSUPPORTED = ("--mkfs-options", "--root-label", "--ramdisk-element", "--install-type", "--docker-target",
                "--max-online-resize", "--min-tmpfs", "--mkfs-journal-size", "--image-extra-size")

@@ -17,7 +17,7 @@ from kiln import __version__
 from kiln.boot import nova
 from kiln.boot.local import run_boot_test_of_output
 from kiln.build.customize import check_break
-from kiln.build.plan import make_plan
+from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
@@ -25,7 +25,7 @@ from kiln.host.run import terminate_all
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.options import BuildOptions
-from kiln.model.record import MANIFEST, BuildRecord
+from kiln.model.record import MANIFEST, BuildRecord, new_build_id
 from kiln.model.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
 from kiln.server import prefect as prefect_server
 from kiln.store.entries import Store
@@ -109,14 +109,16 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
     """Build `spec` on the embedded (or the user's) Prefect server and print where the results are."""
 
     check_break(options.break_at)
-    make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)  # fail fast
+    # planned here, before Prefect starts, so that bad input fails at once; the flow takes this plan
+    plan = make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)
+    options = options.model_copy(update={"plan_ref": hand_over(plan)})
     _reclaim(options.cache)
     _start_prefect()
     from flows.build import build_image
 
     _quiet_kiln_tracebacks()
     start = time.monotonic()
-    record = build_image(spec, options)
+    record = build_image(spec, options, new_build_id())
     print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
     for image in record.images:
         print(f"  image:    {record.image_path(image)}")
@@ -145,11 +147,27 @@ class _NoKilnTracebacks(logging.Filter):
         return True
 
 
+class _StageNames(logging.Filter):
+    """Prefect's run lines name the task run they are about (its name is the stage: `customize install.d`,
+    `boot_test uefi`). A task's end is left out: the flow says in one line per stage whether it ran or came
+    from the cache, and how long it took."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if record.name == "prefect.task_runs" and str(record.msg).startswith("Finished in state "):
+            return False
+        if name and not getattr(record, "_kiln_named", False):
+            record.msg = f"{name}: {record.msg}"
+            record._kiln_named = True
+        return True
+
+
 def _quiet_kiln_tracebacks() -> None:
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, _NoKilnTracebacks) for f in handler.filters):
-                handler.addFilter(_NoKilnTracebacks())
+            for kind in (_NoKilnTracebacks, _StageNames):
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -365,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if dib:
         args.verbose = False
         args.func = lambda _: cmd_dib(argv[1:])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # -v: kiln's debug lines (every subprocess line, the guest's console), not those of the libraries below
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)

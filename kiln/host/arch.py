@@ -1,4 +1,5 @@
-"""Foreign-architecture chroots: register qemu-user-static with binfmt_misc when it is missing."""
+"""The host's architecture, and foreign-architecture chroots: register qemu-user-static with binfmt_misc when
+it is missing."""
 
 from __future__ import annotations
 
@@ -8,23 +9,23 @@ from pathlib import Path
 
 from kiln.host.mounts import ensure_binfmt_misc
 from kiln.model.errors import KilnError
+from kiln.model.facts import arch_of_machine, machine_of
 
 log = logging.getLogger("kiln.binfmt")
 
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-QEMU_NAME = {"arm64": "aarch64", "amd64": "x86_64"}
 BINFMT_CONF = Path("/usr/lib/binfmt.d")
 
 
 def host_arch() -> str:
-    return HOST_ARCH.get(platform.machine(), platform.machine())
+    """The host's architecture in Debian's naming."""
+    return arch_of_machine(platform.machine())
 
 
 def ensure_binfmt(arch: str) -> None:
     """Make binaries of `arch` runnable in a chroot on this host (no-op for the host's own arch)."""
     if arch == host_arch():
         return
-    name = f"qemu-{QEMU_NAME[arch]}"
+    name = f"qemu-{machine_of(arch)}"
     directory = ensure_binfmt_misc()
     entry = directory / name
     if entry.exists() and entry.read_text().startswith("enabled"):

@@ -63,15 +63,12 @@ def converted(store: Store, raw: Path, pack_key: str, fmt: str, *, name: str, co
     """The image in `fmt` from the store, or converted now; (output, whether it came from the store)."""
     key = convert_key(pack_key, fmt, compress, options)
     filename = f"{name}.{fmt}"
-    with store.lock(key):
-        cached = not rebuild and store.valid(key)
-        if not cached:
-            with store.new_entry(key, kind="image", description=filename) as tmp:
-                out = convert(raw, tmp / "data" / filename, fmt, compress=compress, options=options)
-                sums = file_digests(out)
-                (tmp / "data" / "image.json").write_text(json.dumps({"file": filename, **sums}))
-        store.touch(key)
-        data = store.data(key)
-        info = json.loads((data / "image.json").read_text())
-        path = data / info["file"]
-        return ImageOutput(fmt, path, info["sha256"], info["sha512"], path.stat().st_size, key), cached
+    with store.step(key, kind="image", description=filename, rebuild=rebuild) as entry:
+        if not entry.cached:
+            out = convert(raw, entry.data / filename, fmt, compress=compress, options=options)
+            sums = file_digests(out)
+            (entry.data / "image.json").write_text(json.dumps({"file": filename, **sums}))
+    data = store.data(key)  # committed now
+    info = json.loads((data / "image.json").read_text())
+    path = data / info["file"]
+    return ImageOutput(fmt, path, info["sha256"], info["sha512"], path.stat().st_size, key), entry.cached

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kiln.host.run import run
 from kiln.model.errors import DiskError
+from kiln.model.facts import firmware_of
 
 SECTOR = 512
 KiB = 1024
@@ -41,8 +42,8 @@ class Arch:
 
 
 ARCHES: dict[str, Arch] = {
-    "amd64": Arch("amd64", "x86_64-efi", "BOOTX64.EFI", bios=True),
-    "arm64": Arch("arm64", "arm64-efi", "BOOTAA64.EFI", bios=False),
+    "amd64": Arch("amd64", "x86_64-efi", "BOOTX64.EFI", bios="bios" in firmware_of("amd64")),
+    "arm64": Arch("arm64", "arm64-efi", "BOOTAA64.EFI", bios="bios" in firmware_of("arm64")),
 }
 
 

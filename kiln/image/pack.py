@@ -91,18 +91,19 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
     """The raw disk of the plan's finished tree; (output, whether it came from the store)."""
     key = pack_key(ctx)
     store = ctx.store
-    with store.lock(key):
-        if not ctx.rebuild and store.valid(key):
-            store.touch(key)
+    description = f"{ctx.plan.spec.name} raw disk"
+    with store.step(key, kind="disk", description=description, rebuild=ctx.rebuild) as entry:
+        if entry.cached:
             return _load(ctx, key), True
+        assert entry.scratch is not None
+        tmp = entry.scratch
         log.info("packing %s into a %d MiB disk", ctx.plan.spec.name, ctx.plan.spec.size // 1024**2)
         root_uuid = str(uuid.uuid5(UUID_NAMESPACE, key))
         esp_serial = f"{key[:4]}-{key[4:8]}".upper()
         layout = plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,
                              esp_serial=esp_serial)
         lowers = layer_stack(ctx, len(ctx.plan.steps))
-        with store.new_entry(key, kind="disk", description=f"{ctx.plan.spec.name} raw disk") as tmp, \
-                tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:
+        with tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:
             tree = mounts.overlay(lowers, ctx.workdir / "tree")
             pack_layer = tmp / "pack-layer"
             pack_layer.mkdir()
@@ -111,7 +112,9 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
             packages = list_packages(merged, family_of(ctx.plan.spec.distro.value))
             result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
             kernel = merged / str(result.kernel).lstrip("/")
-            if kernel.exists():
+            # the image's kernel, for a direct-kernel boot probe; a link is never followed (an absolute one
+            # would name a host file: the tree is mounted at `merged`, not chrooted)
+            if kernel.is_file() and not kernel.is_symlink():
                 shutil.copyfile(kernel, tmp / "data" / "vmlinuz")
             (tmp / "data" / "pack.json").write_text(json.dumps({
                 "packages": packages, "root_uuid": root_uuid, "esp_serial": esp_serial, "cmdline": result.cmdline,

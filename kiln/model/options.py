@@ -20,3 +20,5 @@ class BuildOptions(BaseModel):
     checksum_files: bool = Field(default=False, description="write <image>.md5 and <image>.sha256 (DIB --checksum)")
     break_at: str | None = Field(default=None, description="drop into a shell: before-<phase>, after-<phase>, "
                                                            "after-error (DIB's break=)")
+    plan_ref: str | None = Field(default=None, description="the plan `kiln build` made before starting the flow, "
+                                 "kept in this process (kiln.build.plan.hand_over); internal")

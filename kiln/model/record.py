@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,11 @@ class BuildRecord(BaseModel):
         if not record.images:
             raise RecordError(f"{manifest_path}: the build has no images")
         return record
+
+
+def new_build_id() -> str:
+    """A build's id: when it started (UTC, sortable) and six random hex digits."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def read_sha256sums(path: Path) -> dict[str, str]:

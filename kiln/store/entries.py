@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.model.errors import CacheError
-
 log = logging.getLogger("kiln.store")
 
 KEY_CHARS = 24  # 96 bits: short directory names keep deep overlay stacks under the mount-option limit
@@ -35,6 +33,16 @@ def default_root() -> Path:
         return Path(os.environ["KILN_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "kiln"
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """What `Store.step` yields: the entry's data directory, and whether it was already in the store."""
+
+    key: str
+    cached: bool
+    data: Path
+    scratch: Path | None  # the new entry's directory (data/ and room for scratch); None when cached
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,21 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
+    def step(self, key: str, *, kind: str, description: str, rebuild: bool = False, keep: tuple[str, ...] = (),
+             extra: dict[str, object] | None = None) -> Iterator[StepEntry]:
+        """The one lock -> check -> touch -> new entry sequence of a stage: under the key's lock, a valid
+        entry is touched and yielded as cached (`data` is the entry's); otherwise a new entry is yielded
+        (`data` is its empty data directory, `scratch` the directory around it) and committed when the
+        block ends without an exception. `rebuild` ignores a valid entry."""
+        with self.lock(key):
+            if not rebuild and self.valid(key):
+                self.touch(key)
+                yield StepEntry(key, True, self.data(key), None)
+                return
+            with self.new_entry(key, kind=kind, description=description, keep=keep, extra=extra) as tmp:
+                yield StepEntry(key, False, tmp / "data", tmp)
+
+    @contextmanager
     def new_entry(self, key: str, *, kind: str, description: str, keep: tuple[str, ...] = (),
                   extra: dict[str, object] | None = None) -> Iterator[Path]:
         """Yield a fresh temporary directory; on success it becomes the entry for `key`.
@@ -268,6 +291,3 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_entry(store: Store, key: str) -> None:
-    if not store.has(key):
-        raise CacheError(f"cache entry {store.short(key)} is missing from {store.root}")
