@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kiln.model.matrix import CellResult, MatrixError, expand, parse_matrix, publish_text, summary_table
-from kiln.model.pkgdiff import DiffInputError, content_digest, load_manifest, package_diff
+from kiln.model.pkgdiff import DiffInputError, content_digest, load_manifest, package_diff, version_newer
 
 
 def _m(installed: list[tuple[str, str, str]], **spec: object) -> dict[str, object]:
@@ -96,3 +96,11 @@ def test_a_publish_record_never_leaves_its_directory(tmp_path: Path, monkeypatch
             record_published(BuildRecord(kiln_version="", build_id=build_id, spec={"name": "x"}, output=tmp_path), name)
         assert recorded_manifest(name, build_id) is None
     assert not (tmp_path / "etc").exists() and not (tmp_path / "tmp").exists()
+
+
+def test_versions_compare_as_dpkg_orders_them_without_dpkg() -> None:
+    """Debian's ordering (python-debian's, no subprocess): a plain string comparison gets each of these wrong."""
+    assert version_newer("2.36-9+deb12u10", "2.36-9+deb12u9")  # numbers compare as numbers
+    assert version_newer("1:0.9", "2.0")  # the epoch wins
+    assert version_newer("1.0", "1.0~rc1") and not version_newer("1.0~rc1", "1.0")  # ~ sorts before anything
+    assert not version_newer("1.0", "1.0")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build import elements as kiln_elements
+from kiln.cli.common import add_cache
 from kiln.model import facts
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.facts import BOOTSTRAPPED
@@ -59,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     # kiln's own additions
     p.add_argument("--no-boot-test", action="store_true", help="kiln: skip the QEMU boot test")
     p.add_argument("--firmware", help="kiln: boot test firmware (bios,uefi)")
-    p.add_argument("--cache", help="kiln: the layer and artifact store")
+    add_cache(p)
     p.add_argument("--dib-elements", action="store_true",
                    help="kiln: put the installed diskimage-builder package's elements on the search path")
     p.add_argument("--break", dest="break_at", help="kiln: drop into a shell in the chroot, e.g. before-install")

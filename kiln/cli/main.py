@@ -19,6 +19,7 @@ from kiln.boot.local import run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
+from kiln.cli.common import add_cache
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
 from kiln.host.run import terminate_all
@@ -302,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (and boot-test) an image")
     add_spec_flags(b)
     b.add_argument("-o", "--output", default="output", help="output directory (default: ./output)")
-    b.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    add_cache(b)
     b.add_argument("--no-cache", action="store_true", help="rebuild every step")
     b.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot test")
     b.add_argument("--no-publish", action="store_true", help="do not publish to the spec's publish targets")
@@ -329,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     bt.set_defaults(func=cmd_boot_test)
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
-    c.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    add_cache(c)
     csub = c.add_subparsers(dest="cache_cmd", required=True)
     csub.add_parser("ls", help="entries with size and last use")
     gc = csub.add_parser("gc", help="remove least recently used entries")
@@ -337,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cache)
 
     g = sub.add_parser("gc", help="reclaim mounts and temporary entries left by killed builds")
-    g.add_argument("--cache", help="the store (default: KILN_CACHE or ~/.cache/kiln)")
+    add_cache(g)
     g.set_defaults(func=cmd_gc)
 
     sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)

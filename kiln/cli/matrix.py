@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiln.cli.common import add_cache
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError
 from kiln.model.matrix import CellResult, load_cells, publish_text, select
@@ -41,7 +42,7 @@ def register(subparsers: Any) -> None:
                    "alternatives), e.g. --only arch=amd64,release=trixie")
     m.add_argument("-o", "--output", default="output", help="output directory (default: ./output)")
     m.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot tests")
-    m.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    add_cache(m)
     m.add_argument("--no-cache", action="store_true", help="rebuild every step")
     m.add_argument("--elements-path", action="append", default=[], metavar="DIR",
                    help="element directory searched before kiln's own (repeatable; also ELEMENTS_PATH)")
@@ -66,7 +67,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("-o", "--output", default="output/nightly", help="output directory (default: ./output/nightly)")
     r.add_argument("--no-boot-test", action="store_true", help="skip the QEMU boot tests (the manifest gate then "
                    "refuses to publish)")
-    r.add_argument("--cache", help="layer and artifact store (default: KILN_CACHE or ~/.cache/kiln)")
+    add_cache(r)
     r.add_argument("--json", action="store_true", help="print every cell's result as JSON on stdout")
     r.set_defaults(func=cmd_refresh)
 

@@ -310,3 +310,17 @@ def interactive(args: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str
         raise CommandError(f"{what}: needs an interactive terminal on stdin", returncode=None, tail=[])
     log.info("%s: starting an interactive shell; exit it to continue the build", what)
     return subprocess.call([os.fspath(a) for a in args], env=dict(env))
+
+
+def spawn(args: Sequence[str | os.PathLike[str]], *, log_file: Path, env: Mapping[str, str] | None = None,
+          cwd: Path | None = None, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """Start a service that outlives the call (the Prefect server, a worker): its stdin closed, stdout and
+    stderr appended to `log_file`, in a process group of its own (`new_session`: a session of its own too,
+    so a terminal's signals and kiln's exit do not reach it). Not registered with `terminate_all`: its
+    owner stops it. OSError when it cannot start."""
+    argv = [str(a) for a in args]
+    log.debug("starting: %s (output to %s)", describe(argv), log_file)
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None, cwd=cwd, close_fds=True,
+                                start_new_session=new_session, process_group=None if new_session else 0)

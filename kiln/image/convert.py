@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kiln.build.plan import digest
 from kiln.host.checksums import file_digests
-from kiln.host.run import output, run
+from kiln.host.run import run
 from kiln.store.entries import Store
 
 QEMU_IMG_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi", "vhd": "vpc"}
@@ -35,11 +35,6 @@ def convert(raw: Path, out: Path, fmt: str, *, compress: bool = False, options: 
         partial.unlink(missing_ok=True)
         raise
     return out
-
-
-def image_info(path: Path) -> dict[str, object]:
-    data: dict[str, object] = json.loads(output(["qemu-img", "info", "--output=json", str(path)]))
-    return data
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from debian.debian_support import version_compare
 
 from kiln.model.errors import KilnError
 
@@ -93,11 +94,9 @@ class PackageDiff:
 
 
 def version_newer(a: str, b: str) -> bool:
-    """Whether Debian version `a` is newer than `b` (dpkg's own comparison)."""
-    try:
-        return subprocess.run(["dpkg", "--compare-versions", a, "gt", b], capture_output=True).returncode == 0
-    except OSError:  # no dpkg on this host (an RPM build host): a plain comparison is the best there is
-        return a > b
+    """Whether Debian version `a` is newer than `b`, by dpkg's ordering (epochs, `~` before anything), as
+    python-debian implements it: no dpkg needed, so an RPM build host compares the same way."""
+    return version_compare(a, b) > 0
 
 
 def package_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> PackageDiff:

@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -37,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kiln.host.run import spawn
 from kiln.host.state import state_dir
 from kiln.model.errors import ServerError
 
@@ -260,20 +260,11 @@ def _start(home: Path, port: int, timeout: float) -> dict[str, Any]:
     argv = _server_argv(port)
     log.info("starting the Prefect server on %s (state %s)", url, home)
     started = time.monotonic()
-    with open(logfile, "ab") as out:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=_server_env(home, port),
-                cwd=home,
-                start_new_session=True,  # own session and group: outlives kiln, immune to its signals
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise ServerError(f"cannot start the Prefect server ({argv[0]}): {exc.strerror}") from exc
+    try:
+        # its own session and group: it outlives kiln and is immune to its terminal's signals
+        proc = spawn(argv, log_file=logfile, env=_server_env(home, port), cwd=home, new_session=True)
+    except OSError as exc:
+        raise ServerError(f"cannot start the Prefect server ({argv[0]}): {exc.strerror}") from exc
     record: dict[str, Any] = {
         "pid": proc.pid,
         "port": port,
@@ -486,10 +477,11 @@ def recorded_url(state: Path) -> str | None:
 
 def _refresh_prefect() -> None:
     """Make an already imported prefect re-read the environment (settings context and logging)."""
-    import importlib
+    # imported here, not at the top: this module is loaded before Prefect's settings exist (see
+    # configure_environment); this function runs only once Prefect is imported anyway
+    from prefect import context
+    from prefect.logging import configuration
 
-    context = importlib.import_module("prefect.context")
-    configuration = importlib.import_module("prefect.logging.configuration")
     # setup_logging appends the API handler to every extra logger: drop the ones attached before, or
     # each line would reach the server once per call
     names = {KILN_LOGGER, *os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",")}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.host.run import run
+from kiln.host.run import run, spawn
 from kiln.model.errors import ServerError
 
 log = logging.getLogger("kiln.serve")
@@ -174,10 +174,12 @@ def start_worker(env: Mapping[str, str], *, pool: str = POOL, name: str | None =
     name = name or f"kiln-{socket.gethostname().split('.')[0]}"
     log_dir.mkdir(parents=True, exist_ok=True)
     logfile = log_dir / f"worker-{name}.log"
-    with open(logfile, "ab") as out:
-        proc = subprocess.Popen([*launcher, *worker_argv(pool, name, queues, limit)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env=worker_environment(env), cwd=REPO,
-                                process_group=0)
+    try:
+        proc = spawn([*launcher, *worker_argv(pool, name, queues, limit)], log_file=logfile,
+                     env=worker_environment(env), cwd=REPO)
+    except OSError as exc:
+        raise ServerError(f"cannot start worker {name} ({launcher[0] if launcher else 'prefect'}): "
+                          f"{exc.strerror}") from exc
     log.info("started worker %s (pid %d) on pool %s, queues %s; log %s", name, proc.pid, pool, ",".join(queues),
              logfile)
     return Worker(name, proc, logfile, tuple(queues))
