@@ -16,6 +16,7 @@ from kiln.model.facts import firmware_of
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord, DiskRecord, ElementRecord, ImageRecord, StageRecord, StepRecord
 from kiln.publish.manifest import install_file, write_checksum_files, write_record
+from kiln.publish.refresh import manifest_diff
 from kiln.sources.bootstrap import components
 from kiln.sources.suites import origin_counts, package_origins
 
@@ -80,6 +81,7 @@ def record_boot_tests(record: BuildRecord, boots: list[BootOutcome], stages: dic
 @task(name="record_published", task_run_name="record published")
 def record_published(record: BuildRecord, report: dict[str, Any]) -> BuildRecord:
     """Add where the build was published to its record and manifest.json."""
-    record = record.model_copy(update={"published": [*record.published, report]})
+    record = record.model_copy(update={"published": [*record.published, report],
+                                       "diff": manifest_diff(report) or record.diff})
     write_record(record)
     return record

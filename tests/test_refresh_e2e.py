@@ -155,6 +155,9 @@ def test_nightly_refresh_publishes_what_changed_and_only_that(
             assert by_status["previous"].id == night1[name].id
             manifest = json.loads((out / name / "manifest.json").read_text())
             assert manifest["diff"]["upgraded"][0]["name"] == PATCHED
+            # the build record says where it went (issue 14: `published` was never filled)
+            assert [(p["status"], p["replaces"]) for p in manifest["published"]] == [
+                ("published", night1[name].properties["kiln_build_id"])], manifest["published"]
             assert {p["name"]: p["suite"] for p in manifest["packages"]}[PATCHED] == f"{release}-security"
             assert len(s3.list_prefixes(client, bucket, f"catalog/{name}")) == 2
         assert f"~ {PATCHED}" in artifact["data"] and "[security]" in artifact["data"], artifact["data"]

@@ -27,6 +27,7 @@ from typing import Any
 from kiln.boot import guest_ssh
 from kiln.boot.serial_console import Login, SerialConsole, serial_tail
 from kiln.host.arch import host_arch
+from kiln.host.progress import activity
 from kiln.host.run import output, run
 from kiln.model import facts
 from kiln.model.errors import BootTestError, CommandError
@@ -343,18 +344,19 @@ def boot_test(
         log.info("boot test %s/%s (%s) of %s, timeout %.0f s", arch, firmware, accel, image.name, timeout)
         start = time.monotonic()
         login = Login(*extra_login) if extra_login else None
-        console = SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout,
-                                 ssh_port=ssh_port, criterion=criterion)
-        console.start()
         returncode: int | None = None
         qemu_out: list[str] = []
         reason: str | None = None
-        try:
-            done = run(with_parent_death_signal(argv), timeout=timeout, check=False, quiet=True,
-                       what=f"QEMU ({firmware})")
-            returncode, qemu_out = done.returncode, done.lines
-        except CommandError as exc:
-            qemu_out, reason = exc.tail, str(exc).splitlines()[0]  # timed out, or could not start
+        with activity(f"boot {arch}/{firmware} ({accel})") as note:
+            console = SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout,
+                                    ssh_port=ssh_port, criterion=criterion, on_line=note)
+            console.start()
+            try:
+                done = run(with_parent_death_signal(argv), timeout=timeout, check=False, quiet=True,
+                           what=f"QEMU ({firmware})")
+                returncode, qemu_out = done.returncode, done.lines
+            except CommandError as exc:
+                qemu_out, reason = exc.tail, str(exc).splitlines()[0]  # timed out, or could not start
         console.stopping.set()
         console.join(timeout=15)
         state = console.state

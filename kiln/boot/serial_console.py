@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,8 @@ class SerialConsole(threading.Thread):
     """Reads the guest's serial socket, watches for pass/fail, optionally logs in, then stops QEMU."""
 
     def __init__(self, path: Path, marker: str, *, login: Login | None, deadline: float,
-                 ssh_port: int | None = None, criterion: str = "cloud-init") -> None:
+                 ssh_port: int | None = None, criterion: str = "cloud-init",
+                 on_line: Callable[[str], None] | None = None) -> None:
         super().__init__(name=f"kiln-serial-{path.parent.name}", daemon=True)
         self.path = path
         self.login = login
@@ -173,6 +175,7 @@ class SerialConsole(threading.Thread):
         self._partial = ""
         self._window = ""  # cleaned text received since the last thing we typed
         self._eof = False
+        self._on_line = on_line  # each console line, as it comes (the terminal's progress line)
 
     # -- plumbing
     def _connect(self) -> bool:
@@ -216,6 +219,8 @@ class SerialConsole(threading.Thread):
             line = clean_console(raw).rstrip()
             log.debug("serial: %s", line)
             self.state.facts.feed(line)
+            if self._on_line is not None:
+                self._on_line(line)
         return True
 
     def _send(self, text: str) -> None:

@@ -148,15 +148,34 @@ class _NoKilnTracebacks(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to whatever `sys.stderr` is when they are written: while a live progress line is on the
+    terminal (kiln.host.progress), rich has redirected it, and the lines scroll above the progress."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _current_stage() -> str | None:
+    """The task run (= stage) the calling thread works for, if Prefect is running one."""
+    context = sys.modules.get("prefect.context")  # not imported by kiln's CLI unless a flow runs
+    run = context.TaskRunContext.get() if context is not None else None
+    return str(run.task_run.name) if run is not None else None
+
+
 class _StageNames(logging.Filter):
-    """Prefect's run lines name the task run they are about (its name is the stage: `customize install.d`,
-    `boot_test uefi`). A task's end is left out: the flow says in one line per stage whether it ran or came
-    from the cache, and how long it took."""
+    """Every line of a stage names it: Prefect's run lines carry the task run's name (the stage:
+    `customize install.d`, `boot_test uefi`), kiln's own lines are given the task run they are logged in.
+    A task's end is left out: the flow says in one line per stage whether it ran or came from the cache,
+    and how long it took."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
         if record.name == "prefect.task_runs" and str(record.msg).startswith("Finished in state "):
             return False
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if name is None and record.name.startswith("kiln."):
+            name = _current_stage()
         if name and not getattr(record, "_kiln_named", False):
             record.msg = f"{name}: {record.msg}"
             record._kiln_named = True
@@ -385,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         args.verbose = False
         args.func = lambda _: cmd_dib(argv[1:])
     # -v: kiln's debug lines (every subprocess line, the guest's console), not those of the libraries below
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=logging.INFO, handlers=[_StderrHandler()],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)

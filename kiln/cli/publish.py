@@ -15,12 +15,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from kiln.cloud import glance
+from kiln.host.progress import terminal_progress
 from kiln.model.pkgdiff import package_diff
 from kiln.model.publishing import PublishError, PublishSpec, Visibility
 from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
 from kiln.publish.gates import GATES
-from kiln.publish.progress import terminal_progress
 from kiln.publish.promote import rollback
 from kiln.publish.refresh import manifest_of, record_published
 

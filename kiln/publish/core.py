@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from kiln.cloud import glance, s3
 from kiln.cloud.glance import GlanceImage
+from kiln.host.progress import ProgressFactory, no_progress
 from kiln.model.publishing import GateFailedError, PublishError, PublishSpec
 from kiln.model.record import BuildRecord
 from kiln.publish.gates import CandidateImage, Gate, manifest_gate, run_gate
-from kiln.publish.progress import ProgressFactory, _no_progress
 from kiln.publish.promote import GlanceReport, StagedGlance, discard_staged, finish_glance, stage_glance
 from kiln.publish.retention import retain_glance
 from kiln.publish.s3_builds import S3Report, publish_s3, retain_s3
@@ -37,7 +37,7 @@ class PublishReport:
 
 
 def publish(build: BuildRecord, spec: PublishSpec, *, gate: Gate = manifest_gate, allow_withdrawn: bool = False,
-            clouds_yaml: Path | None = None, progress: ProgressFactory = _no_progress,
+            clouds_yaml: Path | None = None, progress: ProgressFactory = no_progress,
             in_use: Callable[[GlanceImage], bool] | None = None,
             gates: Mapping[str, Gate] | None = None) -> PublishReport:
     """Publish to every target of `spec`: every Glance cloud staged first (candidate and gate, each cloud

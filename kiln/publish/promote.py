@@ -32,10 +32,10 @@ import openstack.connection
 from kiln.cloud import glance
 from kiln.cloud.glance import GlanceImage
 from kiln.cloud.properties import P_BUILD_ID, P_CREATED, P_NAME, P_STATUS, glance_properties, min_disk_gib, min_ram_mib
+from kiln.host.progress import ProgressFactory, no_progress
 from kiln.model.publishing import CANDIDATE_TAG, GateFailedError, PublishError, PublishSpec, Status, Visibility
 from kiln.model.record import BuildRecord, ImageRecord
 from kiln.publish.gates import LOCAL_GATES, CandidateImage, Gate, GateResult, run_gate
-from kiln.publish.progress import ProgressFactory, _no_progress
 
 if TYPE_CHECKING:
     pass
@@ -112,7 +112,7 @@ def managed_images(conn: openstack.connection.Connection, name: str) -> list[Gla
 
 
 def upload_candidate(conn: openstack.connection.Connection, build: BuildRecord, image: ImageRecord,
-                     spec: PublishSpec, *, name: str, progress: ProgressFactory = _no_progress) -> GlanceImage:
+                     spec: PublishSpec, *, name: str, progress: ProgressFactory = no_progress) -> GlanceImage:
     """Upload the image as a private candidate, tagged kiln-candidate, its sha512 verified."""
 
     props = {**glance_properties(build, image, spec, name=name), P_STATUS: Status.candidate.value}
@@ -179,7 +179,7 @@ class StagedGlance:
 
 def stage_glance(conn: openstack.connection.Connection, build: BuildRecord, spec: PublishSpec, *, gate: Gate,
                  name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
-                 progress: ProgressFactory = _no_progress) -> StagedGlance:
+                 progress: ProgressFactory = no_progress) -> StagedGlance:
     """Upload (or find) the candidate and run the gate; promote nothing. Publishing the same content again
     uploads nothing. A failed gate deletes a candidate uploaded for this run and raises GateFailedError;
     a gate that judges the build alone (LOCAL_GATES) runs before the upload."""
@@ -252,7 +252,7 @@ def finish_glance(staged: StagedGlance, spec: PublishSpec) -> GlanceReport:
 
 def publish_glance(conn: openstack.connection.Connection, build: BuildRecord, spec: PublishSpec, *, gate: Gate,
                    name: str | None = None, allow_withdrawn: bool = False, clouds_yaml: Path | None = None,
-                   progress: ProgressFactory = _no_progress) -> GlanceReport:
+                   progress: ProgressFactory = no_progress) -> GlanceReport:
     """One Glance target: stage (candidate and gate), then promote."""
     staged = stage_glance(conn, build, spec, gate=gate, name=name, allow_withdrawn=allow_withdrawn,
                           clouds_yaml=clouds_yaml, progress=progress)

@@ -22,6 +22,7 @@ from typing import Any
 
 from kiln.cloud import glance, s3
 from kiln.cloud.properties import P_CONTENT
+from kiln.host.progress import ProgressFactory, no_progress
 from kiln.host.state import state_dir
 from kiln.model.names import is_plain_name
 from kiln.model.pkgdiff import DiffInputError, PackageDiff, content_digest, load_manifest, package_diff
@@ -30,7 +31,6 @@ from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
 from kiln.publish.gates import Gate, manifest_gate
 from kiln.publish.manifest import write_record
-from kiln.publish.progress import ProgressFactory, _no_progress
 from kiln.publish.promote import build_id_of, managed_images, newest_first, status_of
 from kiln.publish.s3_builds import s3_versions
 
@@ -55,6 +55,7 @@ class ChangeReport:
     changed_targets: list[str] = field(default_factory=list)
     unchanged_targets: list[str] = field(default_factory=list)
     replaces: str | None = None  # the build id of the stable this build replaces
+    replaces_on: str | None = None  # the target whose stable that is (the diff's `target`)
     diff: dict[str, Any] | None = None
     publish: dict[str, Any] | None = None
 
@@ -67,6 +68,14 @@ class ChangeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def manifest_diff(report: Mapping[str, Any] | ChangeReport) -> dict[str, Any] | None:
+    """What the build's manifest records of a refresh's package diff: against which build, on which target."""
+    data = asdict(report) if isinstance(report, ChangeReport) else report
+    if not data.get("replaces") or data.get("diff") is None:
+        return None
+    return {"against": data["replaces"], "target": data.get("replaces_on"), **data["diff"]}
 
 
 def records_dir() -> Path:
@@ -140,7 +149,7 @@ def current_stables(spec: PublishSpec, name: str, *, clouds_yaml: Path | None) -
 
 def publish_changes(build: BuildRecord, spec: PublishSpec, *, gate: Gate = manifest_gate,
                     gates: Mapping[str, Gate] | None = None, clouds_yaml: Path | None = None,
-                    progress: ProgressFactory = _no_progress) -> ChangeReport:
+                    progress: ProgressFactory = no_progress) -> ChangeReport:
     """Publish `build` to the targets of `spec` whose stable does not already have its content."""
     name = spec.name or build.name
     mine = content_digest(build.manifest())
@@ -155,8 +164,8 @@ def publish_changes(build: BuildRecord, spec: PublishSpec, *, gate: Gate = manif
     old = next((s for s in stables if s.target in changed and s.manifest is not None), None)
     if old is not None and old.manifest is not None:
         diff: PackageDiff = package_diff(old.manifest, build.manifest())
-        report.replaces, report.diff = old.build_id, diff.as_dict()
-        build.diff = {"against": old.build_id, "target": old.target, **diff.as_dict()}
+        report.replaces, report.replaces_on, report.diff = old.build_id, old.target, diff.as_dict()
+        build.diff = manifest_diff(report)
         write_record(build)
         log.info("publish: %s replaces build %s: %s", name, old.build_id, diff.summary())
         for line in diff.lines():

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from kiln.cloud import s3
+from kiln.host.progress import ProgressFactory, no_progress
 from kiln.model.publishing import S3Location, Status
 from kiln.model.record import BuildRecord
-from kiln.publish.progress import ProgressFactory, _no_progress
 from kiln.publish.retention import RetentionReport, Version, plan_retention
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class S3Report:
 
 
 def publish_s3(client: S3Client, location: S3Location, build: BuildRecord, *, name: str | None = None,
-               progress: ProgressFactory = _no_progress) -> S3Report:
+               progress: ProgressFactory = no_progress) -> S3Report:
     """Upload the images, then SHA256SUMS, then manifest.json (its presence marks a complete build)."""
     name = name or build.name
     base = location.key(name, build.build_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln.host.checksums import file_digests
+from kiln.host.progress import activity
 from kiln.host.run import run
 from kiln.model.errors import SpecError
 from kiln.model.facts import COMPONENTS
@@ -141,5 +142,6 @@ def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: 
     with tempfile.TemporaryDirectory(prefix="kiln-keyring-") as keys:
         if req.keyring:
             req = replace(req, keyring=str(readable_keyring(Path(req.keyring), Path(keys))))
-        run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout,
-            what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")
+        with activity(f"bootstrap {req.distro} {req.release} {req.arch}") as note:
+            run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout, on_line=note,
+                what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")

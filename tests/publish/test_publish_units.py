@@ -55,6 +55,17 @@ def test_properties_map_the_manifest_to_what_nova_reads() -> None:
     assert all(len(v) <= 255 for v in props.values())
 
 
+def test_os_version_is_the_release_number_for_debian_and_ubuntu() -> None:
+    """Nova and Glance read os_version as a number: Ubuntu's was its codename (issue 14)."""
+    build, image = _build()
+    for distro, release, version in (("debian", "bookworm", "12"), ("debian", "trixie", "13"),
+                                     ("ubuntu", "noble", "24.04"), ("ubuntu", "jammy", "22.04"),
+                                     ("fedora", "41", "41"), ("ubuntu", "unknownrelease", "unknownrelease")):
+        changed = _changed(build, lambda m, d=distro, r=release: m["spec"].update(distro=d, release=r))
+        props = glance_properties(changed, image, PublishSpec(), name="n")
+        assert (props["os_distro"], props["os_version"]) == (distro, version)
+
+
 def test_spec_hash_changes_with_the_spec_and_elements_hash_with_an_element() -> None:
     build, image = _build()
     before = glance_properties(build, image, PublishSpec(), name="n")
