@@ -170,14 +170,20 @@ class _StageNames(logging.Filter):
     A task's end is left out: the flow says in one line per stage whether it ran or came from the cache,
     and how long it took."""
 
+    def __init__(self, *, prefect_lines: bool) -> None:
+        super().__init__()
+        self.prefect_lines = prefect_lines  # False on Prefect's own console handler, whose format names runs
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "prefect.task_runs" and str(record.msg).startswith("Finished in state "):
             return False
-        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        name = None
+        if self.prefect_lines:
+            name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
         if name is None and record.name.startswith("kiln."):
             name = _current_stage()
         if name and not getattr(record, "_kiln_named", False):
-            record.msg = f"{name}: {record.msg}"
+            record.msg = f"{str(name).replace('%', '%%') if record.args else name}: {record.msg}"
             record._kiln_named = True
         return True
 
@@ -185,9 +191,10 @@ class _StageNames(logging.Filter):
 def _quiet_kiln_tracebacks() -> None:
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            for kind in (_NoKilnTracebacks, _StageNames):
-                if not any(isinstance(f, kind) for f in handler.filters):
-                    handler.addFilter(kind())
+            if not any(isinstance(f, _NoKilnTracebacks) for f in handler.filters):
+                handler.addFilter(_NoKilnTracebacks())
+            if not any(isinstance(f, _StageNames) for f in handler.filters):
+                handler.addFilter(_StageNames(prefect_lines=isinstance(handler, _StderrHandler)))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
