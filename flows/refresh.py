@@ -3,7 +3,7 @@
     every cell of the matrix built (flows/matrix.py: in parallel, within each host's slots, on the build
       hosts' workers); each cell publishes at the end of its own build, on the host that built it, to
       the matrix's `publish:` targets (or `publish_targets`), only where the stable image lacks its
-      content, with a package diff against the stable it replaces (kiln/refresh.py)
+      content, with a package diff against the stable it replaces (kiln/publish/refresh.py)
     -> the summary artifact and <output>/matrix.json: per cell built or failed, published or unchanged,
        the package changes
     -> fail the run if any cell failed to build or to publish, naming them, after the others are done

@@ -1,7 +1,5 @@
-"""`kiln matrix` and `kiln serve`: `register(subparsers)` adds them to kiln's command line.
-
-Until kiln/cli.py registers them, `python -m kiln.matrix_cli matrix …` and `… serve` run them alone.
-"""
+"""`kiln matrix`, `kiln refresh` and `kiln serve`: `register(subparsers)` adds them to kiln's command line
+(kiln/cli/main.py)."""
 
 from __future__ import annotations
 

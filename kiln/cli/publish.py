@@ -1,6 +1,6 @@
-"""`kiln publish` and `kiln rollback`: the command line of kiln/publish.py.
+"""`kiln publish`, `kiln rollback` and `kiln diff`: the command line of kiln/publish/.
 
-kiln/cli.py registers them with `publish_cli.register(sub)`.
+kiln/cli/main.py registers them with `register(sub)`.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def no_gate(candidate: CandidateImage) -> GateResult:
 def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None) -> GateResult:
     """Boot the uploaded candidate in the cloud's own Nova (its firmware, disk bus, config drive) until
     cloud-init has finished; the server is deleted whatever happens. Flavor and network: the spec's
-    boot_test, else kiln/nova.py's defaults. `boot` is nova.boot_candidate, or the flow's Prefect task."""
+    boot_test, else kiln/boot/nova.py's defaults. `boot` is nova.boot_candidate, or the flow's Prefect task."""
 
     if candidate.cloud is None or candidate.image_id is None:
         return GateResult(False, "the nova gate boots the uploaded candidate: publish to a glance:CLOUD target "

@@ -6,7 +6,7 @@
     -> deployments/prefect.yaml registered                                   (`prefect deploy --all`)
     -> `prefect worker start` on this host, in the foreground until Ctrl-C or SIGTERM
 
-The same pieces start a fleet's workers (infra/prefect/). Like kiln/prefect_server.py this module does
+The same pieces start a fleet's workers (infra/prefect/). Like kiln/server/prefect.py this module does
 not import Prefect: it talks to the server's REST API and runs Prefect's own command line.
 """
 
