@@ -71,7 +71,7 @@ def clouds_yaml(keystone_url: str, region: str) -> dict[str, Any]:
             "auth": {"auth_url": keystone_url, "username": user, "password": password, "project_name": project,
                      "user_domain_name": "Default", "project_domain_name": "Default"},
             "region_name": region, "identity_api_version": 3, "interface": "public",
-            # read by kiln's Nova boot test (kiln/nova.py): what to boot candidates with on this cloud
+            # read by kiln's Nova boot test (kiln/boot/nova.py): what to boot candidates with on this cloud
             "kiln": {"boot_flavor": BOOT_FLAVOR["name"], "boot_network": "none"},
         }
 
