@@ -20,7 +20,8 @@ from kiln.model.pkgdiff import package_diff
 from kiln.model.publishing import PublishError, PublishSpec, Visibility
 from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
-from kiln.publish.gates import GATES
+from kiln.publish.gates import GATES, choose_gates
+from kiln.publish.manifest import write_record
 from kiln.publish.promote import rollback
 from kiln.publish.refresh import manifest_of, record_published
 
@@ -106,9 +107,14 @@ def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
 def cmd_publish(args: argparse.Namespace) -> int:
     build = BuildRecord.load(args.output)
     spec = spec_from_args(build.publish_spec(), args)
-    report = publish(build, spec, gate=GATES[args.gate], allow_withdrawn=args.allow_withdrawn,
+    gates = choose_gates(spec, args.gate, has_compute=lambda cloud: glance.has_compute(
+        glance.connect(cloud, clouds_yaml=args.clouds_yaml)))
+    report = publish(build, spec, gate=GATES[args.gate], gates=gates, allow_withdrawn=args.allow_withdrawn,
                      clouds_yaml=args.clouds_yaml, progress=terminal_progress)
     record_published(build, spec.name or build.name)
+    # the build's record says where it went: manifest.json, as the flow's publish stage writes it
+    build.published.append({"status": "published", **asdict(report)})
+    write_record(build)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
         return 0

@@ -63,9 +63,9 @@ def test_upload_records_properties_and_glance_sha512_matches_the_build(conn: Any
     assert "hw_firmware_type" not in props
     assert props["kiln_build_id"] == build.build_id
     assert props["kiln_sha256"] == local["sha256"]
-    assert props["kiln_base_checksum"] == build.manifest["base"]["key"]
+    assert props["kiln_base_checksum"] == build.base["key"]
     assert props["kiln_status"] == "stable"
-    assert props["kiln_element_vm"] == build.manifest["elements"][6]["sha256"]
+    assert props["kiln_element_vm"] == build.elements[6].sha256
     assert "owner_specified.openstack.object" not in props
 
 
@@ -275,11 +275,15 @@ def test_kiln_publish_and_kiln_rollback_on_the_command_line(conn: Any, openstack
     clouds = ["--clouds-yaml", str(openstack_stack.clouds_yaml)]
     reports = []
     for seed in (11, 12):
-        args = parser.parse_args(["publish", str(make_build(image_name, seed=seed)), "--to", "glance:kiln-dev",
+        out = make_build(image_name, seed=seed)
+        args = parser.parse_args(["publish", str(out), "--to", "glance:kiln-dev",
                                   "--name", image_name, "--visibility", "community", "--keep", "2", "--json",
                                   *clouds])
         assert args.func(args) == 0
         reports.append(json.loads(capsys.readouterr().out))
+        # the build's record says where it went (issue 14: manifest.json's `published` was never filled)
+        published = BuildRecord.load(out).published
+        assert [p["glance"][0]["image_id"] for p in published] == [reports[-1]["glance"][0]["image_id"]]
     report = reports[1]
     assert report["glance"][0]["action"] == "uploaded" and report["glance"][0]["previous_id"]
     args = parser.parse_args(["rollback", image_name, "--cloud", "kiln-dev", *clouds])

@@ -46,10 +46,10 @@ def test_a_build_lands_beside_its_manifest_and_sha256sums_with_metadata(s3_clien
     assert sorted(report.uploaded) == sorted(base + f for f in ("deb.qcow2", "deb.raw", "SHA256SUMS", "manifest.json"))
     objects = _objects(s3_client, bucket)
     for image in build.images:
-        obj = objects[base + image.path.name]
+        obj = objects[base + image.file]
         assert obj["meta"]["sha256"] == image.sha256 and obj["meta"]["sha512"] == image.sha512
         assert obj["meta"]["kiln-build-id"] == build.build_id and obj["size"] == image.size
-        body = s3.get_bytes(s3_client, bucket, base + image.path.name)
+        body = s3.get_bytes(s3_client, bucket, base + image.file)
         assert body is not None and hashlib.sha256(body).hexdigest() == image.sha256
     manifest = s3.get_bytes(s3_client, bucket, base + "manifest.json")
     assert manifest is not None and json.loads(manifest)["build_id"] == build.build_id
@@ -142,7 +142,7 @@ def test_publish_to_s3_alone_still_runs_the_gate(s3_client: Any, bucket: str, ma
 def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_build: Path) -> None:
     build = BuildRecord.load(default_build)
     report = publish_s3(s3_client, s3.parse_s3_url(f"s3://{bucket}/real"), build)
-    key = f"real/{build.name}/{build.build_id}/{build.images[0].path.name}"
+    key = f"real/{build.name}/{build.build_id}/{build.images[0].file}"
     assert key in report.uploaded
     head = s3.head(s3_client, bucket, key)
     assert head is not None and head["Metadata"]["sha256"] == build.images[0].sha256
