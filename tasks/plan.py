@@ -21,8 +21,11 @@ log = logging.getLogger("kiln.plan")  # forwarded to the run's logs (PREFECT_LOG
 # not persisted: the context holds the spec, whose secrets must never be written to result storage
 @task(name="plan", persist_result=False)
 def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildContext:
-    plan = take_over(options.plan_ref) or make_plan(spec, elements_path=options.elements_path,
-                                                    dib_elements=options.dib_elements)
+    handed = take_over(options.plan_ref)  # the plan `kiln build` made in this process, if it did
+    if handed is not None and handed.spec == spec:
+        plan = handed
+    else:
+        plan = make_plan(spec, elements_path=options.elements_path, dib_elements=options.dib_elements)
     store = Store(Path(options.cache) if options.cache else None)
     workdir = store.work_root / build_id
     claim_workdir(workdir)

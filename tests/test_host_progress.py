@@ -27,3 +27,11 @@ def test_elsewhere_nothing_is_drawn(capsys: pytest.CaptureFixture[str]) -> None:
         note("Unpacking libc6")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_a_guests_control_characters_and_a_files_markup_stay_off_the_terminal() -> None:
+    out = io.StringIO()
+    with activity("boot", console=Console(file=out, force_terminal=True, width=100)) as note:
+        note("evil\x9b31m\u202eline\x07")
+        time.sleep(0.8)
+    assert "evil31mline" in out.getvalue() and "\u202e" not in out.getvalue() and "\x9b" not in out.getvalue()

@@ -104,3 +104,15 @@ def test_versions_compare_as_dpkg_orders_them_without_dpkg() -> None:
     assert version_newer("1:0.9", "2.0")  # the epoch wins
     assert version_newer("1.0", "1.0~rc1") and not version_newer("1.0~rc1", "1.0")  # ~ sorts before anything
     assert not version_newer("1.0", "1.0")
+
+
+def test_rpm_versions_compare_as_rpm_orders_them() -> None:
+    """Debian's rules refuse `_` (el9_4): those versions are compared by rpm's rules, not an error."""
+    assert version_newer("5.14.0-427.18.1.el9_4", "5.14.0-427.13.1.el9_4")
+    assert not version_newer("5.14.0-427.13.1.el9_4", "5.14.0-427.18.1.el9_4")
+    assert version_newer("1:1.0-1.el9_4", "2.0-1.el9_4")  # the epoch wins
+    assert version_newer("1.0-1.el9_4", "1.0~rc1-1.el9_4") and version_newer("1.0^git1-1_x", "1.0-1_x")
+    assert not version_newer("1.0-1.el9_4", "1.0-1.el9_4")
+    diff = package_diff({"packages": [{"name": "kernel", "version": "5.14.0-427.13.1.el9_4", "arch": "x86_64"}]},
+                        {"packages": [{"name": "kernel", "version": "5.14.0-427.18.1.el9_4", "arch": "x86_64"}]})
+    assert [u["name"] for u in diff.upgraded] == ["kernel"]

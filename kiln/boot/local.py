@@ -22,6 +22,7 @@ from kiln.boot import qemu, seed
 from kiln.boot.nova import NovaBootResult
 from kiln.build.plan import digest
 from kiln.host.arch import host_arch
+from kiln.host.checksums import write_replacing
 from kiln.host.run import tracked
 from kiln.host.state import state_dir
 from kiln.model import facts
@@ -117,7 +118,7 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
 
 def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:
     """A passed boot in a cloud's Nova as a boot test result of the build; its console kept in `console_log`."""
-    console_log.write_text(result.console)
+    write_replacing(console_log, result.console)
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=result.seconds,
                        accel=f"nova on {result.cloud} ({result.flavor})", root_bytes=result.root_bytes,
                        disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova")

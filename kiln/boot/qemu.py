@@ -263,9 +263,23 @@ def probe_accel(kernel: Path | None, *, state_dir: Path | None = None, timeout: 
 # ------------------------------------------------------------------------------------------ boot test
 
 
+BOOTABLE_FORMATS = ("qcow2", "raw")
+
+
 def _image_info(image: Path) -> tuple[str, int]:
-    info = json.loads(output(["qemu-img", "info", "--output=json", str(image)]))
-    return str(info["format"]), int(info["virtual-size"])
+    """(format, virtual size) of a disk to boot, which may be a stranger's build: only a self-contained raw
+    or qcow2 is booted; a qcow2 naming a backing or data file (a host file or disk the guest would read,
+    the class of OSSA-2024-001) is refused."""
+    info = json.loads(output(["qemu-img", "info", "-U", "--output=json", str(image)]))
+    fmt = str(info.get("format"))
+    if fmt not in BOOTABLE_FORMATS:
+        raise BootTestError(f"{image.name}: a {fmt} disk; the boot test boots {' or '.join(BOOTABLE_FORMATS)}")
+    external = info.get("full-backing-filename") or info.get("backing-filename") or (
+        (info.get("format-specific") or {}).get("data") or {}).get("data-file")
+    if external:
+        raise BootTestError(f"{image.name}: the disk names another file ({str(external)[:120]!r}) that QEMU "
+                            "would read as part of it: refused")
+    return fmt, int(info["virtual-size"])
 
 
 def _validate(firmware: str, arch: str, accel: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kiln.boot import guest_ssh
 from kiln.boot.seed import DISK_BYTES_PREFIX, FAILED_UNITS_PREFIX, ROOT_BYTES_PREFIX
+from kiln.host.run import redact
 
 log = logging.getLogger("kiln.qemu")
 SERIAL_TAIL_LINES = 40
@@ -216,7 +217,7 @@ class SerialConsole(threading.Thread):
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
         for raw in lines:
-            line = clean_console(raw).rstrip()
+            line = redact(clean_console(raw).rstrip())  # a secret the guest prints is not logged or shown
             log.debug("serial: %s", line)
             self.state.facts.feed(line)
             if self._on_line is not None:

@@ -22,6 +22,7 @@ from kiln.cli import dib as dib_cli
 from kiln.cli.common import add_cache
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
+from kiln.host.checksums import write_replacing
 from kiln.host.run import terminate_all
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError, SpecError
@@ -244,7 +245,7 @@ def _boot_test_nova(args: argparse.Namespace) -> int:
     result = nova.boot_test_output(BuildRecord.load(output), cloud=args.cloud, clouds_yaml=args.clouds_yaml,
                                    flavor=args.flavor, network=args.network, timeout=args.timeout)
     log_path = output / "boot-nova-console.log"
-    log_path.write_text(result.console)
+    write_replacing(log_path, result.console)
     print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
           f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s); server {result.server_id} deleted; "
           f"console log: {log_path}")

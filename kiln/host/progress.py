@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.text import Text
 
 log = logging.getLogger("kiln.progress")
+
+UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 Advance = Callable[[int], None]
 Note = Callable[[str], None]
@@ -35,8 +38,9 @@ def on_terminal() -> bool:
 def terminal_progress(label: str, total: int) -> Iterator[Advance]:
     """A progress bar on stderr when it is a terminal; otherwise a log line every quarter."""
     if on_terminal():
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), transient=False) as bar:
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=False) as bar:
             task = bar.add_task(label, total=total)
             yield lambda n: bar.advance(task, n)
         return
@@ -75,8 +79,9 @@ def activity(label: str, *, console: Console | None = None) -> Iterator[Note]:
         return Text(head + latest[0][:room])
 
     def note(line: str) -> None:
-        if line.strip():
-            latest[0] = line.strip()
+        shown = UNPRINTABLE.sub("", line).strip()  # a guest's C1 controls or bidi marks stay off the terminal
+        if shown:
+            latest[0] = shown
 
     with Live(console=console, refresh_per_second=2, transient=True, get_renderable=render, redirect_stdout=False):
         yield note

@@ -63,7 +63,9 @@ def converted(store: Store, raw: Path, pack_key: str, fmt: str, *, name: str, co
             out = convert(raw, entry.data / filename, fmt, compress=compress, options=options)
             sums = file_digests(out)
             (entry.data / "image.json").write_text(json.dumps({"file": filename, **sums}))
-    data = store.data(key)  # committed now
-    info = json.loads((data / "image.json").read_text())
-    path = data / info["file"]
-    return ImageOutput(fmt, path, info["sha256"], info["sha512"], path.stat().st_size, key), entry.cached
+        # read under the key's lock (gc and a --no-cache rebuild of the same key take it); the path is the
+        # one the entry has once committed, at the end of this block
+        info = json.loads((entry.data / "image.json").read_text())
+        size = (entry.data / info["file"]).stat().st_size
+    path = store.data(key) / info["file"]
+    return ImageOutput(fmt, path, info["sha256"], info["sha512"], size, key), entry.cached

@@ -112,9 +112,10 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
             packages = list_packages(merged, family_of(ctx.plan.spec.distro.value))
             result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
             kernel = merged / str(result.kernel).lstrip("/")
-            # the image's kernel, for a direct-kernel boot probe; a link is never followed (an absolute one
-            # would name a host file: the tree is mounted at `merged`, not chrooted)
-            if kernel.is_file() and not kernel.is_symlink():
+            # the image's kernel, for a direct-kernel boot probe: only a regular file that is inside the tree
+            # (the tree is mounted at `merged`, not chrooted: an absolute link, of the kernel or of boot/,
+            # would name a host file)
+            if kernel.is_file() and kernel.resolve().is_relative_to(merged.resolve()):
                 shutil.copyfile(kernel, tmp / "data" / "vmlinuz")
             (tmp / "data" / "pack.json").write_text(json.dumps({
                 "packages": packages, "root_uuid": root_uuid, "esp_serial": esp_serial, "cmdline": result.cmdline,

@@ -94,9 +94,78 @@ class PackageDiff:
 
 
 def version_newer(a: str, b: str) -> bool:
-    """Whether Debian version `a` is newer than `b`, by dpkg's ordering (epochs, `~` before anything), as
-    python-debian implements it: no dpkg needed, so an RPM build host compares the same way."""
-    return version_compare(a, b) > 0
+    """Whether package version `a` is newer than `b`: by dpkg's ordering (epochs, `~` before anything), as
+    python-debian implements it, for a version Debian's rules accept; else (an RPM's `5.14.0-427.el9_4`) by
+    rpm's (rpmvercmp)."""
+    try:
+        return version_compare(a, b) > 0
+    except ValueError:
+        return rpm_version_compare(a, b) > 0
+
+
+def rpm_version_compare(a: str, b: str) -> int:
+    """rpm's comparison of two [EPOCH:]VERSION[-RELEASE] strings: -1, 0 or 1."""
+    def split(v: str) -> tuple[int, str, str]:
+        epoch, sep, rest = v.partition(":")
+        if not (sep and epoch.isdigit()):
+            epoch, rest = "0", v
+        version, _, release = rest.rpartition("-") if "-" in rest else (rest, "", "")
+        return int(epoch), version, release
+
+    (ea, va, ra), (eb, vb, rb) = split(a), split(b)
+    return (ea > eb) - (ea < eb) or _rpmvercmp(va, vb) or _rpmvercmp(ra, rb)
+
+
+def _rpmvercmp(a: str, b: str) -> int:
+    """rpm's rpmvercmp: digit and letter runs compared in turn (digits numerically, and newer than
+    letters), separators ignored, `~` older and `^` newer than anything after the common part."""
+    if a == b:
+        return 0
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while i < len(a) and not a[i].isalnum() and a[i] not in "~^":
+            i += 1
+        while j < len(b) and not b[j].isalnum() and b[j] not in "~^":
+            j += 1
+        ta, tb = a[i:i + 1], b[j:j + 1]
+        if ta == "~" or tb == "~":
+            if ta != "~":
+                return 1
+            if tb != "~":
+                return -1
+            i, j = i + 1, j + 1
+            continue
+        if ta == "^" or tb == "^":
+            if not ta:
+                return -1
+            if not tb:
+                return 1
+            if ta != "^":
+                return 1
+            if tb != "^":
+                return -1
+            i, j = i + 1, j + 1
+            continue
+        if not ta or not tb:
+            break
+        numeric = ta.isdigit()
+        same_kind = str.isdigit if numeric else str.isalpha
+        si, sj = i, j
+        while i < len(a) and same_kind(a[i]):
+            i += 1
+        while j < len(b) and same_kind(b[j]):
+            j += 1
+        pa, pb = a[si:i], b[sj:j]
+        if not pb:  # a number against letters: the number is newer
+            return 1 if numeric else -1
+        if numeric:
+            pa, pb = pa.lstrip("0"), pb.lstrip("0")
+            if len(pa) != len(pb):
+                return 1 if len(pa) > len(pb) else -1
+        if pa != pb:
+            return 1 if pa > pb else -1
+    rest_a, rest_b = i < len(a), j < len(b)
+    return (rest_a > rest_b) - (rest_a < rest_b)
 
 
 def package_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> PackageDiff:

@@ -6,7 +6,9 @@ directory (`kiln publish`, `kiln boot-test OUTPUT`, the refresh's diff against a
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kiln.model.names import is_plain_name
 from kiln.model.publishing import PublishError, PublishSpec
 
 MANIFEST = "manifest.json"
@@ -127,7 +130,8 @@ class BuildRecord(BaseModel):
     @property
     def boot_settings(self) -> dict[str, Any]:
         """The spec's boot_test section as built (memory, firmware, flavor, …)."""
-        return dict(self.spec.get("boot_test") or {})
+        section = self.spec.get("boot_test")
+        return dict(section) if isinstance(section, dict) else {}
 
     def manifest(self) -> dict[str, Any]:
         """manifest.json's content."""
@@ -167,24 +171,43 @@ class BuildRecord(BaseModel):
     @classmethod
     def load(cls, output: Path) -> BuildRecord:
         """Read and cross-check a build's output directory (cheap: sizes and recorded checksums, no hashing;
-        the uploads hash every byte they send and compare with the manifest)."""
+        the uploads hash every byte they send and compare with the manifest).
+
+        The directory may be a stranger's: manifest.json, SHA256SUMS and every image must be regular files
+        (not links, devices or FIFOs) directly in it, the image's name and build id plain names, and
+        anything unreadable or malformed is a RecordError naming the file and field (exit code 2)."""
         manifest_path = output / MANIFEST
         try:
-            data = json.loads(manifest_path.read_text())
-        except OSError as exc:
-            raise RecordError(f"{manifest_path}: not a kiln build output ({output}: {exc.strerror})") from None
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"{manifest_path}: not valid JSON: {exc}") from None
+            data = json.loads(_read_regular(manifest_path, MAX_MANIFEST_BYTES, missing_means="not a kiln build "
+                                            f"output ({output}: no manifest.json)"))
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd numbers or nesting
+            raise RecordError(f"{manifest_path}: not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise RecordError(f"{manifest_path}: not a JSON object")
         for key in ("build_id", "spec", "images"):
             if key not in data:
                 raise RecordError(f"{manifest_path}: no {key!r} field")
+        spec = data["spec"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not is_plain_name(spec["name"]):
+            raise RecordError(f"{manifest_path}: spec.name must be a plain name (letters, digits, '.', '_', '+', "
+                              f"'-'), got {spec.get('name') if isinstance(spec, dict) else spec!r:.80}")
+        if not isinstance(data["build_id"], str) or not is_plain_name(data["build_id"]):
+            raise RecordError(f"{manifest_path}: build_id must be a plain name, got {data['build_id']!r:.80}")
+        for field_name, kind in (("boot_test", dict), ("publish", dict), ("size", int), ("arch", str)):
+            if spec.get(field_name) is not None and not isinstance(spec[field_name], kind):
+                raise RecordError(f"{manifest_path}: spec.{field_name} must be a JSON {kind.__name__}")
+        for field_name in ("memory", "timeout", "cpus"):
+            value = (spec.get("boot_test") or {}).get(field_name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise RecordError(f"{manifest_path}: spec.boot_test.{field_name} must be a whole number")
         for index, entry in enumerate(data["images"] if isinstance(data["images"], list) else []):
             missing = [k for k in ("file", "format", "size", "sha256", "sha512") if not isinstance(entry, dict)
                        or k not in entry]
             if missing:
                 raise RecordError(f"{manifest_path}: images[{index}] lacks {', '.join(missing)}")
+            if not isinstance(entry["file"], str) or not is_plain_name(entry["file"]):
+                raise RecordError(f"{manifest_path}: images[{index}].file {entry['file']!r:.80} is not a file name "
+                                  f"in {output}")
         data.setdefault("kiln_version", "")
         try:
             record = cls.model_validate({**data, "output": output})
@@ -193,26 +216,52 @@ class BuildRecord(BaseModel):
             where = ".".join(str(p) for p in first["loc"])
             raise RecordError(f"{manifest_path}: {where}: {first['msg']}") from None
         sums_path = output / SUMS
-        try:
-            sums = read_sha256sums(sums_path)
-        except OSError as exc:
-            raise RecordError(f"{sums_path}: cannot read: {exc.strerror}") from None
+        sums = read_sha256sums(sums_path)
         for entry in record.images:
-            if "/" in entry.file or entry.file in ("", ".", ".."):
-                raise RecordError(f"{manifest_path}: image file {entry.file!r} is not a name in {output}")
             path = output / entry.file
             if sums.get(entry.file) != entry.sha256:
                 raise RecordError(f"{sums_path}: {entry.file} is missing or its sha256 differs from manifest.json")
-            try:
-                size = path.stat().st_size
-            except OSError as exc:
-                raise RecordError(f"{path}: {exc.strerror}") from None
+            size = _regular_size(path)
             if size != entry.size:
                 raise RecordError(f"{path}: {size} bytes, but the manifest recorded {entry.size}: the file "
-                                   f"changed after the build")
+                                  f"changed after the build")
         if not record.images:
             raise RecordError(f"{manifest_path}: the build has no images")
         return record
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest with every package of a large image is a few MiB
+
+
+def _regular_size(path: Path) -> int:
+    """The size of `path`, a regular file itself (a link, device or FIFO is refused, never followed)."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise RecordError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RecordError(f"{path}: not a regular file (a link, directory or device): refused")
+    return st.st_size
+
+
+def _read_regular(path: Path, limit: int, *, missing_means: str | None = None) -> str:
+    """The text of `path`, a regular file of at most `limit` bytes, opened without following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise RecordError(f"{path}: {missing_means or 'no such file'}") from None
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc.strerror} (a link is never followed)") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise RecordError(f"{path}: not a regular file: refused")
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise RecordError(f"{path}: larger than {limit >> 20} MiB: not a kiln file")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def new_build_id() -> str:
@@ -222,11 +271,11 @@ def new_build_id() -> str:
 
 def read_sha256sums(path: Path) -> dict[str, str]:
     sums: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(_read_regular(path, MAX_MANIFEST_BYTES).splitlines(), 1):
         if not line.strip():
             continue
         m = re.match(r"^([0-9a-f]{64}) [ *](.+)$", line.strip())
-        if not m:
-            raise RecordError(f"{path}:{number}: not a SHA256SUMS line: {line[:80]!r}")
+        if not m:  # the line itself is not shown: the file may be a stranger's copy of a host file
+            raise RecordError(f"{path}:{number}: not a SHA256SUMS line (HEX, two spaces, file name)")
         sums[m.group(2)] = m.group(1)
     return sums

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kiln.host.checksums import file_digests, write_sha256sums
+from kiln.host.checksums import file_digests, write_replacing, write_sha256sums
 from kiln.host.run import run
 from kiln.model.record import MANIFEST, BuildRecord
 
@@ -36,9 +36,7 @@ def write_record(record: BuildRecord) -> Path:
     if record.output is None:
         raise ValueError(f"build {record.build_id}: no output directory")
     target = record.output / MANIFEST
-    tmp = target.with_name(MANIFEST + ".partial")
-    tmp.write_text(json.dumps(record.manifest(), indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, target)
+    write_replacing(target, json.dumps(record.manifest(), indent=2, sort_keys=False, default=str) + "\n")
     write_sha256sums(record.output, {img.file: img.sha256 for img in record.images})
     return target
 
@@ -74,4 +72,4 @@ def write_checksum_files(image: Path, *, sha256: str) -> None:
     """<image>.md5 and <image>.sha256 beside the image, as diskimage-builder's --checksum writes them."""
     md5 = file_digests(image, ("md5",))["md5"]
     for ext, digest in (("md5", md5), ("sha256", sha256)):
-        image.with_name(f"{image.name}.{ext}").write_text(f"{digest}  {image.name}\n")
+        write_replacing(image.with_name(f"{image.name}.{ext}"), f"{digest}  {image.name}\n")
