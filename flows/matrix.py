@@ -7,7 +7,7 @@
     -> every cell's result (a failed cell never stops the others) -> summary table artifact, matrix.json
 
 How many builds a host runs at once is decided by Prefect global concurrency limits named for the host
-(`kiln-<host>-cpu`, `-disk`, `-kvm`; see `kiln.matrix.default_limits` and `cell_demand`). kiln creates
+(`kiln-<host>-cpu`, `-disk`, `-kvm`; see `kiln.model.matrix.default_limits` and `cell_demand`). kiln creates
 them when missing and acquires them with `strict=True`, so a limit deleted under a running fleet is an
 error, never silently unlimited. Operators resize them with `prefect gcl update NAME --limit N`.
 """

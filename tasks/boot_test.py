@@ -38,7 +38,7 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
 
 
 # Never cached: a boot in the cloud is the cloud's verdict today (its hypervisors, its Nova), and the server
-# it makes is deleted whatever happens, also when this run is cancelled (SIGTERM is handled in kiln.nova).
+# it makes is deleted whatever happens, also when this run is cancelled (SIGTERM is handled in kiln.boot.nova).
 @task(name="boot_test_nova", task_run_name="boot_test nova {cloud}")
 def boot_test_nova(cloud: str | None, image_id: str | None = None, *, build: BuildRecord | None = None,
                    clouds_yaml: Path | None = None, flavor: str | None = None, network: str | None = None,

@@ -2,7 +2,7 @@
 
 A Prefect server on 127.0.0.1 with its own database (started by kiln's own `ensure_server`, on a free
 port), the `kiln` work pool with kiln's deployments registered from deployments/prefect.yaml exactly as
-`kiln serve` does, and process workers (`kiln.serve.start_worker`), each with its own environment so
+`kiln serve` does, and process workers (`kiln.server.serve.start_worker`), each with its own environment so
 that two workers on this machine can stand in for two build hosts (own KILN_CACHE, own KILN_HOST).
 """
 

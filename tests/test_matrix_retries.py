@@ -1,6 +1,6 @@
 """Retries where a retry can help, none where it can't, against a flaky mirror on 127.0.0.1.
 
-`FlakyMirror` is a small HTTP proxy in front of the host's Debian mirror (`kiln.mirror.host_mirrors()`)
+`FlakyMirror` is a small HTTP proxy in front of the host's Debian mirror (`kiln.sources.mirror.host_mirrors()`)
 that answers 503 to the first N requests whose path matches a pattern, then passes everything through;
 the builds get it as `--mirror`. Nothing is mocked: the real CLI, mmdebstrap, apt and Prefect's retry
 machinery run, and the proxy's own log says which requests failed and which went through.

@@ -247,7 +247,7 @@ def test_the_download_cache_is_keyed_by_digest(server: uf.FixtureServer, publish
 
 @NEEDS_ROOT
 def test_a_killed_extraction_is_reclaimed(published: uf.Published, tmp_path: Path) -> None:
-    """What a SIGKILL between mount and unmount leaves, `kiln.mounts.reclaim(workdir)` removes."""
+    """What a SIGKILL between mount and unmount leaves, `kiln.host.mounts.reclaim(workdir)` removes."""
     raw = tmp_path / "disk.raw"
     run(["qemu-img", "convert", "-O", "raw", str(published.files["disk.qcow2"]), str(raw)], quiet=True)
     root = next(p for p in read_partitions(raw) if p.number == 3)

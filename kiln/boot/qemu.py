@@ -1,7 +1,7 @@
 """Local QEMU boot tests, and the probe that decides between KVM and TCG.
 
 A boot test boots a throw-away overlay of an image with a NoCloud seed and watches the serial console
-for the seed's marker and cloud-init's "finished" line. QEMU runs through `kiln.run.run` in the
+for the seed's marker and cloud-init's "finished" line. QEMU runs through `kiln.host.run.run` in the
 calling thread (its own process group, registered for `terminate_all`, killed on timeout or
 exception, and started under `setpriv --pdeathsig KILL` so that even a SIGKILLed kiln takes it along);
 the serial console is a unix socket that a helper thread reads, logs and, for the optional login check,
@@ -63,7 +63,7 @@ class BootResult:
     login_ok: bool | None  # None when no login was asked for
     serial_log: Path
     ssh_ok: bool | None = None  # root's password login over SSH; None when not asked for
-    criterion: str = "cloud-init"  # what the pass was judged by (kiln.serial_console.CRITERIA)
+    criterion: str = "cloud-init"  # what the pass was judged by (kiln.boot.serial_console.CRITERIA)
     failed_units: list[str] | None = None  # systemd units failed when cloud-init ran the boot test's commands
 
     def as_dict(self) -> dict[str, Any]:

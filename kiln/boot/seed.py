@@ -19,7 +19,7 @@ import yaml
 from kiln.host.run import run
 
 VOLUME_ID = "cidata"
-# the lines the boot-test user-data prints on the console (parsed by kiln.qemu)
+# the lines the boot-test user-data prints on the console (parsed by kiln.boot.serial_console)
 MARKER_PREFIX = "KILN-MARKER="
 ROOT_BYTES_PREFIX = "KILN-ROOT-BYTES="
 DISK_BYTES_PREFIX = "KILN-DISK-BYTES="

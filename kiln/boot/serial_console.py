@@ -2,7 +2,7 @@
 
 The console is a unix socket QEMU serves; `SerialConsole` reads it (logging every cleaned line), watches
 for the boot test's marker and cloud-init's end or a fatal line, optionally logs in as root on the console
-and over SSH (kiln.guest_ssh, from another thread while it keeps draining), then stops QEMU through a
+and over SSH (kiln.boot.guest_ssh, from another thread while it keeps draining), then stops QEMU through a
 pidfd of exactly that process.
 """
 

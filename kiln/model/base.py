@@ -266,7 +266,7 @@ class BaseSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str | None = Field(default=None, description="an upstream from kiln.upstream.UPSTREAMS; default: the "
+    source: str | None = Field(default=None, description="an upstream from kiln.model.base.UPSTREAMS; default: the "
                                "spec's distro")
     version: str | None = Field(default=None, description="the upstream's version/serial directory (default: "
                                 "its latest, where it has a stable name)")

@@ -17,7 +17,7 @@ A matrix file (`images/nightly.yaml`)::
 
 Cells are the product of the axes in file order, named by `cell_name` (default
 `{distro}-{release}-{arch}`); that name is also the image's name and its output directory. An axis
-value's fields are merged like command-line flags (`kiln.spec.merge_overrides`: `add_elements` and
+value's fields are merged like command-line flags (`kiln.model.spec.merge_overrides`: `add_elements` and
 `add_packages` append, `env`, `secrets` and `boot_test` merge, the rest replace). Every error names the
 file and the field, and every cell is validated as an `ImageSpec` before anything is built.
 

@@ -1,6 +1,7 @@
 """The build record: what one build made, typed. The flow makes it once and passes it along; manifest.json
 is its serialization, read back (`BuildRecord.load`) only by commands that start from an output
-directory (`kiln publish`, `kiln boot-test OUTPUT`, the refresh's diff against a published build).
+directory (`kiln publish`, `kiln boot-test OUTPUT`). Manifests of other builds (the stable one a refresh
+diffs against, from S3 or this host's records) are compared as plain data (kiln.model.pkgdiff).
 """
 
 from __future__ import annotations

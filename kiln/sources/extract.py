@@ -262,7 +262,7 @@ def extract_rootfs(
 
     `format` is what the spec or the file name says; the file's content decides between qcow2 and
     raw and which decompressor runs. `workdir` holds the raw conversion of a qcow2, the mount points
-    and the mount journal (`kiln.mounts.reclaim(workdir)` cleans up after a killed process); it is
+    and the mount journal (`kiln.host.mounts.reclaim(workdir)` cleans up after a killed process); it is
     emptied again on return. On error `target` may hold a partial tree: extract into a temporary
     directory (a store entry) that is thrown away on failure.
     """

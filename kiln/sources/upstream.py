@@ -1,4 +1,6 @@
-"""Upstream cloud images as a base: where each distribution publishes them, and the spec's `base:` block.
+"""Upstream cloud images as a base: resolving the spec's `base:` block against where each distribution
+publishes its images, then fetching and verifying them. The data (`UPSTREAMS`, `BaseSpec`) lives in
+kiln/model/base.py.
 
 Each distribution's publication is data (`UPSTREAMS`): URL templates for the image and its checksum
 file, the checksum file's signature and the key that makes it, the architecture names. A spec's
