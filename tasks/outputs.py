@@ -12,7 +12,7 @@ from kiln import __version__
 from kiln.build.customize import BuildContext
 from kiln.image.convert import ImageOutput
 from kiln.image.pack import PackOutput
-from kiln.model.facts import firmware_of
+from kiln.model.facts import firmware_of, is_security_suite
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord, DiskRecord, ElementRecord, ImageRecord, StageRecord, StepRecord
 from kiln.publish.manifest import install_file, write_checksum_files, write_record
@@ -35,7 +35,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         package_list = package_origins(packed.packages, plan.suites, arch=plan.spec.arch.value,
                                        components=components(plan.spec.distro.value))
         logger.info("%d of %d packages from the security suite%s", sum(
-            1 for p in package_list if str(p["suite"]).endswith("-security")), len(package_list),
+            1 for p in package_list if is_security_suite(str(p["suite"]))), len(package_list),
             f" (suites left out by the spec: {', '.join(plan.suites_opted_out)})" if plan.suites_opted_out else "")
     record = BuildRecord(
         kiln_version=__version__, build_id=build_id, created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -53,7 +53,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
                         # what the disk boots with: GRUB for BIOS (amd64 only) and GRUB EFI on the ESP
                         firmware=list(firmware_of(plan.spec.arch.value))),
         packages=package_list, package_origins=origin_counts(package_list),
-        security_updates=sum(1 for p in package_list if str(p.get("suite", "")).endswith("-security")),
+        security_updates=sum(1 for p in package_list if is_security_suite(str(p.get("suite", "")))),
         images=[ImageRecord(file=f.name, format=i.format, size=i.size, sha256=i.sha256, sha512=i.sha512)
                 for f, i in zip(files, images, strict=True)],
         timings={name: StageRecord(**t) for name, t in stages.items()},

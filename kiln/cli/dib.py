@@ -26,7 +26,6 @@ from kiln.model.spec import ImageSpec, spec_from_dict
 DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ubuntu", "ubuntu-minimal": "ubuntu",
                    "fedora": "fedora", "centos": "centos", "rocky": "rocky", "almalinux": "almalinux"}
 # DIB_RELEASE when unset; Fedora has no default (DIB's fedora element asks for one too)
-DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9", "rocky": "9", "almalinux": "9"}
 ARCHES = {**{a: a for a in facts.ARCHES}, **facts.MACHINES}  # DIB's -a takes either naming
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
 UNSUPPORTED = ("--mkfs-options", "--root-label", "--ramdisk-element", "--install-type", "--docker-target",
@@ -110,7 +109,7 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
     if args.image_cache:
         hook_env["DIB_IMAGE_CACHE"] = args.image_cache
     distro = DISTRO_ELEMENTS[distros[0]]
-    release = env.get("DIB_RELEASE") or DEFAULT_RELEASES.get(distro)
+    release = env.get("DIB_RELEASE") or facts.DEFAULT_RELEASES.get(distro)
     if not release:
         raise SpecError(f"kiln dib: element {distros[0]}: set DIB_RELEASE (e.g. DIB_RELEASE=41)")
     data: dict[str, Any] = {

@@ -73,6 +73,15 @@ SECURITY_POCKET = "security"
 NO_POCKETS = frozenset({"sid", "unstable", "experimental", "rc-buggy"})
 
 
+def is_security_suite(suite: str) -> bool:
+    """Whether packages from `suite` are security updates (RELEASE-security)."""
+    return suite.endswith("-" + SECURITY_POCKET)
+
+
+# the release a distribution's images are built from when nothing names one (diskimage-builder's defaults)
+DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble", "centos": "9", "rocky": "9", "almalinux": "9"}
+
+
 def default_suites(release: str) -> list[str]:
     if release in NO_POCKETS:
         return [release]

@@ -20,6 +20,7 @@ from typing import Any
 from debian.debian_support import version_compare
 
 from kiln.model.errors import KilnError
+from kiln.model.facts import is_security_suite
 
 # spec fields that do not change what is in the image
 NOT_CONTENT = ("publish", "boot_test")
@@ -43,7 +44,7 @@ def content_digest(manifest: Mapping[str, Any]) -> str:
 
 
 def _is_security(package: Mapping[str, Any]) -> bool:
-    return str(package.get("suite", "")).endswith("-security")
+    return is_security_suite(str(package.get("suite", "")))
 
 
 @dataclass
