@@ -22,6 +22,7 @@ from kiln.host.run import terminate_all
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord
 from kiln.model.spec import BootBackend, ImageSpec
+from kiln.publish.gates import build_gate
 from kiln.publish.manifest import markdown_summary
 from kiln.store.gc import release_workdir
 from tasks.boot_test import boot_test, boot_test_nova
@@ -111,7 +112,8 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: 
         boot_wanted = options.boot_test and spec.boot_test.enabled
         in_nova = boot_wanted and spec.boot_test.backend == BootBackend.nova
         publishing = options.publish and bool(spec.publish.targets)
-        gate_in_nova = in_nova and publishing and bool(spec.publish.glance_clouds)
+        gate = build_gate(in_nova, spec.publish) if publishing else None
+        gate_in_nova = gate == "nova"
         if in_nova:
             log.info("boot_test: in Nova: %s", "the candidate, before promotion" if gate_in_nova else
                      f"a temporary image in cloud {spec.boot_test.cloud}")
@@ -131,7 +133,7 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: 
             record = record_boot_tests(record, [_boot_in_nova(stages, spec, record)], stages)
         if publishing:
             # the gate reads the boot results this run wrote into the record, or boots the candidate in Nova
-            report = _stage(stages, "publish", publish_build, record, spec.publish, "nova" if gate_in_nova else None,
+            report = _stage(stages, "publish", publish_build, record, spec.publish, gate,
                             only_changed=options.only_changed)
             record = record_published(record, report)
     except BaseException:

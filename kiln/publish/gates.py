@@ -133,6 +133,13 @@ def run_gate(gate: Gate, candidate: CandidateImage) -> GateResult:
 
 
 
+def build_gate(boot_in_nova: bool, spec: PublishSpec) -> str | None:
+    """The gate a build's own publish stage names: a build whose boot test is in Nova and that goes to Glance
+    is boot-tested as the candidate, before promotion, by the `nova` gate; otherwise None (choose_gates
+    picks per cloud)."""
+    return "nova" if boot_in_nova and spec.glance_clouds else None
+
+
 def choose_gates(spec: PublishSpec, gate: str | None = None, *, has_compute: Callable[[str], bool],
                  nova_boot: NovaBoot | None = None) -> dict[str, Gate]:
     """The one place a gate is chosen. For each Glance cloud: `gate` when the build says (its boot test

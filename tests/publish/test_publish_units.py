@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from kiln.boot import nova
 from kiln.cli import publish as publish_cli
 from kiln.cloud import s3
 from kiln.cloud.properties import glance_properties, min_disk_gib, min_ram_mib
 from kiln.model.publishing import PublishError, PublishSpec, Status
 from kiln.model.record import BuildRecord, ImageRecord
-from kiln.publish.gates import CandidateImage, manifest_gate, qemu_gate
+from kiln.publish.gates import GATES, CandidateImage, build_gate, choose_gates, manifest_gate, no_gate, qemu_gate
 from kiln.publish.retention import Version, plan_retention
 from tests.publish.conftest import MakeBuild, manifest_for
 
@@ -267,3 +268,25 @@ def test_the_qemu_gate_turns_a_boot_error_into_a_failed_result(make_build: MakeB
 
 def load_build_unchecked(out: Path) -> BuildRecord:
     return BuildRecord.model_validate({**json.loads((out / "manifest.json").read_text()), "output": out})
+
+
+def test_the_gate_is_chosen_in_one_place() -> None:
+    """gates.build_gate and gates.choose_gates: a build boot-tested in Nova and going to Glance is gated by
+    the Nova boot of its candidate; otherwise Nova where the cloud has compute, else the build's own boot
+    test; S3 alone has no cloud to choose for; an operator's --gate wins everywhere."""
+    glance_and_s3 = PublishSpec(targets=["glance:a", "glance:b", "s3://bucket/x"])
+    assert build_gate(True, glance_and_s3) == "nova" and build_gate(False, glance_and_s3) is None
+    assert build_gate(True, PublishSpec(targets=["s3://bucket/x"])) is None
+    gates = choose_gates(glance_and_s3, None, has_compute=lambda cloud: cloud == "a")
+    assert gates == {"a": GATES["nova"], "b": GATES["manifest"]}
+    assert choose_gates(glance_and_s3, "none", has_compute=lambda cloud: True) == {"a": no_gate, "b": no_gate}
+    booted: list[str] = []
+
+    def nova_boot(cloud: str | None, image_id: str, **_: object) -> Any:
+        booted.append(image_id)
+        raise nova.NovaBootError("the flow's task ran", reason="no server", fault=None, tail=[])
+
+    gated = choose_gates(glance_and_s3, "nova", has_compute=lambda cloud: True, nova_boot=nova_boot)
+    assert gated["a"](CandidateImage("n", *_build(), cloud="a", image_id="img-1")).passed is False
+    assert booted == ["img-1"]
+    assert choose_gates(PublishSpec(targets=["s3://bucket/x"]), None, has_compute=lambda cloud: True) == {}
