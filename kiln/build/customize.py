@@ -22,7 +22,7 @@ from kiln.host.arch import ensure_binfmt
 from kiln.host.chroot import CHROOT_PATH, IN_TARGET, ChrootSession
 from kiln.host.mounts import MountStack
 from kiln.host.run import interactive, run, tracked
-from kiln.model.errors import CommandError, HookError, KilnError
+from kiln.model.errors import CommandError, HookError, SpecError
 from kiln.sources import bootstrap as bootstrap_mod
 from kiln.sources.extract import extract_rootfs
 from kiln.sources.upstream import fetch_image
@@ -248,7 +248,7 @@ BREAK_POINTS = frozenset(
 
 def check_break(value: str | None) -> str | None:
     if value is not None and value not in BREAK_POINTS:
-        raise KilnError(f"--break {value}: unknown break point; use before-<phase>, after-<phase> or after-error "
+        raise SpecError(f"--break {value}: unknown break point; use before-<phase>, after-<phase> or after-error "
                         f"(phases: {', '.join(p.removesuffix('.d') for p in PHASES)})")
     return value
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, NoReturn
+
+from kiln.model.spec import parse_size
 
 CACHE_HELP = "the layer and artifact store (default: KILN_CACHE, else ~/.cache/kiln)"
 
@@ -10,3 +13,34 @@ CACHE_HELP = "the layer and artifact store (default: KILN_CACHE, else ~/.cache/k
 def add_cache(parser: argparse.ArgumentParser) -> None:
     """--cache: the store, the same option for every command that reads or writes it."""
     parser.add_argument("--cache", metavar="DIR", help=CACHE_HELP)
+
+
+class KilnArgumentParser(argparse.ArgumentParser):
+    """kiln's parsers: no abbreviated options (`--cloud` is never read as `--clouds-yaml`), and a usage error
+    is one line naming the command, exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kiln: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v works after the subcommand too (`kiln build -v …` as `kiln -v build …`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if not any("-v" in a.option_strings for a in sub._actions):
+                    sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                     help="log kiln's debug output")
+                add_verbose_everywhere(sub)
+
+
+def size_arg(value: str) -> int:
+    """An argparse type: a size such as 20G."""
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -10,8 +10,11 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from kiln import __version__
 from kiln.boot import nova
@@ -19,7 +22,7 @@ from kiln.boot.local import run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
-from kiln.cli.common import add_cache
+from kiln.cli.common import KilnArgumentParser, add_cache, add_verbose_everywhere, size_arg
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
 from kiln.host.checksums import write_replacing
@@ -28,7 +31,7 @@ from kiln.host.state import state_dir
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.options import BuildOptions
 from kiln.model.record import MANIFEST, BuildRecord, new_build_id
-from kiln.model.spec import ImageSpec, load_spec, merge_overrides, parse_size, spec_from_dict
+from kiln.model.spec import ImageSpec, load_spec, merge_overrides, spec_from_dict
 from kiln.server import prefect as prefect_server
 from kiln.store.entries import Store
 from kiln.store.gc import reclaim_dead_builds
@@ -293,7 +296,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{e.key[:12]:<14} {e.kind:<6} {e.size / 1024**2:>7.1f}M  {when}  {e.description}")
         print(f"{len(entries)} entries, {total / 1024**2:.1f} MiB in {store.root}")
     elif args.cache_cmd == "gc":
-        removed = store.gc(parse_size(args.max_size))
+        removed = store.gc(args.max_size)
         freed = sum(e.size for e in removed)
         print(f"removed {len(removed)} entries, {freed / 1024**2:.1f} MiB freed")
     return 0
@@ -322,10 +325,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kiln", description="Build OpenStack cloud images as Prefect flows.")
+    p = KilnArgumentParser(prog="kiln", description="Build OpenStack cloud images as Prefect flows.",
+                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"kiln {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=KilnArgumentParser)
 
     b = sub.add_parser("build", help="build (and boot-test) an image")
     add_spec_flags(b)
@@ -358,10 +362,10 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
     add_cache(c)
-    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    csub = c.add_subparsers(dest="cache_cmd", required=True, parser_class=KilnArgumentParser)
     csub.add_parser("ls", help="entries with size and last use")
     gc = csub.add_parser("gc", help="remove least recently used entries")
-    gc.add_argument("--max-size", required=True, help="keep at most this much, e.g. 20G")
+    gc.add_argument("--max-size", required=True, type=size_arg, help="keep at most this much, e.g. 20G")
     c.set_defaults(func=cmd_cache)
 
     g = sub.add_parser("gc", help="reclaim mounts and temporary entries left by killed builds")
@@ -377,6 +381,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
     s.add_argument("server_cmd", choices=["start", "stop", "status"])
     s.set_defaults(func=cmd_server)
+    add_verbose_everywhere(p)
     return p
 
 
@@ -404,28 +409,66 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    the build (or another operation) failed
+  2    bad input: a spec, option, file or cloud configuration kiln cannot use; the message names it
+  3    the image did not pass the boot gate (kiln publish, kiln build with publish targets)
+  130  interrupted (Ctrl-C, SIGTERM); mounts and processes were torn down
+  141  the reader of kiln's output went away (kiln plan --json | head)
+Errors are one line; -v (before or after the subcommand) adds kiln's debug lines and a traceback."""
+
+
+def _unexpected(exc: BaseException) -> tuple[int, str]:
+    """An exception that is not kiln's own, as (exit code, one line). A cloud configuration that does not
+    work (no clouds.yaml entry, missing credentials) is bad input."""
+    module = type(exc).__module__.split(".")[0]
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if module == "keystoneauth1" or type(exc).__name__ == "ConfigException":
+        return 2, f"cloud configuration: {first} (give --cloud NAME or set OS_CLOUD; see docs/publishing.md)"
+    if isinstance(exc, ValidationError):
+        return 2, f"invalid input: {first}"
+    return 1, f"{type(exc).__name__}: {first} (an unexpected failure; kiln -v shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    dib = bool(argv) and argv[0] == "dib"
-    args = parser().parse_args(["server", "status"] if dib else argv)
+    leading = 0
+    while leading < len(argv) and argv[leading] in ("-v", "--verbose"):
+        leading += 1
+    dib = argv[leading:leading + 1] == ["dib"]
+    args = parser().parse_args([*argv[:leading], "server", "status"] if dib else argv)
     if dib:
-        args.verbose = False
-        args.func = lambda _: cmd_dib(argv[1:])
+        args.func = lambda _: cmd_dib(argv[leading + 1:])
+    verbose = bool(getattr(args, "verbose", False))
     # -v: kiln's debug lines (every subprocess line, the guest's console), not those of the libraries below
     logging.basicConfig(level=logging.INFO, handlers=[_StderrHandler()],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kiln").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()
         return rc
     except KilnError as exc:
+        if verbose:
+            traceback.print_exc()
         print(f"kiln: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("kiln: interrupted; mounts and processes were torn down", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away: say nothing more, and keep Python from complaining about stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        code, line = _unexpected(exc)
+        if verbose:
+            traceback.print_exc()
+        print(f"kiln: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

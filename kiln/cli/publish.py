@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from kiln.cloud import glance
 from kiln.host.progress import terminal_progress
 from kiln.model.pkgdiff import package_diff
-from kiln.model.publishing import PublishError, PublishSpec, Visibility
+from kiln.model.publishing import PublishInputError, PublishSpec, Visibility
 from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
 from kiln.publish.gates import GATES, choose_gates
@@ -101,7 +101,7 @@ def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors())
-        raise PublishError(f"publish settings: {problems}") from None
+        raise PublishInputError(f"publish settings: {problems}") from None
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -25,6 +25,12 @@ class PublishError(KilnError):
     """A build cannot be published as asked; the message says what to fix."""
 
 
+class PublishInputError(PublishError):
+    """What to publish, or where, is not something kiln can use (bad input: exit code 2)."""
+
+    exit_code = 2
+
+
 class GateFailedError(PublishError):
     """The candidate did not pass the boot gate; it was deleted and the stable image left as it was."""
 

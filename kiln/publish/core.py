@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from kiln.cloud import glance, s3
 from kiln.cloud.glance import GlanceImage
 from kiln.host.progress import ProgressFactory, no_progress
-from kiln.model.publishing import GateFailedError, PublishError, PublishSpec
+from kiln.model.publishing import GateFailedError, PublishInputError, PublishSpec
 from kiln.model.record import BuildRecord
 from kiln.publish.gates import CandidateImage, Gate, manifest_gate, run_gate
 from kiln.publish.promote import GlanceReport, StagedGlance, discard_staged, finish_glance, stage_glance
@@ -46,7 +46,7 @@ def publish(build: BuildRecord, spec: PublishSpec, *, gate: Gate = manifest_gate
     half-promoted. Then, only when the gate passed, each S3 location (upload, retention)."""
 
     if not spec.targets:
-        raise PublishError("no publish targets: give --to glance:CLOUD or --to s3://BUCKET/PREFIX, or set "
+        raise PublishInputError("no publish targets: give --to glance:CLOUD or --to s3://BUCKET/PREFIX, or set "
                            "publish.targets in the spec")
     name = spec.name or build.name
     report = PublishReport()

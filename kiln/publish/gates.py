@@ -16,7 +16,7 @@ from kiln.boot import nova
 from kiln.boot.local import run_boot_test_of_output
 from kiln.boot.nova import NovaBootResult
 from kiln.model.errors import KilnError
-from kiln.model.publishing import PublishSpec
+from kiln.model.publishing import PublishInputError, PublishSpec
 from kiln.model.record import BuildRecord, ImageRecord
 
 if TYPE_CHECKING:
@@ -146,6 +146,9 @@ def choose_gates(spec: PublishSpec, gate: str | None = None, *, has_compute: Cal
     is the candidate's Nova boot), else Nova for a cloud with a compute endpoint (it boots the candidate
     the way it boots every image) and the verdict of kiln's local boot test recorded in the manifest for
     one without. `nova_boot` runs the Nova boot (the flow's Prefect task); default: nova.boot_candidate."""
+    if gate == "nova" and not spec.glance_clouds:
+        raise PublishInputError("the nova gate boots the uploaded candidate in a cloud's Nova: publish to a "
+                                "glance:CLOUD target, or choose another gate")
     chosen = {}
     for cloud in spec.glance_clouds:
         name = gate or ("nova" if has_compute(cloud) else "manifest")

@@ -1,0 +1,77 @@
+"""The command line never prints a traceback (issue 19, item 1): every error is one line naming the culprit,
+with the documented exit code (2 bad input, 1 failure, 3 gate, 130 interrupted, 141 reader gone); -v, before
+or after the subcommand, adds the traceback; options are never abbreviated."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import REPO, kiln_env
+from tests.test_record import output
+
+
+def kiln(args: list[str], tmp_path: Path, **popen: object) -> subprocess.CompletedProcess[str]:
+    env = {**kiln_env(), "KILN_STATE": str(tmp_path / "state"), "KILN_CACHE": str(tmp_path / "cache"),
+           "OS_CLIENT_CONFIG_FILE": str(tmp_path / "clouds.yaml")}
+    env.pop("OS_CLOUD", None)
+    (tmp_path / "clouds.yaml").write_text("clouds: {}\n")
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=REPO, env=env, text=True, timeout=120,
+                          **streams)  # type: ignore[call-overload]
+
+
+OUT = "<output>"  # replaced by a well-formed build output directory
+CASES = [
+    ("rollback without a cloud", ["rollback", "x"], 2, "cloud configuration: "),
+    ("a size that is not one", ["cache", "gc", "--max-size", "big"], 2, "--max-size: not a size: 'big'"),
+    ("kiln dib without elements", ["dib"], 2, "the following arguments are required: elements"),
+    ("an unknown break point", ["build", "--break", "before-lunch", "--no-boot-test"], 2,
+     "--break before-lunch: unknown break point"),
+    ("a publish target that is not one", ["publish", OUT, "--to", "ftp://x"], 2, "publish settings: targets"),
+    ("keep zero", ["publish", OUT, "--to", "s3://bucket/x", "--keep", "0"], 2, "publish settings: keep"),
+    ("no build there", ["publish", "/nonexistent-output", "--to", "s3://bucket/x"], 2,
+     "manifest.json: not a kiln build output"),
+    ("the nova gate without Glance", ["publish", OUT, "--to", "s3://bucket/x", "--gate", "nova"], 2,
+     "the nova gate boots the uploaded candidate"),
+    ("no abbreviations", ["publish", OUT, "--cloud", "prod"], 2, "unrecognized arguments: --cloud prod"),
+    ("an unknown command", ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "code", "message"), CASES, ids=[c[0] for c in CASES])
+def test_one_line_and_the_documented_exit_code(tmp_path: Path, case: str, args: list[str], code: int,
+                                               message: str) -> None:
+    args = [str(output(tmp_path)) if a == OUT else a for a in args]
+    proc = kiln(args, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("kiln: error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("args", [["-v", "dib"], ["build", "-v", "--size", "big", "--no-boot-test"]])
+def test_v_before_or_after_the_subcommand_adds_the_traceback(tmp_path: Path, args: list[str]) -> None:
+    proc = kiln(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("kiln: error: ")
+
+
+def test_a_reader_that_goes_away_is_not_an_error_with_a_traceback(tmp_path: Path) -> None:
+    """`kiln plan … --json | head -1`: stdout closes before kiln writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = kiln(["plan", "images/debian-12.yaml", "--json"], tmp_path, stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
+    text = kiln(["--help"], tmp_path).stdout
+    for line in ("2    bad input", "3    the image did not pass the boot gate", "130  interrupted"):
+        assert line in text
