@@ -46,12 +46,50 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_a_clear_error(case: str, args: list[str], message: str) -> None:
+DOC = REPO / "docs" / "bad-inputs.md"
+BEGIN, END = "<!-- bad-inputs:begin -->", "<!-- bad-inputs:end -->"
+PREFIX = "kiln: error: "
+
+
+def run_case(args: list[str]) -> tuple[int, str, str]:
+    """(exit code, the error line without its prefix, all of stderr) of `kiln ARGS`."""
     env = {**kiln_env(), "KILN_CACHE": "/nonexistent-kiln-cache-must-not-be-created"}
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args, "--no-boot-test"] if args[0] == "build"
                           else [sys.executable, "-m", "kiln.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode not in (0, None), proc.stdout
-    assert message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(PREFIX)]
+    return proc.returncode, errors[-1].removeprefix(PREFIX) if errors else "", proc.stderr
+
+
+def row(case: str, args: list[str], code: int, message: str) -> str:
+    return f"| {case} | `kiln {' '.join(args)}` | {code} | {message.replace('|', '&#124;')} |"
+
+
+def documented() -> dict[str, str]:
+    text = DOC.read_text()
+    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    return {line.split(" | ")[0].removeprefix("| "): line for line in table.strip().splitlines()[2:]}
+
+
+@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error(case: str, args: list[str], message: str) -> None:
+    code, line, stderr = run_case(args)
+    assert code == 2, stderr  # bad input, as kiln --help documents it
+    assert message in line, stderr
+    assert "Traceback" not in stderr
+    # docs/bad-inputs.md shows this very line and exit code: a changed message fails here until the doc is
+    # regenerated (python -m tests.test_bad_inputs --write)
+    assert documented().get(case) == row(case, args, code, line), "docs/bad-inputs.md is stale: regenerate it"
+
+
+def write_doc() -> None:
+    rows = [row(case, args, *run_case(args)[:2]) for case, args, _ in CASES]
+    text = DOC.read_text()
+    head, tail = text[:text.index(BEGIN) + len(BEGIN)], text[text.index(END):]
+    table = "\n".join(["| bad input | command | exit | message |", "|---|---|---:|---|", *rows])
+    DOC.write_text(f"{head}\n{table}\n{tail}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        write_doc()
