@@ -11,6 +11,7 @@ import http.server
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,16 +50,23 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+SERVED: dict[str, tuple[int, bytes]] = {}  # what the stand-in answers besides its defaults (per test)
+
+
 @pytest.fixture
 def health_server() -> Iterator[str]:
-    """A stand-in API answering GET /api/health with 200: yields its API URL."""
+    """A stand-in server answering like a healthy Prefect server of this kiln's version: /api/health, its
+    version (/api/admin/version) and its UI page (/): yields its API URL. SERVED overrides a path."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            ok = self.path == "/api/health"
-            self.send_response(200 if ok else 404)
+            answers = {"/api/health": (200, b"true"), "/api/admin/version": (200, json.dumps(
+                ps.client_version()).encode()), "/": (200, b"<!DOCTYPE html><html><body>Prefect</body></html>"),
+                **SERVED}
+            status, body = answers.get(self.path, (404, b""))
+            self.send_response(status)
             self.end_headers()
-            self.wfile.write(b"true" if ok else b"")
+            self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -69,6 +77,7 @@ def health_server() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/api"
     finally:
+        SERVED.clear()
         server.shutdown()
         server.server_close()
 
@@ -140,6 +149,41 @@ def test_live_record_is_reused(clean_env: pytest.MonkeyPatch, tmp_path: Path, he
     assert ps.ensure_server(tmp_path) == health_server
     status = ps.server_status(tmp_path)
     assert status is not None and status["healthy"] and status["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize(("problem", "says"), [
+    ("python gone", "no longer exists"),
+    ("other version", "it runs Prefect 2.0.0"),
+    ("ui broken", "answers 500"),
+])
+def test_a_server_that_cannot_serve_a_user_is_restarted(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                        health_server: str, problem: str, says: str) -> None:
+    """The API answers from memory, but the installation it was started from is gone, or it is another
+    Prefect version, or its UI answers an error: kiln restarts it from this installation (issue 19)."""
+    _write_record(tmp_path, os.getpid(), health_server)
+    record = json.loads((ps.prefect_home(tmp_path) / ps.SERVER_JSON).read_text())
+    record["python"] = str(tmp_path / "gone-venv" / "bin" / "python3") if problem == "python gone" else sys.executable
+    (ps.prefect_home(tmp_path) / ps.SERVER_JSON).write_text(json.dumps(record))
+    if problem == "other version":
+        SERVED["/api/admin/version"] = (200, b'"2.0.0"')
+    if problem == "ui broken":
+        SERVED["/"] = (500, b"Internal Server Error")
+    clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
+    status = ps.server_status(tmp_path)
+    assert status is not None and status["healthy"] and says in status["ui"], status
+    killed: list[int] = []
+    started: list[int] = []
+    clean_env.setattr(ps, "_kill_group", lambda pid, grace=0: killed.append(pid) or True)
+    clean_env.setattr(ps, "_start", lambda home, port, timeout: started.append(port) or {"url": "http://new/api"})
+    assert ps.ensure_server(tmp_path) == "http://new/api"
+    assert killed == [os.getpid()] and len(started) == 1
+
+
+def test_a_fit_server_reports_its_ui_ok(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:
+    _write_record(tmp_path, os.getpid(), health_server)
+    clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
+    status = ps.server_status(tmp_path)
+    assert status is not None and status["ui"] == "ok"
 
 
 def test_concurrent_ensure_starts_once(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:
@@ -390,3 +434,35 @@ def test_local_server_end_to_end(local_server: tuple[Path, str]) -> None:
     assert not (home / ps.SERVER_JSON).exists()
     assert not ps.check_health(url)
     assert ps.stop_server(state) is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_server_whose_installation_was_removed_is_restarted(clean_env: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """The real case behind issue 19: kiln's server was started from another virtualenv, since deleted; its
+    API still answers from memory. The next kiln restarts it from its own installation, whose UI answers."""
+    venv = Path(sys.prefix)
+    other = tmp_path / "other-venv"
+    (other / "bin").mkdir(parents=True)
+    (other / "pyvenv.cfg").write_text((venv / "pyvenv.cfg").read_text())
+    (other / "lib").symlink_to(venv / "lib")
+    (other / "bin" / "python3").symlink_to(Path(sys.executable).resolve())
+    state = tmp_path / "state"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "executable", str(other / "bin" / "python3"))
+            first = ps.ensure_server(state, port=free_port(), timeout=300)
+        before = ps.server_status(state)
+        assert before is not None and before["python"] == str(other / "bin" / "python3") and before["ui"] == "ok"
+        shutil.rmtree(other)  # the other checkout's virtualenv is deleted; its server runs on
+        assert ps.check_health(first)
+        status = ps.server_status(state)
+        assert status is not None and "no longer exists" in status["ui"], status
+        again = ps.ensure_server(state, port=free_port(), timeout=300)
+        after = ps.server_status(state)
+        assert after is not None and after["pid"] != before["pid"] and after["python"] == sys.executable
+        assert after["ui"] == "ok" and ps.check_health(again)
+        assert not ps.pid_alive(int(before["pid"]))
+    finally:
+        ps.stop_server(state)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import logging
 import os
@@ -73,9 +74,8 @@ def api_url_for(port: int) -> str:
 # --------------------------------------------------------------------------------------- probes
 
 
-def check_health(api_url: str, *, timeout: float = 3.0) -> bool:
-    """True when `GET <api_url>/health` answers 200 (the server is up and serving)."""
-    url = api_url.rstrip("/") + "/health"
+def _get(url: str, *, timeout: float) -> tuple[int, bytes]:
+    """(status, first 64 KiB of the body) of `GET url`; (0, b"") when nothing answers."""
     host = urllib.parse.urlparse(url).hostname or ""
     handlers: list[urllib.request.BaseHandler] = []
     if host in ("127.0.0.1", "localhost", "::1"):
@@ -83,10 +83,46 @@ def check_health(api_url: str, *, timeout: float = 3.0) -> bool:
     opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=timeout) as resp:
-            status: int = resp.status
-            return status == 200
+            return int(resp.status), resp.read(65536)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), b""
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return 0, b""
+
+
+def check_health(api_url: str, *, timeout: float = 3.0) -> bool:
+    """True when `GET <api_url>/health` answers 200 (the server is up and serving)."""
+    return _get(api_url.rstrip("/") + "/health", timeout=timeout)[0] == 200
+
+
+def client_version() -> str:
+    """The version of the Prefect installed beside this kiln (without importing it)."""
+    try:
+        return importlib.metadata.version("prefect")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
+    """Why a running, healthy server kiln recorded cannot serve a user, or None. The API can go on
+    answering from memory after the installation it was started from is gone (another checkout's
+    virtualenv, deleted), while its UI answers "Internal Server Error"; and a server of another Prefect
+    version than this kiln's client refuses or misreads what the client sends."""
+    python = str(record.get("python") or "")
+    if python and not Path(python).exists():
+        return f"its Python {python} no longer exists (the installation it was started from is gone)"
+    url = str(record["url"])
+    status, body = _get(url.rstrip("/") + "/admin/version", timeout=timeout)
+    if status == 200:
+        with contextlib.suppress(ValueError):
+            theirs, ours = str(json.loads(body)), client_version()
+            if ours and theirs != ours:
+                return f"it runs Prefect {theirs}, this kiln's client is Prefect {ours}"
+    ui = str(record.get("ui_url") or url.removesuffix("/api"))
+    status, body = _get(ui, timeout=timeout)
+    if status != 200 or b"<html" not in body.lower():
+        return f"its UI ({ui}) answers {status or 'nothing'}" + ("" if status != 200 else " without a page")
+    return None
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -359,12 +395,20 @@ def ensure_server(state: Path | None = None, *, port: int | None = None, timeout
         if record is not None:
             pid, url = int(record["pid"]), str(record["url"])
             if pid_alive(pid) and _is_our_server(pid, home):
-                if check_health(url):
+                why = unfit(record) if check_health(url) else "not answering"
+                if why is None:
                     log.debug("reusing the Prefect server on %s (pid %d)", url, pid)
                     if "ready_after" not in record:  # its starter was interrupted before it answered
                         record["ready_after"] = round(time.time() - float(record.get("started_at", 0)), 2)
                         _write_record(home, record)
                     return url
+                if why != "not answering":
+                    log.warning("the Prefect server on %s (pid %d) cannot serve: %s; restarting it from this "
+                                "installation (%s)", url, pid, why, sys.executable)
+                    _kill_group(pid)
+                    _remove_record(home)
+                    record = _start(home, _choose_port(port), timeout)
+                    return str(record["url"])
                 # ours and alive but not answering. Never seen ready: its starter was interrupted and it
                 # may still be migrating its database, so give it the whole start timeout. Seen ready
                 # before: it may just be busy; give it 30 s before restarting it.
@@ -419,6 +463,8 @@ def server_status(state: Path | None = None) -> dict[str, Any] | None:
         return None
     record["alive"] = True
     record["healthy"] = check_health(str(record["url"]))
+    why = unfit(record) if record["healthy"] else "the API does not answer"
+    record["ui"] = "ok" if why is None else why  # what a user of the UI would meet
     return record
 
 
