@@ -38,7 +38,7 @@ CASES = [
      "manifest.json: not a kiln build output"),
     ("the nova gate without Glance", ["publish", OUT, "--to", "s3://bucket/x", "--gate", "nova"], 2,
      "the nova gate boots the uploaded candidate"),
-    ("no abbreviations", ["publish", OUT, "--cloud", "prod"], 2, "unrecognized arguments: --cloud prod"),
+    ("no abbreviations", ["publish", OUT, "--clouds", "c.yaml"], 2, "unrecognized arguments: --clouds c.yaml"),
     ("an unknown command", ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ]
 
@@ -75,3 +75,25 @@ def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
     text = kiln(["--help"], tmp_path).stdout
     for line in ("2    bad input", "3    the image did not pass the boot gate", "130  interrupted"):
         assert line in text
+
+
+def test_cloud_selection_is_the_same_everywhere(tmp_path: Path) -> None:
+    """--cloud NAME and --clouds-yaml PATH on every command that talks to a cloud; --flavor and --network
+    wherever a Nova boot can happen (issue 19, item 2)."""
+    from kiln.cli import main as cli
+    from kiln.cli import publish as publish_cli
+    from kiln.model.record import BuildRecord
+
+    p = cli.parser()
+    clouds = ["--cloud", "prod", "--clouds-yaml", str(tmp_path / "clouds.yaml")]
+    nova = ["--flavor", "m1.small", "--network", "none"]
+    for command in (["build", "images/debian-12.yaml"], ["boot-test", "out"], ["publish", "out"], ["rollback", "x"]):
+        args = p.parse_args([*command, *clouds, *(nova if command[0] != "rollback" else [])])
+        assert (getattr(args, "cloud", None) or getattr(args, "boot_cloud", None)) == "prod", command
+        assert args.clouds_yaml == tmp_path / "clouds.yaml", command
+    build = p.parse_args(["build", "images/debian-12.yaml", *clouds, *nova, "--boot-backend", "nova"])
+    spec = cli.spec_from_args(build)
+    assert (spec.boot_test.cloud, spec.boot_test.flavor, spec.boot_test.network) == ("prod", "m1.small", "none")
+    record = BuildRecord.load(output(tmp_path))
+    published = publish_cli.spec_from_args(record.publish_spec(), p.parse_args(["publish", "out", "--cloud", "prod"]))
+    assert published.targets == ["glance:prod"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, NoReturn
 
 from kiln.model.spec import parse_size
@@ -44,3 +45,16 @@ def size_arg(value: str) -> int:
         return parse_size(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cloud_options(parser: argparse.ArgumentParser, *, nova: bool, cloud_help: str | None = None) -> None:
+    """How every command that talks to a cloud is told which, as the `openstack` CLI is: --cloud NAME (else
+    OS_CLOUD), --clouds-yaml PATH (else OS_CLIENT_CONFIG_FILE, else the usual places); and, where a Nova
+    boot can happen, what to boot with."""
+    parser.add_argument("--cloud", metavar="NAME", help=cloud_help or "a clouds.yaml entry (default: OS_CLOUD)")
+    parser.add_argument("--clouds-yaml", type=Path, metavar="PATH",
+                        help="a clouds.yaml to read (default: OS_CLIENT_CONFIG_FILE, else the usual places)")
+    if nova:
+        parser.add_argument("--flavor", help="Nova boot: flavor name or id (default: KILN_NOVA_FLAVOR, the cloud's "
+                            "kiln.boot_flavor, else the smallest that fits)")
+        parser.add_argument("--network", help="Nova boot: none (default), auto, or a network name or id")

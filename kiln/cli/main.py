@@ -22,7 +22,7 @@ from kiln.boot.local import run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
-from kiln.cli.common import KilnArgumentParser, add_cache, add_verbose_everywhere, size_arg
+from kiln.cli.common import KilnArgumentParser, add_cache, add_cloud_options, add_verbose_everywhere, size_arg
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
 from kiln.host.checksums import write_replacing
@@ -71,8 +71,13 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
     p.add_argument("--boot-backend", choices=["qemu", "nova"],
                    help="boot test under local QEMU (default) or in a cloud's Nova (see --boot-cloud)")
-    p.add_argument("--boot-cloud", metavar="NAME",
-                   help="nova boot test: the clouds.yaml cloud (default: the spec's glance publish target)")
+    p.add_argument("--boot-cloud", "--cloud", metavar="NAME", dest="boot_cloud",
+                   help="nova boot test: the clouds.yaml cloud (default: the spec's glance publish target, else "
+                   "OS_CLOUD)")
+    p.add_argument("--clouds-yaml", type=Path, metavar="PATH",
+                   help="a clouds.yaml to read (default: OS_CLIENT_CONFIG_FILE, else the usual places)")
+    p.add_argument("--flavor", help="nova boot test: flavor name or id (default: the smallest that fits)")
+    p.add_argument("--network", help="nova boot test: none (default), auto, or a network name or id")
     p.add_argument("--boot-root-login", action="store_true", default=None,
                    help="boot test: set a root password through user-data and log in with it (cloud-init-cfg)")
     p.add_argument("--dib-elements", action="store_true",
@@ -96,7 +101,8 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
         "env": dict(args.env) if args.env else None,
         "secrets": _secrets_from_env(args.secret) or None,
         "boot_test": {k: v for k, v in (("firmware", args.firmware), ("root_login", args.boot_root_login),
-                                        ("backend", args.boot_backend), ("cloud", args.boot_cloud)) if v} or None,
+                                        ("backend", args.boot_backend), ("cloud", args.boot_cloud),
+                                        ("flavor", args.flavor), ("network", args.network)) if v} or None,
     }
     if args.spec is not None:
         return load_spec(args.spec, overrides)
@@ -203,6 +209,10 @@ def _quiet_kiln_tracebacks() -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    if args.clouds_yaml:  # what openstacksdk reads, in the flow's publish and Nova boot stages
+        if not args.clouds_yaml.is_file():
+            raise SpecError(f"--clouds-yaml {args.clouds_yaml}: no such file")
+        os.environ["OS_CLIENT_CONFIG_FILE"] = str(args.clouds_yaml.resolve())
     options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
                            no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
                            break_at=args.break_at, publish=not args.no_publish)
@@ -353,11 +363,7 @@ def parser() -> argparse.ArgumentParser:
                     help="where to boot it: local QEMU (default) or a cloud's Nova")
     bt.add_argument("--firmware", type=_csv, help="qemu: bios,uefi (default: the spec's)")
     bt.add_argument("--timeout", type=int, help="seconds until cloud-init must have finished")
-    bt.add_argument("--cloud", help="nova: a clouds.yaml entry (default: OS_CLOUD)")
-    bt.add_argument("--clouds-yaml", type=Path, help="nova: a clouds.yaml to read instead of the usual places")
-    bt.add_argument("--flavor", help="nova: flavor name or id (default: KILN_NOVA_FLAVOR, clouds.yaml "
-                    "kiln.boot_flavor, else the smallest that fits)")
-    bt.add_argument("--network", help="nova: none (default), auto, or a network name or id")
+    add_cloud_options(bt, nova=True, cloud_help="nova: a clouds.yaml entry (default: OS_CLOUD)")
     bt.set_defaults(func=cmd_boot_test)
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")

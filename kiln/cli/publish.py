@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kiln.cli.common import add_cloud_options
 from kiln.cloud import glance
 from kiln.host.progress import terminal_progress
 from kiln.model.pkgdiff import package_diff
@@ -58,7 +59,7 @@ def register(sub: Any) -> None:
                    "under local QEMU now; none: no gate")
     p.add_argument("--allow-withdrawn", action="store_true",
                    help="promote content that an earlier rollback withdrew")
-    p.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    add_cloud_options(p, nova=True, cloud_help="publish to this cloud's Glance (the same as --to glance:NAME)")
     p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_publish)
@@ -79,15 +80,15 @@ def register(sub: Any) -> None:
                        description="The stable image is withdrawn (hidden, renamed NAME-withdrawn-BUILD) and the "
                        "previous one takes the stable name again.")
     r.add_argument("name", metavar="NAME")
-    r.add_argument("--cloud", help="a clouds.yaml entry (default: OS_CLOUD)")
-    r.add_argument("--clouds-yaml", type=Path, help="a clouds.yaml to read instead of the usual places")
+    add_cloud_options(r, nova=False)
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_rollback)
 
 
 def spec_from_args(base: PublishSpec, args: argparse.Namespace) -> PublishSpec:
+    targets = [*args.targets, *([f"glance:{args.cloud}"] if getattr(args, "cloud", None) else [])]
     overrides: dict[str, Any] = {
-        "targets": args.targets or None, "name": args.name, "visibility": args.visibility, "keep": args.keep,
+        "targets": targets or None, "name": args.name, "visibility": args.visibility, "keep": args.keep,
         "disk_format": args.disk_format, "min_ram": args.min_ram, "s3_endpoint_url": args.s3_endpoint,
     }
     data = base.model_dump(mode="json")
@@ -108,7 +109,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     build = BuildRecord.load(args.output)
     spec = spec_from_args(build.publish_spec(), args)
     gates = choose_gates(spec, args.gate, has_compute=lambda cloud: glance.has_compute(
-        glance.connect(cloud, clouds_yaml=args.clouds_yaml)))
+        glance.connect(cloud, clouds_yaml=args.clouds_yaml)), flavor=args.flavor, network=args.network)
     report = publish(build, spec, gate=GATES[args.gate], gates=gates, allow_withdrawn=args.allow_withdrawn,
                      clouds_yaml=args.clouds_yaml, progress=terminal_progress)
     record_published(build, spec.name or build.name)

@@ -94,10 +94,12 @@ def no_gate(candidate: CandidateImage) -> GateResult:
     return GateResult(True, "no gate: promoted without a boot check, as the operator asked")
 
 
-def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None) -> GateResult:
+def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None, *, flavor: str | None = None,
+              network: str | None = None) -> GateResult:
     """Boot the uploaded candidate in the cloud's own Nova (its firmware, disk bus, config drive) until
-    cloud-init has finished; the server is deleted whatever happens. Flavor and network: the spec's
-    boot_test, else kiln/boot/nova.py's defaults. `boot` is nova.boot_candidate, or the flow's Prefect task."""
+    cloud-init has finished; the server is deleted whatever happens. Flavor and network: the ones given
+    (kiln publish --flavor/--network), else the spec's boot_test, else kiln/boot/nova.py's defaults. `boot`
+    is nova.boot_candidate, or the flow's Prefect task."""
 
     if candidate.cloud is None or candidate.image_id is None:
         return GateResult(False, "the nova gate boots the uploaded candidate: publish to a glance:CLOUD target "
@@ -106,7 +108,7 @@ def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None) -> GateRe
     boot = boot or nova.boot_candidate
     try:
         result = boot(candidate.cloud, candidate.image_id, clouds_yaml=candidate.clouds_yaml,
-                      flavor=settings.get("flavor"), network=settings.get("network"),
+                      flavor=flavor or settings.get("flavor"), network=network or settings.get("network"),
                       timeout=int(settings.get("timeout") or nova.DEFAULT_BOOT_TIMEOUT))
     except nova.NovaBootError as exc:
         return GateResult(False, f"the Nova boot failed: {exc.reason}", tuple(exc.tail))
@@ -141,7 +143,8 @@ def build_gate(boot_in_nova: bool, spec: PublishSpec) -> str | None:
 
 
 def choose_gates(spec: PublishSpec, gate: str | None = None, *, has_compute: Callable[[str], bool],
-                 nova_boot: NovaBoot | None = None) -> dict[str, Gate]:
+                 nova_boot: NovaBoot | None = None, flavor: str | None = None,
+                 network: str | None = None) -> dict[str, Gate]:
     """The one place a gate is chosen. For each Glance cloud: `gate` when the build says (its boot test
     is the candidate's Nova boot), else Nova for a cloud with a compute endpoint (it boots the candidate
     the way it boots every image) and the verdict of kiln's local boot test recorded in the manifest for
@@ -152,5 +155,7 @@ def choose_gates(spec: PublishSpec, gate: str | None = None, *, has_compute: Cal
     chosen = {}
     for cloud in spec.glance_clouds:
         name = gate or ("nova" if has_compute(cloud) else "manifest")
-        chosen[cloud] = partial(nova_gate, boot=nova_boot) if name == "nova" and nova_boot else GATES[name]
+        nova_settings = nova_boot or flavor or network
+        chosen[cloud] = (partial(nova_gate, boot=nova_boot, flavor=flavor, network=network)
+                         if name == "nova" and nova_settings else GATES[name])
     return chosen
