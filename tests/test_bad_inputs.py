@@ -4,6 +4,7 @@ docs/bad-inputs.md lists the same cases with the messages kiln prints."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,9 @@ CASES = [
      "element 'bad-pkgs': package 'x' has phase 'nowhere.d'"),
     ("mirror that does not answer", ["build", "--mirror", "http://127.0.0.1:9/debian"],
      "mirror http://127.0.0.1:9/debian does not answer for release 'bookworm'"),
+    ("a misspelt release", ["build", "--release", "bookwrm"], "is 'bookwrm' misspelt? releases kiln knows: bookworm"),
+    ("a matrix file given to build", ["build", "images/nightly.yaml"],
+     "this is a matrix file (it has axes: release, arch), not an image spec: build it with `kiln matrix"),
     ("mirror that is not a URL", ["build", "--mirror", "ftp:/x"], "field 'mirror': mirror 'ftp:/x' must be"),
     ("unknown break point", ["build", "--break", "before-lunch"], "--break before-lunch: unknown break point"),
     ("secret variable not set", ["build", "--secret", "KILN_NO_SUCH_SECRET"],
@@ -62,6 +66,8 @@ def run_case(args: list[str]) -> tuple[int, str, str]:
 
 
 def row(case: str, args: list[str], code: int, message: str) -> str:
+    # the host's own mirror is read from its apt sources; the doc names no mirror's host
+    message = re.sub(r"mirror https?://(?!127\.0\.0\.1)\S+", "mirror <the host's mirror>", message)
     return f"| {case} | `kiln {' '.join(args)}` | {code} | {message.replace('|', '&#124;')} |"
 
 

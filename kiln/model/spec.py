@@ -291,6 +291,10 @@ def read_spec_file(path: Path) -> dict[str, Any]:
 def load_spec(path: Path, overrides: dict[str, Any] | None = None) -> ImageSpec:
     """Load a spec file, apply command-line overrides (see `merge_overrides`), validate."""
     data = read_spec_file(path)
+    if "axes" in data and ("cell_name" in data or (isinstance(data.get("base"), dict) and "distro" in data["base"])):
+        raise SpecError(f"{path}: this is a matrix file (it has axes: {', '.join(map(str, data['axes'] or {}))}), "
+                        f"not an image spec: build it with `kiln matrix {path}` (one cell: --only "
+                        "release=…,arch=…)")
     if overrides:
         data = merge_overrides(data, overrides)
     base = data.get("base")

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from kiln.model import facts
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.facts import BOOTSTRAPPED
 from kiln.sources.extract import read_os_release
@@ -151,6 +152,10 @@ class MirrorUnavailable(KilnError):
     exit_code = 2
 
 
+class MirrorHasNot(MirrorUnavailable):
+    """The mirror answered, and has no such file (404 or 410 for every URL)."""
+
+
 def fetch_url(url: str, *, timeout: float = 20.0, attempts: int = 3, backoff: float = 1.0) -> bytes:
     """The body of `url`. A mirror that fails for a moment is retried with exponential backoff and jitter;
     a file the mirror does not have (404, 410) is not. MirrorUnavailable names every URL tried."""
@@ -163,6 +168,13 @@ def release_file(mirror: str, suite: str, *, timeout: float = 20.0, attempts: in
     try:
         return _fetch_first([f"{mirror}/dists/{suite}/InRelease", f"{mirror}/dists/{suite}/Release"],
                             timeout=timeout, attempts=attempts, backoff=backoff)
+    except MirrorHasNot as exc:
+        known = sorted({*facts.DEBIAN_VERSIONS, *facts.UBUNTU_VERSIONS, *facts.NO_POCKETS} - {"rc-buggy"})
+        release = suite.split("-")[0]
+        hint = (f"; is {release!r} misspelt? releases kiln knows: {', '.join(known)}" if release not in known
+                else "; this mirror does not carry it")
+        raise MirrorHasNot(f"mirror {mirror} has no release {suite!r} (no dists/{suite}/InRelease or Release)"
+                           f"{hint}:\n  {exc}") from None
     except MirrorUnavailable as exc:
         raise MirrorUnavailable(f"mirror {mirror} does not answer for release {suite!r}:\n  {exc}") from None
 
@@ -189,7 +201,7 @@ def _fetch_first(urls: list[str], *, timeout: float, attempts: int, backoff: flo
             except (urllib.error.URLError, OSError) as exc:
                 errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
         if all(" HTTP 404 " in e or " HTTP 410 " in e for e in errors):
-            break
+            raise MirrorHasNot("\n  ".join(errors))
         if attempt + 1 < attempts:
             time.sleep(backoff * 2**attempt * (1 + random.uniform(-0.3, 0.3)))
     raise MirrorUnavailable("\n  ".join(errors))
