@@ -97,3 +97,40 @@ def test_cloud_selection_is_the_same_everywhere(tmp_path: Path) -> None:
     record = BuildRecord.load(output(tmp_path))
     published = publish_cli.spec_from_args(record.publish_spec(), p.parse_args(["publish", "out", "--cloud", "prod"]))
     assert published.targets == ["glance:prod"]
+
+
+def test_dibs_variables_are_honoured_or_refused_never_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIB_RELEASE, DIB_IMAGE_SIZE, FS_TYPE and DIB_ROOT_LABEL mean the same to kiln build as to kiln dib
+    (issue 19, item 5): used where nothing else names the value, an error where they contradict it or ask
+    for what kiln does not make."""
+    from kiln.cli import dib as dib_cli
+    from kiln.cli import main as cli
+    from kiln.model.errors import SpecError
+
+    p = cli.parser()
+    for name in ("DIB_RELEASE", "DIB_IMAGE_SIZE", "FS_TYPE", "DIB_ROOT_LABEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DIB_RELEASE", "trixie")
+    monkeypatch.setenv("DIB_IMAGE_SIZE", "6")
+    monkeypatch.setenv("FS_TYPE", "ext4")
+    monkeypatch.setenv("DIB_ROOT_LABEL", "cloudimg-rootfs")
+    spec = cli.spec_from_args(p.parse_args(["build", "-e", "vm"]))
+    assert (spec.release, spec.size) == ("trixie", 6 * 1024**3)
+    dib_spec, _ = dib_cli.parse(["-o", "x", "vm", "debian"], dict(os.environ))
+    assert (dib_spec.release, dib_spec.size) == ("trixie", 6 * 1024**3)
+    with pytest.raises(SpecError, match="DIB_RELEASE=trixie contradicts the release 'bookworm'"):
+        cli.spec_from_args(p.parse_args(["build", "--release", "bookworm"]))
+    with pytest.raises(SpecError, match="DIB_RELEASE=trixie contradicts the release 'bookworm' of images/debian-12"):
+        cli.spec_from_args(p.parse_args(["build", "images/debian-12.yaml"]))
+    monkeypatch.delenv("DIB_RELEASE")
+    with pytest.raises(SpecError, match="DIB_IMAGE_SIZE=6 contradicts the size 8G"):
+        cli.spec_from_args(p.parse_args(["build", "--size", "8G"]))
+    monkeypatch.delenv("DIB_IMAGE_SIZE")
+    for name, value, says in (("FS_TYPE", "xfs", "ext4 root file systems only"),
+                              ("DIB_ROOT_LABEL", "root", "labels the root file system cloudimg-rootfs")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SpecError, match=says):
+            cli.spec_from_args(p.parse_args(["build"]))
+        with pytest.raises(SpecError, match=says):
+            dib_cli.parse(["-o", "x", "vm", "debian"], dict(os.environ))
+        monkeypatch.delenv(name)

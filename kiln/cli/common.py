@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kiln.image.filesystems import ROOT_LABEL
+from kiln.model.errors import SpecError
 from kiln.model.spec import parse_size
 
 CACHE_HELP = "the layer and artifact store (default: KILN_CACHE, else ~/.cache/kiln)"
@@ -58,3 +61,36 @@ def add_cloud_options(parser: argparse.ArgumentParser, *, nova: bool, cloud_help
         parser.add_argument("--flavor", help="Nova boot: flavor name or id (default: KILN_NOVA_FLAVOR, the cloud's "
                             "kiln.boot_flavor, else the smallest that fits)")
         parser.add_argument("--network", help="Nova boot: none (default), auto, or a network name or id")
+
+
+def dib_variables(env: Mapping[str, str], *, release: str | None, size: str | None, where: str) -> dict[str, Any]:
+    """What diskimage-builder's own variables ask of the image, for `kiln build` and `kiln dib` alike; none
+    is silently ignored. DIB_RELEASE and DIB_IMAGE_SIZE (GiB) become the release and size where `where` (the
+    spec and flags, or the DIB line) names none, and are an error where they contradict one; FS_TYPE and
+    DIB_ROOT_LABEL are accepted when they ask for what kiln makes (an ext4 root labelled cloudimg-rootfs)
+    and refused otherwise. Returns the spec fields to set."""
+    fields: dict[str, Any] = {}
+    wanted = env.get("DIB_RELEASE", "").strip()
+    if wanted:
+        if release and release != wanted:
+            raise SpecError(f"DIB_RELEASE={wanted} contradicts the release {release!r} of {where}: unset "
+                            "DIB_RELEASE or make them agree")
+        fields["release"] = wanted
+    gib = env.get("DIB_IMAGE_SIZE", "").strip()
+    if gib:
+        try:
+            wanted_size = parse_size(f"{gib}G")
+        except ValueError:
+            raise SpecError(f"DIB_IMAGE_SIZE={gib}: not a number of GiB") from None
+        if size and parse_size(size) != wanted_size:
+            raise SpecError(f"DIB_IMAGE_SIZE={gib} contradicts the size {size} of {where}: unset DIB_IMAGE_SIZE "
+                            "or make them agree")
+        fields["size"] = f"{gib}G"
+    fs_type = env.get("FS_TYPE", "").strip()
+    if fs_type and fs_type != "ext4":
+        raise SpecError(f"FS_TYPE={fs_type}: kiln makes ext4 root file systems only; unset FS_TYPE")
+    label = env.get("DIB_ROOT_LABEL", "").strip()
+    if label and label != ROOT_LABEL:
+        raise SpecError(f"DIB_ROOT_LABEL={label}: kiln labels the root file system {ROOT_LABEL} (what "
+                        "cloud-images and growroot expect); unset DIB_ROOT_LABEL")
+    return fields

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build import elements as kiln_elements
-from kiln.cli.common import add_cache
+from kiln.cli.common import add_cache, dib_variables
 from kiln.model import facts
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.facts import BOOTSTRAPPED
@@ -109,7 +109,9 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
     if args.image_cache:
         hook_env["DIB_IMAGE_CACHE"] = args.image_cache
     distro = DISTRO_ELEMENTS[distros[0]]
-    release = env.get("DIB_RELEASE") or facts.DEFAULT_RELEASES.get(distro)
+    dib = dib_variables(env, release=None, size=f"{args.image_size}G" if args.image_size else None,
+                        where="the kiln dib line")
+    release = dib.get("release") or facts.DEFAULT_RELEASES.get(distro)
     if not release:
         raise SpecError(f"kiln dib: element {distros[0]}: set DIB_RELEASE (e.g. DIB_RELEASE=41)")
     data: dict[str, Any] = {
@@ -125,8 +127,8 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
     }
     if distro not in BOOTSTRAPPED:
         data["base"] = {}  # as DIB's element does: start from the distribution's published cloud image
-    if args.image_size:
-        data["size"] = f"{args.image_size}G"
+    if args.image_size or "size" in dib:
+        data["size"] = f"{args.image_size}G" if args.image_size else dib["size"]
     if args.qemu_img_options:
         data["qemu_img_options"] = args.qemu_img_options
     boot: dict[str, Any] = {}

@@ -22,7 +22,14 @@ from kiln.boot.local import run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
-from kiln.cli.common import KilnArgumentParser, add_cache, add_cloud_options, add_verbose_everywhere, size_arg
+from kiln.cli.common import (
+    KilnArgumentParser,
+    add_cache,
+    add_cloud_options,
+    add_verbose_everywhere,
+    dib_variables,
+    size_arg,
+)
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
 from kiln.host.checksums import write_replacing
@@ -31,7 +38,7 @@ from kiln.host.state import state_dir
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.options import BuildOptions
 from kiln.model.record import MANIFEST, BuildRecord, new_build_id
-from kiln.model.spec import ImageSpec, load_spec, merge_overrides, spec_from_dict
+from kiln.model.spec import ImageSpec, load_spec, merge_overrides, read_spec_file, spec_from_dict
 from kiln.server import prefect as prefect_server
 from kiln.store.entries import Store
 from kiln.store.gc import reclaim_dead_builds
@@ -104,6 +111,11 @@ def spec_from_args(args: argparse.Namespace) -> ImageSpec:
                                         ("backend", args.boot_backend), ("cloud", args.boot_cloud),
                                         ("flavor", args.flavor), ("network", args.network)) if v} or None,
     }
+    written = read_spec_file(args.spec) if args.spec is not None else {}
+    where = f"{args.spec} and the command line" if args.spec is not None else "the command line"
+    dib = dib_variables(os.environ, release=args.release or written.get("release"),
+                        size=args.size or (str(written["size"]) if written.get("size") else None), where=where)
+    overrides.update({k: v for k, v in dib.items() if overrides.get(k) is None})
     if args.spec is not None:
         return load_spec(args.spec, overrides)
     return spec_from_dict(merge_overrides({}, overrides), "command line")
