@@ -89,8 +89,7 @@ def build_run_name() -> str:
 def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: str | None = None) -> BuildRecord:
     """Build `spec`: bootstrap, customize with elements, pack, convert, boot-test, write the outputs."""
     options = options or BuildOptions()
-    if not logging.getLogger("kiln").isEnabledFor(logging.INFO):  # worker-started runs configure no logging
-        logging.getLogger("kiln").setLevel(logging.INFO)
+    # kiln's level is the caller's: INFO from kiln/__init__ (a worker's run), DEBUG with -v, WARNING with -q
     build_id = build_id or new_build_id()
     stages: Stages = {}
 

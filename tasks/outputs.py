@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 
 from kiln import __version__
 from kiln.build.customize import BuildContext
+from kiln.host.checksums import write_replacing
 from kiln.image.convert import ImageOutput
 from kiln.image.pack import PackOutput
 from kiln.model.facts import firmware_of, is_security_suite
@@ -57,7 +61,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         images=[ImageRecord(file=f.name, format=i.format, size=i.size, sha256=i.sha256, sha512=i.sha512)
                 for f, i in zip(files, images, strict=True)],
         timings={name: StageRecord(**t) for name, t in stages.items()},
-        boot_test=boots, output=out,
+        boot_test=[_console_beside_images(b, out) for b in boots], output=out, run_url=_run_url(),
     )
     write_record(record)
     if options.checksum_files:
@@ -69,9 +73,29 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
     return record
 
 
+def _console_beside_images(boot: BootOutcome, out: Path) -> BootOutcome:
+    """The boot's serial console log copied beside the images (the store's copy goes with `kiln cache gc`)."""
+    source = Path(boot.serial_log) if boot.serial_log else None
+    if source is None or not source.is_file() or source.parent.resolve() == out.resolve():
+        return boot
+    kept = out / f"boot-{boot.backend}-{boot.firmware}-console.log"
+    write_replacing(kept, source.read_text(errors="replace"))
+    return replace(boot, serial_log=str(kept))
+
+
+def _run_url() -> str | None:
+    """The flow run's page in the Prefect UI."""
+    with contextlib.suppress(Exception):  # no UI configured, or not inside a flow run
+        url = flow_run.ui_url
+        return str(url) if url else None
+    return None
+
+
 @task(name="record_boot_tests", task_run_name="record boot tests")
 def record_boot_tests(record: BuildRecord, boots: list[BootOutcome], stages: dict[str, dict[str, Any]]) -> BuildRecord:
     """Add boot results that came after the outputs were written (a boot in Nova needs the finished build)."""
+    assert record.output is not None
+    boots = [_console_beside_images(b, record.output) for b in boots]
     record = record.model_copy(update={"boot_test": [*record.boot_test, *boots],
                                        "timings": {n: StageRecord(**t) for n, t in stages.items()}})
     write_record(record)

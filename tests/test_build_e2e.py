@@ -8,6 +8,7 @@ cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -41,11 +42,14 @@ def root_offset(raw: Path) -> int:
 
 
 def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path, dict[str, Any], float]) -> None:
-    _, m, _ = seed_build
+    out, m, _ = seed_build
     boots = {b["firmware"]: b for b in m["boot_test"]}
     assert set(boots) == {"bios", "uefi"}
     for b in boots.values():
         assert b["passed"], b
+        # the serial console log is kept beside the image, not only in the store (kiln cache gc deletes it)
+        console = Path(b["serial_log"])
+        assert console.parent == out and "Linux version" in console.read_text(errors="replace"), console
         assert b["cached"] is False, b  # booted in this session (its boot generation), not an old result
         # no unit failed at first boot (cloud-init's locale module did, and cloud-config.service with it,
         # until the base generated the locale it sets)
@@ -164,6 +168,13 @@ def test_second_build_comes_from_the_cache(seed_build: tuple[Path, dict[str, Any
     assert "Finished in state Cached" not in out
     # -v: kiln's own debug lines (issue 14: the flow used to force INFO), not those of the HTTP libraries
     assert " DEBUG kiln." in out and " DEBUG httpcore" not in out
+    # for scripts: --json prints the build record alone on stdout; -q leaves the stage lines (issue 19)
+    quiet = kiln("build", "tests/data/seed-example.yaml", "--output", str(tmp_path / "json"), "--json", "-q")
+    record = json.loads(quiet.stdout)
+    assert record["build_id"] != m["build_id"] and record["images"][0]["sha256"] == m["images"][0]["sha256"]
+    assert record["run_url"] and "/runs/flow-run/" in record["run_url"]
+    assert re.search(r"kiln\.build\W+pack: cached in ", quiet.stderr), quiet.stderr[-2000:]
+    assert "Beginning flow run" not in quiet.stderr and " DEBUG " not in quiet.stderr
 
 
 def test_failing_hook_names_element_hook_code_and_output(tmp_path: Path) -> None:

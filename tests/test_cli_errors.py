@@ -4,6 +4,7 @@ or after the subcommand, adds the traceback; options are never abbreviated."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,9 @@ def test_dibs_variables_are_honoured_or_refused_never_ignored(monkeypatch: pytes
         with pytest.raises(SpecError, match=says):
             dib_cli.parse(["-o", "x", "vm", "debian"], dict(os.environ))
         monkeypatch.delenv(name)
+
+
+def test_cache_ls_for_scripts(tmp_path: Path) -> None:
+    proc = kiln(["cache", "ls", "--json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"store": str(tmp_path / "cache"), "entries": []}

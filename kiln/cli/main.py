@@ -128,8 +128,9 @@ def _start_prefect() -> None:
     prefect_server.configure_environment(url, state)
 
 
-def run_build(spec: ImageSpec, options: BuildOptions) -> int:
-    """Build `spec` on the embedded (or the user's) Prefect server and print where the results are."""
+def run_build(spec: ImageSpec, options: BuildOptions, *, as_json: bool = False) -> int:
+    """Build `spec` on the embedded (or the user's) Prefect server and print where the results are (with
+    `as_json`, the build record as manifest.json has it, alone on stdout)."""
 
     check_break(options.break_at)
     # planned here, before Prefect starts, so that bad input fails at once; the flow takes this plan
@@ -142,7 +143,12 @@ def run_build(spec: ImageSpec, options: BuildOptions) -> int:
     _quiet_kiln_tracebacks()
     start = time.monotonic()
     record = build_image(spec, options, new_build_id())
+    if as_json:
+        print(json.dumps(record.manifest(), indent=2))
+        return 0
     print(f"\nkiln: built {spec.name} in {time.monotonic() - start:.0f} s")
+    if record.run_url:
+        print(f"  run:      {record.run_url}")
     for image in record.images:
         print(f"  image:    {record.image_path(image)}")
     print(f"  manifest: {record.path_of(MANIFEST)}")
@@ -228,7 +234,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
                            no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
                            break_at=args.break_at, publish=not args.no_publish)
-    return run_build(spec, options)
+    return run_build(spec, options, as_json=args.json)
 
 
 def cmd_dib(argv: list[str]) -> int:
@@ -256,6 +262,9 @@ def cmd_boot_test(args: argparse.Namespace) -> int:
 
     results = run_boot_test_of_output(BuildRecord.load(Path(args.output_dir)), backend=args.backend,
                                       firmware=args.firmware or None, timeout=args.timeout)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return 0
     for r in results:
         print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
               f"console log: {r.serial_log}")
@@ -310,6 +319,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     store = _store(args.cache)
     if args.cache_cmd == "ls":
         entries = sorted(store.entries(), key=lambda e: e.last_use, reverse=True)
+        if args.json:
+            print(json.dumps({"store": str(store.root), "entries": [
+                {"key": e.key, "kind": e.kind, "size": e.size, "last_use": e.last_use,
+                 "description": e.description} for e in entries]}, indent=2))
+            return 0
         total = 0
         print(f"{'key':<14} {'kind':<6} {'size':>9}  {'last use':<19}  description")
         for e in entries:
@@ -362,6 +376,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-publish", action="store_true", help="do not publish to the spec's publish targets")
     b.add_argument("--break", dest="break_at", metavar="POINT",
                    help="drop into a shell: before-<phase>, after-<phase> or after-error (DIB's break=)")
+    b.add_argument("--json", action="store_true", help="print the build record (manifest.json) on stdout")
+    b.add_argument("-q", "--quiet", action="store_true", help="only the stage lines, warnings and errors")
     b.set_defaults(func=cmd_build)
 
     pl = sub.add_parser("plan", help="show the resolved elements and every step with its cache key")
@@ -376,12 +392,14 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--firmware", type=_csv, help="qemu: bios,uefi (default: the spec's)")
     bt.add_argument("--timeout", type=int, help="seconds until cloud-init must have finished")
     add_cloud_options(bt, nova=True, cloud_help="nova: a clouds.yaml entry (default: OS_CLOUD)")
+    bt.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     bt.set_defaults(func=cmd_boot_test)
 
     c = sub.add_parser("cache", help="inspect or trim the layer and artifact store")
     add_cache(c)
     csub = c.add_subparsers(dest="cache_cmd", required=True, parser_class=KilnArgumentParser)
-    csub.add_parser("ls", help="entries with size and last use")
+    ls = csub.add_parser("ls", help="entries with size and last use")
+    ls.add_argument("--json", action="store_true", help="print the entries as JSON on stdout")
     gc = csub.add_parser("gc", help="remove least recently used entries")
     gc.add_argument("--max-size", required=True, type=size_arg, help="keep at most this much, e.g. 20G")
     c.set_defaults(func=cmd_cache)
@@ -464,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kiln").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if getattr(args, "quiet", False) and not verbose:  # the stage lines (kiln.build), warnings and errors
+        logging.getLogger("kiln").setLevel(logging.WARNING)
+        logging.getLogger("kiln.build").setLevel(logging.INFO)
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         rc: int = args.func(args)

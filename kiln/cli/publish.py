@@ -15,11 +15,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from kiln.cli.common import add_cloud_options
-from kiln.cloud import glance
+from kiln.cloud import glance, s3
 from kiln.host.progress import terminal_progress
+from kiln.model.names import is_plain_name
 from kiln.model.pkgdiff import package_diff
-from kiln.model.publishing import PublishInputError, PublishSpec, Visibility
+from kiln.model.publishing import PublishInputError, PublishSpec, S3Error, Visibility, parse_s3_url
 from kiln.model.record import BuildRecord
+from kiln.publish.catalog import glance_catalog, s3_catalog, table
 from kiln.publish.core import publish
 from kiln.publish.gates import GATES, choose_gates
 from kiln.publish.manifest import write_record
@@ -75,6 +77,18 @@ def register(sub: Any) -> None:
     d.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
     d.add_argument("--json", action="store_true", help="print the diff as JSON")
     d.set_defaults(func=cmd_diff)
+
+    im = sub.add_parser("images", help="the catalog: every published version per image, with its state",
+                        description="One row per version kiln published: its state (stable, previous, "
+                        "candidate, retired, withdrawn), build id and date, package count and boot results "
+                        "(from the build's manifest where this host or S3 keeps it), and whether a Nova server "
+                        "uses it. Glance: --cloud NAME (or OS_CLOUD); S3: --s3 s3://BUCKET/PREFIX.")
+    im.add_argument("name", nargs="?", metavar="NAME", help="one image name (default: every one)")
+    add_cloud_options(im, nova=False)
+    im.add_argument("--s3", metavar="s3://BUCKET/PREFIX", help="the catalog of an S3 location instead of Glance")
+    im.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: boto3's, AWS_ENDPOINT_URL_S3)")
+    im.add_argument("--json", action="store_true", help="print the catalog as JSON")
+    im.set_defaults(func=cmd_images)
 
     r = sub.add_parser("rollback", help="restore the previous image of NAME in Glance",
                        description="The stable image is withdrawn (hidden, renamed NAME-withdrawn-BUILD) and the "
@@ -148,6 +162,28 @@ def cmd_diff(args: argparse.Namespace) -> int:
           f"{diff.new_build}: {diff.summary()}")
     for line in diff.lines():
         print(line)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    if args.name is not None and not is_plain_name(args.name):
+        raise PublishInputError(f"image name {args.name!r} may only contain letters, digits, '.', '_', '+', '-'")
+    if args.s3:
+        if args.cloud:
+            raise PublishInputError("give --cloud (Glance) or --s3 (an S3 location), not both")
+        try:
+            location = parse_s3_url(args.s3)
+        except S3Error as exc:
+            raise PublishInputError(str(exc)) from None
+        entries = s3_catalog(s3.client(endpoint_url=args.s3_endpoint), location, args.name)
+    else:
+        entries = glance_catalog(glance.connect(args.cloud, clouds_yaml=args.clouds_yaml), args.name)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+    elif entries:
+        print(table(entries))
+    else:
+        print(f"kiln: no published images{f' named {args.name}' if args.name else ''} there")
     return 0
 
 

@@ -118,6 +118,7 @@ class BuildRecord(BaseModel):
     boot_test: list[BootOutcome] = Field(default_factory=list)
     published: list[dict[str, Any]] = Field(default_factory=list)  # one report per publish of this build
     diff: dict[str, Any] | None = None  # the package diff against the stable build it replaced (the refresh)
+    run_url: str | None = None  # the build's flow run in the Prefect UI
     output: Path | None = Field(default=None, exclude=True)  # the output directory, once written or loaded
 
     @property

@@ -229,7 +229,7 @@ def test_the_nova_gate_turns_a_failed_boot_into_a_failed_result_with_the_tail(mo
                           "Entering rescue mode...\ngrub rescue>\n")
     cloud = FakeCloud(compute, kiln_section={"boot_flavor": "kiln.boot"})
     monkeypatch.setattr("kiln.cloud.glance.connect", lambda name, clouds_yaml=None: cloud)
-    build = SimpleNamespace(spec={"boot_test": {"timeout": 5}})
+    build = SimpleNamespace(boot_settings={"timeout": 5})
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="fake", image_id="img"))  # type: ignore[arg-type]
     assert not result.passed
     assert result.detail.startswith("the Nova boot failed: GRUB dropped to its rescue shell")
@@ -244,7 +244,7 @@ def test_the_nova_gate_boots_with_the_specs_flavor_network_and_timeout() -> None
         calls.append((cloud, image_id, kwargs))
         return SimpleNamespace(cloud=cloud, flavor="m1.small", network="private", active_seconds=10.0, seconds=70.0)
 
-    build = SimpleNamespace(spec={"boot_test": {"timeout": 300, "flavor": "m1.small", "network": "private"}})
+    build = SimpleNamespace(boot_settings={"timeout": 300, "flavor": "m1.small", "network": "private"})
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="c", image_id="img"),  # type: ignore[arg-type]
                        boot=boot)
     assert result.passed and "flavor m1.small" in result.detail
@@ -252,12 +252,15 @@ def test_the_nova_gate_boots_with_the_specs_flavor_network_and_timeout() -> None
 
 
 def test_the_flows_publish_step_boots_in_nova_through_the_boot_test_task() -> None:
+    from kiln.model.publishing import PublishSpec
+    from kiln.publish.gates import choose_gates
     from tasks.boot_test import boot_test_nova
-    from tasks.publish import gate_for
 
-    gate = gate_for("nova")
-    assert gate.func is nova_gate and gate.keywords == {"boot": boot_test_nova}  # type: ignore[attr-defined]
-    assert gate_for("manifest") is GATES["manifest"]
+    spec = PublishSpec(targets=["glance:a"])
+    gate = choose_gates(spec, "nova", has_compute=lambda cloud: True, nova_boot=boot_test_nova)["a"]
+    assert gate.func is nova_gate and gate.keywords == {  # type: ignore[attr-defined]
+        "boot": boot_test_nova, "flavor": None, "network": None}
+    assert choose_gates(spec, "manifest", has_compute=lambda cloud: True)["a"] is GATES["manifest"]
 
 
 def test_a_nova_boot_test_needs_a_cloud_to_boot_in() -> None:
