@@ -207,3 +207,30 @@ def test_a_build_plans_once(elements: Callable[..., Path], host_env: dict[str, s
     assert ctx.plan is plan
     with pytest.raises(AssertionError, match="planned twice"):  # the same reference again: planned anew
         tasks_plan.plan_build.fn(plan.spec, options, "20261207T000001Z-abcdef")
+
+
+def test_kiln_plan_shows_every_stage_with_its_key(elements: Callable[..., Path], host_env: dict[str, str],
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Base, the element steps, pack and convert, each with the key its store entry has; the boot test's
+    firmware (its key is the image's sha256, known once the image exists)."""
+    import json
+
+    from kiln.cli import main as cli
+    from kiln.image.convert import convert_key
+    from kiln.image.pack import pack_key_of
+
+    for name, value in host_env.items():
+        monkeypatch.setenv(name, value)
+    args = cli.parser().parse_args(["plan", "--elements-path", str(elements.root), "-e", "early",  # type: ignore[attr-defined]
+                                    "--format", "qcow2,raw", "--json"])
+    assert cli.cmd_plan(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    plan = plan_for(elements, host_env)
+    assert shown["base"]["key"] and shown["base"]["what"].startswith("bootstrap debian")
+    assert shown["pack"]["key"] == pack_key_of(make_plan(cli.spec_from_args(args), elements_path=[
+        elements.root], host_env=host_env))  # type: ignore[attr-defined]
+    assert [c["format"] for c in shown["convert"]] == ["qcow2", "raw"]
+    assert shown["convert"][0]["key"] == convert_key(shown["pack"]["key"], "qcow2", False, None)
+    assert shown["boot_test"] == {"backend": "qemu", "firmware": ["bios", "uefi"]}
+    assert plan.base_key

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from kiln import __version__
 from kiln.boot import nova
-from kiln.boot.local import run_boot_test_of_output
+from kiln.boot.local import boot_firmware, run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
@@ -35,6 +35,8 @@ from kiln.cli.publish import register as register_publish
 from kiln.host.checksums import write_replacing
 from kiln.host.run import terminate_all
 from kiln.host.state import state_dir
+from kiln.image.convert import convert_key
+from kiln.image.pack import pack_key_of
 from kiln.model.errors import KilnError, SpecError
 from kiln.model.options import BuildOptions
 from kiln.model.record import MANIFEST, BuildRecord, new_build_id
@@ -290,17 +292,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     plan = make_plan(spec, elements_path=args.elements_path, dib_elements=args.dib_elements)
+    base = (f"upstream {plan.upstream.base.what}" if plan.upstream else
+            f"bootstrap {spec.distro.value} {spec.release} {spec.arch.value}")
+    packed = pack_key_of(plan)
+    converts = [(fmt.value, convert_key(packed, fmt.value, spec.compress, spec.qemu_img_options))
+                for fmt in spec.formats]
+    boots = boot_firmware(spec) if spec.boot_test.enabled else []
     if args.json:
         print(json.dumps({"spec": spec.model_dump(mode="json"), "mirror": plan.mirror,
                           "elements": [e.__dict__ for e in plan.elements],
+                          "base": {"key": plan.base_key, "what": base},
                           "steps": [{"phase": s.phase, "name": s.name, "element": s.element, "kind": s.kind,
-                                     "key": s.key, "packages": list(s.packages)} for s in plan.steps]}, indent=2))
+                                     "key": s.key, "packages": list(s.packages)} for s in plan.steps],
+                          "pack": {"key": packed, "size": spec.size},
+                          "convert": [{"format": f, "key": k} for f, k in converts],
+                          "boot_test": {"backend": spec.boot_test.backend.value, "firmware": boots}}, indent=2))
         return 0
     print(f"{spec.name}: {spec.distro.value} {spec.release} {spec.arch.value} from {plan.mirror}")
     print("elements: " + ", ".join(e.name for e in plan.elements))
+    print(f"  {plan.base_key[:12]}  {'base':<15} {base}")
     for s in plan.steps:
         extra = f" [{' '.join(s.packages)}]" if s.packages else ""
         print(f"  {s.key[:12]}  {s.phase:<15} {s.name:<30} {s.element}{extra}")
+    print(f"  {packed[:12]}  {'pack':<15} a {spec.size / 1024**3:g} GiB raw disk")
+    for fmt, key in converts:
+        print(f"  {key[:12]}  {'convert':<15} {fmt}{' (compressed)' if spec.compress and fmt == 'qcow2' else ''}")
+    if boots:
+        print(f"  {'(its sha256)':<12}  {'boot_test':<15} {spec.boot_test.backend.value}: {', '.join(boots)} "
+              "(keyed by the image, once it exists)")
     return 0
 
 

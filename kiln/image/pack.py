@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kiln.build.customize import BuildContext, layer_stack
 from kiln.build.packages import family_of
-from kiln.build.plan import digest
+from kiln.build.plan import BuildPlan, digest
 from kiln.host.mounts import MountStack
 from kiln.host.run import output, tracked
 from kiln.image import disk
@@ -39,8 +39,13 @@ class PackOutput:
 
 
 def pack_key(ctx: BuildContext) -> str:
-    spec = ctx.plan.spec
-    return digest({"stage": "pack", "version": PACK_VERSION, "tree": ctx.plan.tree_key, "size": spec.size,
+    return pack_key_of(ctx.plan)
+
+
+def pack_key_of(plan: BuildPlan) -> str:
+    """The pack stage's key: the finished tree's, the disk's size and architecture."""
+    spec = plan.spec
+    return digest({"stage": "pack", "version": PACK_VERSION, "tree": plan.tree_key, "size": spec.size,
                    "arch": spec.arch.value})
 
 
