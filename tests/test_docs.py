@@ -34,3 +34,10 @@ def test_every_environment_variable_the_code_reads_is_documented() -> None:
                 names.add(node.value)
     section = README[README.index("## Environment"):README.index("## Layout")]
     assert names and not [n for n in sorted(names) if f"`{n}`" not in section]
+
+
+def test_every_distribution_element_kiln_dib_takes_is_documented() -> None:
+    from kiln.cli.dib import DISTRO_ELEMENTS
+
+    doc = (REPO / "docs" / "dib-compatibility.md").read_text()
+    assert not [name for name in DISTRO_ELEMENTS if f"`{name}`" not in doc]

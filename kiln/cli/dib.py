@@ -25,7 +25,6 @@ from kiln.model.spec import ImageSpec, spec_from_dict
 # DIB: `debian` brings more than the `debian-minimal` base every Debian spec has (sshd, cloud-init, …)
 DISTRO_ELEMENTS = {"debian": "debian", "debian-minimal": "debian", "ubuntu": "ubuntu", "ubuntu-minimal": "ubuntu",
                    "fedora": "fedora", "centos": "centos", "rocky": "rocky", "almalinux": "almalinux"}
-# DIB_RELEASE when unset; Fedora has no default (DIB's fedora element asks for one too)
 ARCHES = {**{a: a for a in facts.ARCHES}, **facts.MACHINES}  # DIB's -a takes either naming
 TYPES = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx"}
 UNSUPPORTED = ("--mkfs-options", "--root-label", "--ramdisk-element", "--install-type", "--docker-target",
