@@ -38,7 +38,7 @@ axes:
 def kiln(args: list[str], env: dict[str, str], log: Path) -> float:
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "kiln.cli.matrix", *args], env=env, cwd=REPO, stdout=out,
+        proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args], env=env, cwd=REPO, stdout=out,
                               stderr=subprocess.STDOUT, text=True)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
@@ -57,7 +57,7 @@ def main() -> None:
     matrix = work / "bench.yaml"
     matrix.write_text(MATRIX)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run([sys.executable, "-m", "kiln.cli.main", "server", "start"], env=env, cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "kiln.cli", "server", "start"], env=env, cwd=REPO, check=True,
                    capture_output=True)
     run_id = uuid.uuid4().hex[:6]  # fresh limits for each benchmark run
     common = ["matrix", str(matrix), "--no-boot-test", "--no-cache", "--cache", args.cache]

@@ -32,7 +32,7 @@ TARGETS = {"again": 0.10, "hook": 0.30, "package": 0.45}
 
 def kiln(args: list[str], env: dict[str, str]) -> float:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], env=env, cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
@@ -41,7 +41,7 @@ def kiln(args: list[str], env: dict[str, str]) -> float:
 
 
 def bare_bootstrap(elements: Path, env: dict[str, str], work: Path) -> float:
-    plan = subprocess.run([sys.executable, "-m", "kiln.cli.main", "plan", "images/debian-12.yaml", "--json",
+    plan = subprocess.run([sys.executable, "-m", "kiln.cli", "plan", "images/debian-12.yaml", "--json",
                            "--elements-path", str(elements)], env=env, cwd=REPO, capture_output=True, text=True,
                           check=True)
     data = json.loads(plan.stdout)
@@ -64,7 +64,7 @@ def main() -> None:
     elements = work / "elements"
     shutil.copytree(REPO / "elements", elements, symlinks=True)
     env = dict(os.environ, KILN_CACHE=str(work / "cache"), PYTHONUNBUFFERED="1")
-    subprocess.run([sys.executable, "-m", "kiln.cli.main", "server", "start"], env=env, cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "kiln.cli", "server", "start"], env=env, cwd=REPO, check=True,
                    capture_output=True)
     common = ["build", "images/debian-12.yaml", "--no-boot-test", "--elements-path", str(elements)]
     results: dict[str, float] = {}

@@ -20,7 +20,7 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path: Path) -> None:
                       "axes:\n  release:\n    bookworm:\n    trixie: {add_elements: [no-such-element]}\n"
                       "  arch: [amd64]\n")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli.matrix", "matrix", str(matrix), "--no-boot-test",
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "matrix", str(matrix), "--no-boot-test",
                            "--elements-path", "tests/data/elements", "--output", str(out)],
                           env=kiln_env(), cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 1, proc.stderr[-4000:]
@@ -35,11 +35,11 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path: Path) -> None:
 
 
 def test_only_and_list_need_no_server() -> None:
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli.matrix", "matrix", "images/nightly.yaml", "--only",
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "matrix", "images/nightly.yaml", "--only",
                            "arch=amd64,release=trixie", "--list"], env=kiln_env(), cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "debian-trixie-amd64: release=trixie, arch=amd64"
-    bad = subprocess.run([sys.executable, "-m", "kiln.cli.matrix", "matrix", "images/nightly.yaml", "--only",
+    bad = subprocess.run([sys.executable, "-m", "kiln.cli", "matrix", "images/nightly.yaml", "--only",
                           "arch=sparc"], env=kiln_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a value of axis 'arch'" in bad.stderr

@@ -49,6 +49,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
                    help="run each cell as a run of this deployment (e.g. build-on-host/build-image) on the work "
                    "pool's workers instead of in this process")
+    m.add_argument("--json", action="store_true", help="print the summary (matrix.json) on stdout")
     m.set_defaults(func=cmd_matrix)
 
     r = subparsers.add_parser("refresh", help="the nightly refresh in this process: build every cell, publish "
@@ -105,7 +106,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     _start_prefect()
     from flows.matrix import SUMMARY_FILE, build_matrix
 
-    print(f"kiln: matrix {spec_file.name}: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True)
+    print(f"kiln: matrix {spec_file.name}: {len(cells)} cells: {', '.join(c.name for c in cells)}", flush=True,
+          file=sys.stderr if args.json else sys.stdout)
     start = time.monotonic()
     state = build_matrix(str(args.matrix), only=args.only, output=args.output, boot_test=not args.no_boot_test,
                          deployment=args.deployment, options=options, return_state=True)
@@ -114,6 +116,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):
         raise KilnError(f"matrix {spec_file.name} ended {state.name} without a summary: {state.message}") from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0 if state.is_completed() else 1
     print(f"\nkiln: matrix {spec_file.name} in {time.monotonic() - start:.0f} s")
     for cell in summary["cells"]:
         verdict = "built" if cell["status"] == "built" else cell["status"].upper()
