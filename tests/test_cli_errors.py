@@ -41,6 +41,19 @@ CASES = [
      "the nova gate boots the uploaded candidate"),
     ("no abbreviations", ["publish", OUT, "--clouds", "c.yaml"], 2, "unrecognized arguments: --clouds c.yaml"),
     ("an unknown command", ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ("plan: a size that is not one", ["plan", "--size", "big"], 2, "field 'size': not a size: 'big'"),
+    ("boot-test: no build there", ["boot-test", "/nonexistent-output"], 2, "manifest.json: not a kiln build output"),
+    ("matrix: no such file", ["matrix", "/nonexistent.yaml"], 2, "/nonexistent.yaml: cannot read"),
+    ("refresh: no such file", ["refresh", "/nonexistent.yaml"], 2, "/nonexistent.yaml: cannot read"),
+    ("diff: no such build", ["diff", "/nonexistent-a", "/nonexistent-b"], 2, "/nonexistent-a: no such file"),
+    ("images: not an S3 URL", ["images", "--s3", "nope"], 2, "'nope' is not an S3 URL"),
+    ("images: a name with a path", ["images", "../x", "--cloud", "c"], 2, "image name '../x' may only contain"),
+    ("server: an unknown action", ["server", "restart"], 2, "invalid choice: 'restart'"),
+    ("serve: a port that is not one", ["serve", "--port", "x"], 2, "argument --port: invalid int value: 'x'"),
+    ("cache: an unknown action", ["cache", "frob"], 2, "invalid choice: 'frob'"),
+    ("cache ls: no store there", ["cache", "--cache", "/nonexistent/store", "ls"], 2,
+     "--cache /nonexistent/store: no such directory"),
+    ("gc: no store there", ["gc", "--cache", "/nonexistent/store"], 2, "--cache /nonexistent/store: no such directory"),
 ]
 
 

@@ -323,8 +323,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(cache: str | None) -> Any:
-
+def _store(cache: str | None, *, existing: bool = False) -> Any:
+    """The store at `cache` (default KILN_CACHE, else ~/.cache/kiln); `existing`: an error when a --cache
+    given names no directory (kiln cache and kiln gc look at a store, they do not make one)."""
+    if existing and cache and not Path(cache).is_dir():
+        raise SpecError(f"--cache {cache}: no such directory (no store there)")
     return Store(Path(cache) if cache else None)
 
 
@@ -335,7 +338,7 @@ def _reclaim(cache: str | None) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    store = _store(args.cache)
+    store = _store(args.cache, existing=True)
     if args.cache_cmd == "ls":
         entries = sorted(store.entries(), key=lambda e: e.last_use, reverse=True)
         if args.json:
@@ -359,7 +362,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
 
-    lines = reclaim_dead_builds(_store(args.cache))
+    lines = reclaim_dead_builds(_store(args.cache, existing=True))
     for line in lines:
         print(line)
     if not lines:
