@@ -59,6 +59,14 @@ def test_image_boots_under_bios_and_uefi_with_root_grown(seed_build: tuple[Path,
         assert b["disk_bytes"] - b["root_bytes"] < 0.5 * 1024**3, b
 
 
+def test_boot_test_of_a_finished_build_for_scripts(seed_build: tuple[Path, dict[str, Any], float]) -> None:
+    """`kiln boot-test OUTPUT --json`: the results alone on stdout (issue 19), booted now (not from a cache)."""
+    out, _, _ = seed_build
+    proc = kiln("boot-test", str(out), "--firmware", "uefi", "--json")
+    [result] = json.loads(proc.stdout)
+    assert result["firmware"] == "uefi" and result["passed"] and result["cached"] is False
+
+
 def test_seed_example_root_password_login(seed_build: tuple[Path, dict[str, Any], float]) -> None:
     """The seed document's point: root logs in with the password injected through user-data, on the console
     and over SSH (a real ssh client, password authentication, through a port forwarded from 127.0.0.1)."""

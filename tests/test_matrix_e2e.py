@@ -32,6 +32,14 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path: Path) -> None:
     assert "no-such-element" in cells["debian-trixie-amd64"]["error"]
     assert "debian-trixie-amd64          FAILED" in proc.stdout
     assert "1 of 2 cells did not build: debian-trixie-amd64 (failed)" in proc.stdout + proc.stderr
+    # for scripts: the summary alone on stdout (the good cell comes from the cache now)
+    again = subprocess.run([sys.executable, "-m", "kiln.cli", "matrix", str(matrix), "--no-boot-test",
+                            "--elements-path", "tests/data/elements", "--output", str(tmp_path / "again"), "--json"],
+                           env=kiln_env(), cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 1, again.stderr[-4000:]
+    as_json = json.loads(again.stdout)
+    assert {c["name"]: c["status"] for c in as_json["cells"]} == {"debian-bookworm-amd64": "built",
+                                                                  "debian-trixie-amd64": "failed"}
 
 
 def test_only_and_list_need_no_server() -> None:
