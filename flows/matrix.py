@@ -55,7 +55,7 @@ from kiln.model.matrix import (
 )
 from kiln.model.options import BuildOptions
 from kiln.model.publishing import PublishSpec
-from kiln.model.record import MANIFEST, new_build_id
+from kiln.model.record import MANIFEST, BuildRecord, new_build_id
 from kiln.model.spec import ImageSpec
 from kiln.store.entries import Store
 
@@ -132,10 +132,7 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
         kiln_logger.setLevel(logging.INFO)
     with host_slots(spec, options):
         record = build_image(spec, options, new_build_id())
-    # what crosses to the matrix's run (another process, maybe another host): plain data
-    report = {"images": [str(record.image_path(i)) for i in record.images], "manifest": str(record.path_of(MANIFEST)),
-              "output": str(record.output), "boot_test": [b.as_dict() for b in record.boot_test],
-              "published": record.published[-1] if record.published else None}
+    report = cell_report(record)
     row = {"images": json.dumps(report["images"]), "manifest": report["manifest"], "output": report["output"],
            "boot_test": json.dumps(report["boot_test"]), "host": socket.gethostname(),
            "published": json.dumps(report.get("published"))}
@@ -202,6 +199,13 @@ def _run_on_a_host(cell: Cell, options: BuildOptions, deployment: str, matrix_na
     return run
 
 
+def cell_report(record: BuildRecord) -> dict[str, Any]:
+    """What a cell's build tells the matrix (which may run in another process, on another host): plain data."""
+    return {"images": [str(record.image_path(i)) for i in record.images], "manifest": str(record.path_of(MANIFEST)),
+            "output": str(record.output), "boot_test": [b.as_dict() for b in record.boot_test],
+            "published": record.published[-1] if record.published else None}
+
+
 @task(name="cell", task_run_name="cell {cell.name}")
 def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix_name: str) -> CellResult:
     """Build one cell (here, or through `deployment` on whichever worker is free) and say how it went.
@@ -218,7 +222,7 @@ def build_cell(cell: Cell, options: BuildOptions, deployment: str | None, matrix
         result.flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
         result.worker = socket.gethostname()
         if state.is_completed():
-            report: dict[str, Any] = state.result()  # type: ignore[assignment]
+            report = cell_report(state.result())  # type: ignore[arg-type]
             result.images = list(report["images"])
             result.manifest = report["manifest"]
             result.boot_test = list(report["boot_test"])
