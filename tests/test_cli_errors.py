@@ -151,6 +151,11 @@ def test_dibs_variables_are_honoured_or_refused_never_ignored(monkeypatch: pytes
 
 
 def test_cache_ls_for_scripts(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
     proc = kiln(["cache", "ls", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"store": str(tmp_path / "cache"), "entries": []}
+    proc = kiln(["cache", "gc", "--max-size", "1G", "--json"], tmp_path)
+    assert json.loads(proc.stdout) == {"removed": [], "freed": 0}, proc.stderr
+    proc = kiln(["gc", "--json"], tmp_path)
+    assert json.loads(proc.stdout) == {"reclaimed": []}, proc.stderr

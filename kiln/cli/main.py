@@ -356,6 +356,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     elif args.cache_cmd == "gc":
         removed = store.gc(args.max_size)
         freed = sum(e.size for e in removed)
+        if args.json:
+            print(json.dumps({"removed": [{"key": e.key, "kind": e.kind, "size": e.size,
+                                           "description": e.description} for e in removed], "freed": freed}))
+            return 0
         print(f"removed {len(removed)} entries, {freed / 1024**2:.1f} MiB freed")
     return 0
 
@@ -363,6 +367,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
 
     lines = reclaim_dead_builds(_store(args.cache, existing=True))
+    if args.json:
+        print(json.dumps({"reclaimed": lines}, indent=2))
+        return 0
     for line in lines:
         print(line)
     if not lines:
@@ -424,10 +431,12 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print the entries as JSON on stdout")
     gc = csub.add_parser("gc", help="remove least recently used entries")
     gc.add_argument("--max-size", required=True, type=size_arg, help="keep at most this much, e.g. 20G")
+    gc.add_argument("--json", action="store_true", help="print the removed entries as JSON on stdout")
     c.set_defaults(func=cmd_cache)
 
     g = sub.add_parser("gc", help="reclaim mounts and temporary entries left by killed builds")
     add_cache(g)
+    g.add_argument("--json", action="store_true", help="print what was reclaimed as JSON on stdout")
     g.set_defaults(func=cmd_gc)
 
     sub.add_parser("dib", help="build from a diskimage-builder command line (kiln dib -h)", add_help=False)
