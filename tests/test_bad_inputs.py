@@ -68,6 +68,7 @@ def run_case(args: list[str]) -> tuple[int, str, str]:
 def row(case: str, args: list[str], code: int, message: str) -> str:
     # the host's own mirror is read from its apt sources; the doc names no mirror's host
     message = re.sub(r"mirror https?://(?!127\.0\.0\.1)\S+", "mirror <the host's mirror>", message)
+    message = message.replace(f"{REPO}/", "")  # paths in the checkout, wherever it is
     return f"| {case} | `kiln {' '.join(args)}` | {code} | {message.replace('|', '&#124;')} |"
 
 
