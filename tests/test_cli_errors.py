@@ -49,7 +49,9 @@ CASES = [
     ("images: not an S3 URL", ["images", "--s3", "nope"], 2, "'nope' is not an S3 URL"),
     ("images: a name with a path", ["images", "../x", "--cloud", "c"], 2, "image name '../x' may only contain"),
     ("server: an unknown action", ["server", "restart"], 2, "invalid choice: 'restart'"),
-    ("serve: a port that is not one", ["serve", "--port", "x"], 2, "argument --port: invalid int value: 'x'"),
+    ("serve: a port that is not one", ["serve", "--port", "x"], 2, "argument --port: not a port: 'x'"),
+    ("serve: a port out of range", ["serve", "--port", "70000"], 2, "port 70000 is not between 1 and 65535"),
+    ("diff: an S3 URL that is not one", ["diff", "s3://", "x"], 2, "is not an S3 URL"),
     ("cache: an unknown action", ["cache", "frob"], 2, "invalid choice: 'frob'"),
     ("cache ls: no store there", ["cache", "--cache", "/nonexistent/store", "ls"], 2,
      "--cache /nonexistent/store: no such directory"),
@@ -139,6 +141,8 @@ def test_dibs_variables_are_honoured_or_refused_never_ignored(monkeypatch: pytes
     monkeypatch.delenv("DIB_RELEASE")
     with pytest.raises(SpecError, match="DIB_IMAGE_SIZE=6 contradicts the size 8G"):
         cli.spec_from_args(p.parse_args(["build", "--size", "8G"]))
+    with pytest.raises(SpecError, match="size 'abc' of the command line: not a size"):
+        cli.spec_from_args(p.parse_args(["build", "--size", "abc"]))
     monkeypatch.delenv("DIB_IMAGE_SIZE")
     for name, value, says in (("FS_TYPE", "xfs", "ext4 root file systems only"),
                               ("DIB_ROOT_LABEL", "root", "labels the root file system cloudimg-rootfs")):

@@ -68,6 +68,13 @@ def health_server() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:  # /api/flow_runs/count: the runs a restart would kill
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body = {"/api/flow_runs/count": (200, b"0"), **SERVED}.get(self.path, (404, b""))
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
@@ -177,6 +184,49 @@ def test_a_server_that_cannot_serve_a_user_is_restarted(clean_env: pytest.Monkey
     clean_env.setattr(ps, "_start", lambda home, port, timeout: started.append(port) or {"url": "http://new/api"})
     assert ps.ensure_server(tmp_path) == "http://new/api"
     assert killed == [os.getpid()] and len(started) == 1
+
+
+def test_a_server_with_runs_in_flight_is_not_restarted(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                        health_server: str) -> None:
+    """Unfit or not, a server whose flow runs are active keeps them: kiln warns and uses it."""
+    _write_record(tmp_path, os.getpid(), health_server)
+    SERVED["/"] = (500, b"Internal Server Error")
+    SERVED["/api/flow_runs/count"] = (200, b"2")
+    clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
+    clean_env.setattr(ps, "_kill_group", lambda *a, **k: pytest.fail("must not kill a server with runs"))
+    clean_env.setattr(ps, "_start", lambda *a: pytest.fail("must not start another"))
+    assert ps.ensure_server(tmp_path) == health_server
+
+
+@pytest.mark.parametrize("pid", [0, 1, True, -5, 99999999999999999999, "123"])
+def test_a_record_naming_no_server_of_ours_is_never_signalled(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                              pid: object) -> None:
+    """server.json is a file on disk: a pid of 0 (every kernel thread's group), 1, a bool, a huge number or a
+    string makes kiln signal nothing (pid 0 once took down kiln's own process group)."""
+    home = ps.prefect_home(tmp_path)
+    home.mkdir(parents=True)
+    (home / ps.SERVER_JSON).write_text(json.dumps({"pid": pid, "url": "http://127.0.0.1:9/api"}))
+    signalled: list[tuple[int, int]] = []
+    clean_env.setattr(os, "killpg", lambda pgid, sig: signalled.append((pgid, sig)))
+    assert ps.stop_server(tmp_path) is False
+    assert ps.server_status(tmp_path) is None
+    assert ps._kill_group(0) is False and ps._kill_group(os.getpgrp()) is False
+    assert signalled == []
+
+
+def test_an_orphaned_group_is_stopped_only_when_it_is_kiln_s(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A leader gone, its group alive: stopped only if its processes run with this PREFECT_HOME."""
+    stranger = subprocess.Popen(["setsid", "bash", "-c", "sleep 60 & sleep 60"])
+    try:
+        time.sleep(0.3)
+        _write_record(tmp_path, stranger.pid, "http://127.0.0.1:9/api")
+        clean_env.setattr(ps, "_proc_stat", lambda pid: None)  # as if the leader had exited
+        signalled: list[int] = []
+        clean_env.setattr(os, "killpg", lambda pgid, sig: signalled.append(pgid))
+        assert ps.stop_server(tmp_path) is False and signalled == []
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_a_fit_server_reports_its_ui_ok(clean_env: pytest.MonkeyPatch, tmp_path: Path, health_server: str) -> None:

@@ -42,6 +42,17 @@ def add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
                 add_verbose_everywhere(sub)
 
 
+def port_arg(value: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not between 1 and 65535")
+    return port
+
+
 def size_arg(value: str) -> int:
     """An argparse type: a size such as 20G."""
     try:
@@ -82,7 +93,11 @@ def dib_variables(env: Mapping[str, str], *, release: str | None, size: str | No
             wanted_size = parse_size(f"{gib}G")
         except ValueError:
             raise SpecError(f"DIB_IMAGE_SIZE={gib}: not a number of GiB") from None
-        if size and parse_size(size) != wanted_size:
+        try:
+            given = parse_size(size) if size else None
+        except ValueError as exc:
+            raise SpecError(f"size {size!r} of {where}: {exc}") from None
+        if given is not None and given != wanted_size:
             raise SpecError(f"DIB_IMAGE_SIZE={gib} contradicts the size {size} of {where}: unset DIB_IMAGE_SIZE "
                             "or make them agree")
         fields["size"] = f"{gib}G"

@@ -328,6 +328,9 @@ def _store(cache: str | None, *, existing: bool = False) -> Any:
     given names no directory (kiln cache and kiln gc look at a store, they do not make one)."""
     if existing and cache and not Path(cache).is_dir():
         raise SpecError(f"--cache {cache}: no such directory (no store there)")
+    env_cache = os.environ.get("KILN_CACHE", "")
+    if existing and not cache and env_cache and not Path(env_cache).is_dir():
+        raise SpecError(f"KILN_CACHE={env_cache}: no such directory (no store there)")
     return Store(Path(cache) if cache else None)
 
 

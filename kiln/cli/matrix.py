@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln.cli.common import add_cache
+from kiln.cli.common import add_cache, port_arg
 from kiln.host.state import state_dir
 from kiln.model.errors import KilnError
 from kiln.model.matrix import CellResult, load_cells, publish_text, select
@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
                               description="Start (or reuse) the local Prefect server, create the process work "
                               "pool 'kiln', register deployments/prefect.yaml and run a worker on this host "
                               "until Ctrl-C. Prints how to open the UI.")
-    s.add_argument("--port", type=int, help="port of the local Prefect server if one is started (default 4200)")
+    s.add_argument("--port", type=port_arg, help="port of the local Prefect server if one is started (default 4200)")
     s.add_argument("--pool", default="kiln", help="work pool (default: kiln)")
     s.add_argument("--name", help="worker name (default: kiln-<host>)")
     s.add_argument("--limit", type=int, help="at most this many runs at once on this worker")

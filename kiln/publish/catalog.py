@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,10 +46,21 @@ class CatalogEntry:
         return asdict(self)
 
 
+MAX_MANIFEST = 16 << 20  # a manifest with every package of a big image is a few MiB
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _text(value: Any, limit: int = 120) -> str:
+    """A value from a manifest or a cloud, as one printable line (they may be a stranger's)."""
+    return UNPRINTABLE.sub("?", str(value))[:limit]
+
+
 def _boots(manifest: dict[str, Any] | None) -> list[str]:
     boots = (manifest or {}).get("boot_test") or []
-    return [f"{b.get('firmware', '?')} {'passed' if b.get('passed') else 'FAILED'}" + (
-        f" ({b['accel']})" if b.get("backend") == "nova" and b.get("accel") else "")
+    if not isinstance(boots, list):
+        return []
+    return [f"{_text(b.get('firmware', '?'), 16)} {'passed' if b.get('passed') is True else 'FAILED'}" + (
+        f" ({_text(b['accel'], 60)})" if b.get("backend") == "nova" and b.get("accel") else "")
         for b in boots if isinstance(b, dict)]
 
 
@@ -85,15 +97,19 @@ def s3_catalog(client: Any, location: S3Location, name: str | None = None) -> li
             log.warning("catalog: %s: skipping %r, not an image name kiln writes", location.url, image_name)
             continue
         for version in s3_versions(client, location, image_name):
-            data = s3.get_bytes(client, location.bucket, version.id + "manifest.json")
+            head = s3.head(client, location.bucket, version.id + "manifest.json")
+            data = (s3.get_bytes(client, location.bucket, version.id + "manifest.json")
+                    if head and int(head.get("ContentLength") or 0) <= MAX_MANIFEST else None)
             manifest: dict[str, Any] | None = None
             if data:
                 try:
                     loaded = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     loaded = None
                 manifest = loaded if isinstance(loaded, dict) else None
-            build_id = str((manifest or {}).get("build_id") or version.id.rstrip("/").rsplit("/", 1)[-1])
+            prefix_id = version.id.rstrip("/").rsplit("/", 1)[-1]
+            claimed = (manifest or {}).get("build_id")
+            build_id = claimed if isinstance(claimed, str) and claimed == prefix_id else prefix_id
             entries.append(CatalogEntry(
                 name=image_name, state=version.status.value, build_id=build_id,
                 built=str((manifest or {}).get("created") or version.created.isoformat()),
@@ -110,8 +126,8 @@ def _ordered(entries: list[CatalogEntry]) -> list[CatalogEntry]:
 def table(entries: list[CatalogEntry]) -> str:
     """The catalog for people: one row per version."""
     head = ("name", "state", "build", "built", "packages", "boot test", "in use", "where")
-    rows = [head] + [(e.name, e.state, e.build_id, e.built[:19].replace("T", " "),
-                      "?" if e.packages is None else str(e.packages), ", ".join(e.boot_test) or "?",
-                      {True: "yes", False: "no", None: "?"}[e.in_use], e.where) for e in entries]
+    rows = [head] + [tuple(_text(c) for c in (
+        e.name, e.state, e.build_id, e.built[:19].replace("T", " "), "?" if e.packages is None else str(e.packages),
+        ", ".join(e.boot_test) or "?", {True: "yes", False: "no", None: "?"}[e.in_use], e.where)) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -26,7 +26,7 @@ from kiln.host.progress import ProgressFactory, no_progress
 from kiln.host.state import state_dir
 from kiln.model.names import is_plain_name
 from kiln.model.pkgdiff import DiffInputError, PackageDiff, content_digest, load_manifest, package_diff
-from kiln.model.publishing import PublishError, PublishSpec, S3Location, Status, parse_s3_url
+from kiln.model.publishing import PublishError, PublishSpec, S3Error, S3Location, Status, parse_s3_url
 from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
 from kiln.publish.gates import Gate, manifest_gate
@@ -186,7 +186,10 @@ def manifest_of(ref: str, *, clouds_yaml: Path | None = None, s3_endpoint: str |
     NAME` (its stable build) or `s3://BUCKET/PREFIX/NAME/BUILD_ID`; `glance:CLOUD/NAME` (the stable image's
     build, from an S3 copy or this host's publish records)."""
     if ref.startswith("s3://"):
-        location = parse_s3_url(ref.rstrip("/"))
+        try:
+            location = parse_s3_url(ref.rstrip("/"))
+        except S3Error as exc:
+            raise DiffInputError(str(exc)) from None
         client = s3.client(endpoint_url=s3_endpoint)
         data = s3.get_bytes(client, location.bucket, location.key("manifest.json"))
         if data is None:

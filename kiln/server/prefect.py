@@ -52,6 +52,7 @@ LOG_FILE = "server.log"
 DB_FILE = "prefect.db"
 LOG_TAIL_LINES = 30
 STOP_GRACE = 20.0
+MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
 # Marks a PREFECT_API_URL that kiln itself set (configure_environment), so that a later
 # ensure_server in the same process or a child treats it as kiln's own server, not the user's.
 MANAGED_ENV = "KILN_PREFECT_MANAGED_URL"
@@ -103,6 +104,20 @@ def client_version() -> str:
         return ""
 
 
+def active_runs(api_url: str, *, timeout: float = 5.0) -> int | None:
+    """How many flow runs the server has pending, running or cancelling; None when it cannot say."""
+    body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}}}).encode()
+    request = urllib.request.Request(api_url.rstrip("/") + "/flow_runs/count", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as resp:
+            count = json.loads(resp.read(1024))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
 def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
     """Why a running, healthy server kiln recorded cannot serve a user, or None. The API can go on
     answering from memory after the installation it was started from is gone (another checkout's
@@ -119,7 +134,11 @@ def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
             if ours and theirs != ours:
                 return f"it runs Prefect {theirs}, this kiln's client is Prefect {ours}"
     ui = str(record.get("ui_url") or url.removesuffix("/api"))
-    status, body = _get(ui, timeout=timeout)
+    for attempt in range(2):  # a server busy with builds may be slow to serve a page once
+        status, body = _get(ui, timeout=timeout)
+        if status == 200 and b"<html" in body.lower():
+            break
+        time.sleep(1.0 * (attempt == 0))
     if status != 200 or b"<html" not in body.lower():
         return f"its UI ({ui}) answers {status or 'nothing'}" + ("" if status != 200 else " without a page")
     return None
@@ -173,6 +192,15 @@ def _is_our_server(pid: int, home: Path) -> bool:
     return False
 
 
+def _has_home(pid: int, home: Path) -> bool:
+    """Whether process `pid` runs with PREFECT_HOME=home (a child of kiln's server, say)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (b"PREFECT_HOME=" + str(home).encode()) in environ
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
     members = []
@@ -218,7 +246,11 @@ def _read_record(home: Path) -> dict[str, Any] | None:
         data = json.loads((home / SERVER_JSON).read_text())
     except (FileNotFoundError, ValueError, OSError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or not data.get("url"):
+    if not isinstance(data, dict):
+        return None
+    pid = data.get("pid")
+    # a pid kiln could have written: a process of its own, never 0 (every kernel thread's group) or init
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 1 < pid < MAX_PID or not data.get("url"):
         return None
     return data
 
@@ -277,8 +309,13 @@ def _server_env(home: Path, port: int) -> dict[str, str]:
             "DO_NOT_TRACK": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
+            # the UI is what `kiln serve` and the fitness check (unfit) rely on: whatever a user's settings say
+            "PREFECT_UI_ENABLED": "true",
+            "PREFECT_SERVER_UI_ENABLED": "true",
         }
     )
+    for key in ("PREFECT_UI_SERVE_BASE", "PREFECT_SERVER_UI_SERVE_BASE"):
+        env.pop(key, None)
     return env
 
 
@@ -341,7 +378,11 @@ def _start(home: Path, port: int, timeout: float) -> dict[str, Any]:
 
 
 def _kill_group(pgid: int, grace: float = STOP_GRACE) -> bool:
-    """SIGTERM the server's process group, SIGKILL what is left after `grace`; True if any was alive."""
+    """SIGTERM the server's process group, SIGKILL what is left after `grace`; True if any was alive.
+    Never group 0 or 1, nor kiln's own group (a record naming those is not a server kiln started)."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        log.warning("not signalling process group %d: not a Prefect server kiln started", pgid)
+        return False
     if not _group_members(pgid) and not pid_alive(pgid):
         return False
     with contextlib.suppress(ProcessLookupError):
@@ -403,7 +444,13 @@ def ensure_server(state: Path | None = None, *, port: int | None = None, timeout
                         _write_record(home, record)
                     return url
                 if why != "not answering":
-                    log.warning("the Prefect server on %s (pid %d) cannot serve: %s; restarting it from this "
+                    active = active_runs(url)
+                    if active != 0:  # runs in flight (or unknown): a restart would kill them
+                        log.warning("the Prefect server on %s (pid %d) cannot serve a user: %s; not restarting it "
+                                    "while %s flow runs are active (kiln server stop, once they end)", url, pid,
+                                    why, "its" if active is None else active)
+                        return url
+                    log.warning("the Prefect server on %s (pid %d) cannot serve a user: %s; restarting it from this "
                                 "installation (%s)", url, pid, why, sys.executable)
                     _kill_group(pid)
                     _remove_record(home)
@@ -444,8 +491,8 @@ def stop_server(state: Path | None = None) -> bool:
         if pid_alive(pid) and _is_our_server(pid, home):
             log.info("stopping the Prefect server on %s (pid %d)", record.get("url"), pid)
             stopped = _kill_group(pid)
-        elif _group_members(pid) and _proc_stat(pid) is None:
-            # leader gone but children of its group survive: take them down too
+        elif _proc_stat(pid) is None and any(_has_home(member, home) for member in _group_members(pid)):
+            # leader gone but children of its group survive (they carry its PREFECT_HOME): take them down too
             stopped = _kill_group(pid)
         _remove_record(home)
         return stopped
