@@ -89,7 +89,11 @@ class Form:
         """The form property labelled `label` (the first, or the last: spec fields come before options')."""
         xpath = ("//div[contains(concat(' ', @class, ' '), ' schema-form-property ')]"
                  f"[./div[contains(@class, 'p-label__header')]//span[normalize-space()='{label}']]")
+        deadline = time.monotonic() + 20  # a sub-form just opened renders client-side, later under load
         found = self.d.find_elements("xpath", xpath)  # type: ignore[attr-defined]
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.5)
+            found = self.d.find_elements("xpath", xpath)  # type: ignore[attr-defined]
         assert found, f"the form has no field {label!r}"
         return found[-1] if last else found[0]
 
