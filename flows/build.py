@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
-from kiln.boot.local import boot_firmware, has_cloud_init, nova_outcome
+from kiln.boot.conformance import suite_for
+from kiln.boot.local import boot_firmware, nova_outcome
 from kiln.build.elements import PHASES
 from kiln.host.run import terminate_all
 from kiln.model.options import BuildOptions
@@ -118,10 +119,10 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: 
                      f"a temporary image in cloud {spec.boot_test.cloud}")
         elif boot_wanted:
             bootable = next((i for i in images if i.format == "qcow2"), images[0])
+            suite = suite_for(ctx.plan, packed.packages)
             for firmware in boot_firmware(spec):
                 name = f"boot_test {firmware}"
-                outcome = _stage(stages, name, boot_test, ctx, bootable, firmware, packed.kernel,
-                                 has_cloud_init(packed.packages))
+                outcome = _stage(stages, name, boot_test, ctx, bootable, firmware, packed.kernel, suite)
                 # Prefect's cached result is the outcome of the run that booted: mark it as not booted now
                 boots.append(replace(outcome, cached=True) if stages[name]["cached"] else outcome)
         else:

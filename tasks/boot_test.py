@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from kiln.boot import nova
+from kiln.boot.conformance import Suite, summary
 from kiln.boot.local import boot_checked, boot_key
 from kiln.build.customize import BuildContext
 from kiln.host.state import state_dir
@@ -19,21 +20,22 @@ def _key(p: dict[str, object]) -> tuple[BuildContext, list[str]]:
     ctx: BuildContext = p["ctx"]  # type: ignore[assignment]
     image: ImageOutput = p["image"]  # type: ignore[assignment]
     spec = ctx.plan.spec
-    return ctx, [boot_key(image.sha256, str(p["firmware"]), spec.arch.value, spec.boot_test,
-                          cloud_init=bool(p.get("cloud_init", True)))]
+    suite: Suite = p["suite"]  # type: ignore[assignment]
+    return ctx, [boot_key(image.sha256, str(p["firmware"]), spec.arch.value, spec.boot_test, suite)]
 
 
 @task(name="boot_test", task_run_name="boot_test {firmware}", persist_result=True, cache_key_fn=store_key(_key))
-def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path | None,
-              cloud_init: bool = True) -> BootOutcome:
-    """`cloud_init`: whether the image has cloud-init (from its package list); without, the boot is judged by
-    systemd's multi-user target and a login prompt, and the result says so."""
+def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path | None, suite: Suite) -> BootOutcome:
+    """Boot under `firmware` and run the conformance `suite` in the guest. Without cloud-init (the suite says
+    so) nothing reads the seed: the boot is judged by systemd's multi-user target and a login prompt."""
     spec = ctx.plan.spec
     outcome = boot_checked(ctx.store, image.path, image.sha256, firmware=firmware, arch=spec.arch.value,
                            settings=spec.boot_test, workdir=ctx.workdir, state_dir=state_dir(), kernel=kernel,
-                           rebuild=ctx.rebuild, cloud_init=cloud_init)
-    get_run_logger().info("boot test %s: passed in %.0f s (%s; judged by %s)%s", firmware, outcome.seconds,
-                          outcome.accel, outcome.criterion, " [cached]" if outcome.cached else "")
+                           rebuild=ctx.rebuild, suite=suite)
+    get_run_logger().info("boot test %s: passed in %.0f s (%s; judged by %s%s)%s", firmware, outcome.seconds,
+                          outcome.accel, outcome.criterion,
+                          f"; conformance {summary(outcome.checks)}" if outcome.checks else "",
+                          " [cached]" if outcome.cached else "")
     return outcome
 
 

@@ -7,18 +7,17 @@ sha256, the firmware and the boot settings. A failed boot is never stored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from kiln.boot import qemu, seed
+from kiln.boot import conformance, qemu, seed
 from kiln.boot.nova import NovaBootResult
 from kiln.build.plan import digest
 from kiln.host.arch import host_arch
@@ -26,12 +25,15 @@ from kiln.host.checksums import write_replacing
 from kiln.host.run import tracked
 from kiln.host.state import state_dir
 from kiln.model import facts
+from kiln.model.checks import CheckOutcome
 from kiln.model.errors import BootTestError, SpecError
 from kiln.model.record import BootOutcome, BuildRecord
 from kiln.model.spec import BootTestSpec, ImageSpec
 from kiln.store.entries import Store
 
-BOOT_VERSION = "1"
+log = logging.getLogger("kiln.boot")
+
+BOOT_VERSION = "2"
 
 
 FOREIGN_ARCH_SLOWDOWN = 3  # a guest of another arch runs under TCG emulation of a foreign ISA
@@ -47,21 +49,22 @@ def effective_timeout(settings: BootTestSpec, arch: str) -> int:
 BOOT_GENERATION_ENV = "KILN_BOOT_GENERATION"
 
 
-def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec, *, cloud_init: bool = True) -> str:
+def boot_key(image_sha256: str, firmware: str, arch: str, settings: BootTestSpec, suite: conformance.Suite) -> str:
     """The key of a passed boot. KILN_BOOT_GENERATION, when set, is part of it: a new value boots every image
     once more (the test suite sets a fresh one per session, so a boot it asserts on ran in that session)."""
     generation = os.environ.get(BOOT_GENERATION_ENV, "")
     return digest({"stage": "boot_test", "version": BOOT_VERSION, "image": image_sha256, "firmware": firmware,
                    "arch": arch, "memory": settings.memory, "cpus": settings.cpus,
                    "root_login": settings.root_login, **({"ssh_login": True} if settings.ssh_login else {}),
-                   **({} if cloud_init else {"criterion": "systemd"}),
+                   **({"conformance": suite.key()} if suite.cloud_init else {"criterion": "systemd"}),
                    **({"generation": generation} if generation else {})})
 
 
-def user_data(marker: str, *, root_password: str | None) -> str:
-    """The boot test's cloud-config; with a password, it goes to cloud-init's default user (`password:`),
-    which is root in an image with the cloud-init-cfg element."""
-    text = seed.boot_test_user_data(marker)
+def user_data(marker: str, *, root_password: str | None, suite: conformance.Suite | None = None,
+              firmware: str = "bios") -> str:
+    """The boot test's cloud-config, with the conformance suite; with a password, it goes to cloud-init's
+    default user (`password:`), which is root in an image with the cloud-init-cfg element."""
+    text = seed.boot_test_user_data(marker, write_files=conformance.write_files(suite, firmware) if suite else ())
     if root_password is None:
         return text
     config = yaml.safe_load(text)
@@ -76,22 +79,20 @@ def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]
     return [f for f in chosen if f in able] or list(able[-1:])
 
 
-def has_cloud_init(packages: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether an image's package list (manifest.json's `packages`) holds cloud-init."""
-    return any(p.get("name") == "cloud-init" for p in packages)
-
-
 def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, workdir: Path,
-              accel: str, cloud_init: bool = True) -> BootOutcome:
-    """One local QEMU boot of `image` with a fresh NoCloud seed (marker, and a root password to log in
-    with when the settings ask for it); raises BootTestError unless cloud-init finished (and root got in)."""
+              accel: str, suite: conformance.Suite) -> BootOutcome:
+    """One local QEMU boot of `image` with a fresh NoCloud seed (marker, the conformance suite, and a root
+    password to log in with when the settings ask for it); raises BootTestError unless cloud-init finished
+    (and root got in) and every conformance check passed (or is waived), at both boots."""
+    cloud_init = suite.cloud_init
     if settings.root_login and not cloud_init:
         raise BootTestError(f"boot test ({firmware}): boot_test.root_login sets root's password through "
                             "cloud-init's user-data, and the image has no cloud-init")
     marker = "KILN-BOOT-" + secrets.token_hex(8)
     password = secrets.token_urlsafe(12) if settings.root_login else None
     boot_dir = workdir / f"boot-{firmware}"
-    iso = seed.make_nocloud_seed(boot_dir / "seed.iso", user_data=user_data(marker, root_password=password),
+    iso = seed.make_nocloud_seed(boot_dir / "seed.iso",
+                                 user_data=user_data(marker, root_password=password, suite=suite, firmware=firmware),
                                  meta_data=seed.boot_test_meta_data())
     try:
         with tracked(workdir):
@@ -100,7 +101,8 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
                                     cpus=settings.cpus, timeout=effective_timeout(settings, arch),
                                     extra_login=("root", password) if password else None,
                                     ssh_login=settings.ssh_login,
-                                    criterion="cloud-init" if cloud_init else "systemd")
+                                    criterion="cloud-init" if cloud_init else "systemd",
+                                    suite_boots=suite.boots if cloud_init else 0, agent=suite.guest_agent)
     finally:
         iso.unlink(missing_ok=True)
     if settings.root_login and not result.login_ok:
@@ -110,10 +112,17 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
         raise BootTestError(f"boot test ({firmware}): root logged in on the console, but not over SSH with the "
                             f"password set through user-data (sshd refused it or never answered); console log: "
                             f"{result.serial_log}")
+    checks: list[CheckOutcome] = []
+    if cloud_init and result.reports is not None:
+        host = conformance.host_checks(suite, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
+                                       agent=result.agent)
+        checks = conformance.verdict(suite, result.reports, host, boots=suite.boots, fatal=result.fatal)
+        log.info("conformance (%s): %s", firmware, conformance.summary(checks))
+        conformance.raise_on_failures(checks, where=f"boot test ({firmware})", serial_log=result.serial_log)
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=round(result.seconds, 1),
                        accel=result.accel, root_bytes=result.root_bytes, disk_bytes=result.disk_bytes,
                        login_ok=result.login_ok, serial_log=str(result.serial_log), ssh_ok=result.ssh_ok,
-                       criterion=result.criterion, failed_units=result.failed_units)
+                       criterion=result.criterion, failed_units=result.failed_units, checks=checks)
 
 
 def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) -> BootOutcome:
@@ -126,16 +135,16 @@ def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) ->
 
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
                  settings: BootTestSpec, workdir: Path, state_dir: Path, kernel: Path | None,
-                 rebuild: bool = False, cloud_init: bool = True) -> BootOutcome:
+                 suite: conformance.Suite, rebuild: bool = False) -> BootOutcome:
     """A passed boot of this image under `firmware`: from the store (keyed by the image's sha256), or
     booted now and stored."""
-    key = boot_key(image_sha256, firmware, arch, settings, cloud_init=cloud_init)
+    key = boot_key(image_sha256, firmware, arch, settings, suite)
     with store.step(key, kind="boot", description=f"boot test {firmware} of {image.name}", rebuild=rebuild) as entry:
         if entry.cached:
             result = json.loads((entry.data / "boot.json").read_text())
             return BootOutcome(**{**result, "cached": True, "serial_log": str(entry.data / "serial.log")})
         outcome = boot_once(image, firmware=firmware, arch=arch, settings=settings, workdir=workdir,
-                            accel=qemu.probe_accel(kernel, state_dir=state_dir), cloud_init=cloud_init)
+                            accel=qemu.probe_accel(kernel, state_dir=state_dir), suite=suite)
         shutil.copyfile(outcome.serial_log, entry.data / "serial.log")
         record = {k: v for k, v in outcome.as_dict().items() if k not in ("serial_log", "cached")}
         (entry.data / "boot.json").write_text(json.dumps(record))
@@ -160,7 +169,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
         settings = settings.model_copy(update={"timeout": timeout})
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
-    cloud_init = not build.packages or has_cloud_init(build.packages)
+    suite = conformance.suite_of_record(spec, build.base, build.packages)
     return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
-                      cloud_init=cloud_init)
+                      suite=suite)
             for fw in boot_firmware(spec, firmware)]

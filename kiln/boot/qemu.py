@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.boot import guest_ssh
+from kiln.boot import conformance, guest_agent, guest_ssh
 from kiln.boot.serial_console import Login, SerialConsole, serial_tail
 from kiln.host.arch import host_arch
 from kiln.host.progress import activity
@@ -65,6 +65,9 @@ class BootResult:
     ssh_ok: bool | None = None  # root's password login over SSH; None when not asked for
     criterion: str = "cloud-init"  # what the pass was judged by (kiln.boot.serial_console.CRITERIA)
     failed_units: list[str] | None = None  # systemd units failed when cloud-init ran the boot test's commands
+    reports: conformance.Reports | None = None  # what the conformance suite printed, every boot
+    agent: str | None = None  # guest-ping: "" answered, else what went wrong; None when not asked
+    fatal: str | None = None  # a fatal console line after the pass (the second boot's), with the line
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for manifest.json)."""
@@ -110,6 +113,8 @@ def qemu_argv(
     firmware_vars: Path | None = None,
     name: str = "kiln-boot-test",
     ssh_port: int | None = None,
+    agent_socket: Path | None = None,
+    control_socket: Path | None = None,
 ) -> list[str]:
     """The QEMU command line of a boot test (pure: touches no file).
 
@@ -127,7 +132,9 @@ def qemu_argv(
     argv += accel_args(accel)
     # -nographic (with the serial and monitor redirected below) is what makes SeaBIOS print on serial
     argv += ["-m", str(memory_mib), "-smp", str(cpus), "-nodefaults", "-nographic", "-monitor", "none",
-             "-no-reboot", "-boot", "strict=on"]
+             "-boot", "strict=on"]
+    if control_socket is None:  # no reboot asked for: a reset ends QEMU (and the boot test) at once
+        argv += ["-no-reboot"]
     if firmware == "uefi":
         if firmware_code is None or firmware_vars is None:
             raise ValueError("uefi needs firmware_code and firmware_vars")
@@ -145,6 +152,13 @@ def qemu_argv(
     hostfwd = f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22" if ssh_port else ""
     argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", "virtio-net-pci,netdev=net0,romfile="]
     argv += ["-device", "virtio-rng-pci"]
+    ports = [(sock, port) for sock, port in ((agent_socket, guest_agent.PORT_NAME),
+                                             (control_socket, conformance.CONTROL_PORT)) if sock is not None]
+    if ports:  # the guest agent's channel, and the one the host tells the conformance suite to reboot through
+        argv += ["-device", "virtio-serial-pci,id=vser0"]
+        for i, (sock, port) in enumerate(ports):
+            argv += ["-chardev", f"socket,id=port{i},path={_opt(sock)},server=on,wait=off",
+                     "-device", f"virtserialport,bus=vser0.0,chardev=port{i},name={port}"]
     argv += ["-chardev", f"socket,id=serial0,path={_opt(serial_socket)},server=on,wait=on,"
                          f"logfile={_opt(serial_log)},logappend=off",
              "-serial", "chardev:serial0"]
@@ -154,7 +168,7 @@ def qemu_argv(
 def probe_argv(kernel: Path, arch: str | None = None, accel: str = "kvm") -> list[str]:
     """The QEMU command line of the KVM probe: a direct kernel boot that panics without a root."""
     arch = arch or host_arch()
-    console = "ttyS0" if arch == "amd64" else "ttyAMA0"
+    console = facts.serial_console_of(arch)
     return [QEMU_BINARY[arch], "-machine", "q35" if arch == "amd64" else "virt", *accel_args(accel),
             "-m", "256", "-smp", "1", "-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio",
             "-no-reboot", "-kernel", str(kernel),
@@ -307,12 +321,16 @@ def boot_test(
     ssh_login: bool = False,
     criterion: str = "cloud-init",
     grow_mib: int = DEFAULT_GROW_MIB,
+    suite_boots: int = 0,
+    agent: bool = False,
 ) -> BootResult:
     """Boot a throw-away overlay of `image` and wait for `marker` and cloud-init's end on the console.
 
     The image is never written. The overlay is `grow_mib` larger than the image so growroot has work
     to do. With `extra_login=(user, password)` it then logs in on the serial console and runs a
     command (`login_ok`); with `ssh_login` too, it logs in over SSH with that password (`ssh_ok`).
+    With `suite_boots`, it waits for the conformance suite's report (kiln.boot.conformance), pings the guest
+    agent (`agent`), and for 2, tells the guest to reboot and waits for the second report.
     Raises BootTestError (firmware, reason, console tail) when the boot does not
     pass within `timeout` seconds. QEMU never outlives the call.
     """
@@ -354,7 +372,9 @@ def boot_test(
                          seed_iso=Path(seed_iso).resolve(), serial_socket=sockdir / "serial.sock",
                          serial_log=serial_log.resolve(),
                          memory_mib=memory_mib, cpus=cpus, firmware_code=uefi[0] if uefi else None,
-                         firmware_vars=vars_copy, name=f"kiln-boot-{firmware}", ssh_port=ssh_port)
+                         firmware_vars=vars_copy, name=f"kiln-boot-{firmware}", ssh_port=ssh_port,
+                         agent_socket=sockdir / "agent.sock" if agent and suite_boots else None,
+                         control_socket=sockdir / "control.sock" if suite_boots > 1 else None)
         log.info("boot test %s/%s (%s) of %s, timeout %.0f s", arch, firmware, accel, image.name, timeout)
         start = time.monotonic()
         login = Login(*extra_login) if extra_login else None
@@ -363,7 +383,9 @@ def boot_test(
         reason: str | None = None
         with activity(f"boot {arch}/{firmware} ({accel})") as note:
             console = SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout,
-                                    ssh_port=ssh_port, criterion=criterion, on_line=note)
+                                    ssh_port=ssh_port, criterion=criterion, on_line=note, suite_boots=suite_boots,
+                                    agent_socket=sockdir / "agent.sock" if agent and suite_boots else None,
+                                    control_socket=sockdir / "control.sock" if suite_boots > 1 else None)
             console.start()
             try:
                 done = run(with_parent_death_signal(argv), timeout=timeout, check=False, quiet=True,
@@ -379,7 +401,10 @@ def boot_test(
             result = BootResult(firmware=firmware, accel=accel, seconds=round(state.passed_at - start, 1),
                                 passed=True, root_bytes=facts.root_bytes, disk_bytes=facts.disk_bytes,
                                 login_ok=state.login_ok, serial_log=serial_log, ssh_ok=state.ssh_ok,
-                                criterion=criterion, failed_units=facts.failed_units)
+                                criterion=criterion, failed_units=facts.failed_units,
+                                reports=facts.reports if suite_boots else None, agent=state.agent,
+                                fatal=facts.fatal and facts.fatal + (f" ({facts.fatal_line})" if facts.fatal_line
+                                                                     else ""))
             log.info("boot test %s/%s passed in %.0f s by %s (root %s bytes, disk %s bytes%s)", arch, firmware,
                      result.seconds, facts.describe, result.root_bytes, result.disk_bytes,
                      "" if result.login_ok is None else f", login {'ok' if result.login_ok else 'FAILED'}"

@@ -11,8 +11,9 @@ import shlex
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,7 +67,8 @@ def boot_test_meta_data(hostname: str = "kiln-boot-test") -> str:
 
 
 def boot_test_user_data(
-    marker: str, *, root_password: str | None = None, extra_runcmd: Sequence[str] = ()
+    marker: str, *, root_password: str | None = None, extra_runcmd: Sequence[str] = (),
+    write_files: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """#cloud-config printing the marker, the root filesystem size and the root disk size on the console."""
     if not _MARKER_RE.fullmatch(marker):
@@ -92,5 +94,7 @@ def boot_test_user_data(
             "expire": False,
             "users": [{"name": "root", "password": root_password, "type": "text"}],
         }
+    if write_files:  # the conformance suite (kiln.boot.conformance), run per boot by cloud-init
+        config["write_files"] = [dict(f) for f in write_files]
     config["runcmd"] = [["sh", "-c", script], *extra_runcmd]
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)

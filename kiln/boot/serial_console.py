@@ -19,12 +19,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.boot import guest_ssh
+from kiln.boot import guest_agent, guest_ssh
+from kiln.boot.conformance import REBOOT_LINE, Reports
 from kiln.boot.seed import DISK_BYTES_PREFIX, FAILED_UNITS_PREFIX, ROOT_BYTES_PREFIX
 from kiln.host.run import redact
+from kiln.model.errors import BootTestError
 
 log = logging.getLogger("kiln.qemu")
 SERIAL_TAIL_LINES = 40
@@ -81,6 +83,9 @@ class SerialFacts:
     disk_bytes: int | None = None
     fatal: str | None = None
     fatal_line: str | None = None
+    reports: Reports = field(default_factory=Reports)  # the conformance suite's lines
+    rebooting: bool = False  # past the first boot: a fatal line fails the boot test again
+    reboot_seen: bool = False  # the guest said it reboots now
 
     @property
     def passed(self) -> bool:
@@ -108,7 +113,10 @@ class SerialFacts:
             self.disk_bytes = int(m.group(1))
         if m := _FAILED_RE.search(line):
             self.failed_units = [u for u in m.group(1).split(",") if u]
-        if self.fatal is None and not self.passed:
+        self.reports.feed(line)
+        if REBOOT_LINE in line:
+            self.reboot_seen = True
+        if self.fatal is None and (not self.passed or self.rebooting):
             for pattern, reason in FATAL_PATTERNS:
                 if pattern.search(line):
                     self.fatal, self.fatal_line = reason, line.strip()
@@ -141,6 +149,21 @@ def serial_tail(path: Path, lines: int = SERIAL_TAIL_LINES) -> list[str]:
 # -------------------------------------------------------------------------------------- serial console
 
 
+def _connect_unix(path: Path, *, seconds: float) -> socket.socket:
+    """A connection to QEMU's unix socket at `path`, which may not be listening yet."""
+    until = time.monotonic() + seconds
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() >= until:
+                raise
+            time.sleep(0.05)
+
+
 @dataclass
 class Login:
     user: str
@@ -153,6 +176,7 @@ class _ConsoleState:
     passed_at: float | None = None
     login_ok: bool | None = None
     ssh_ok: bool | None = None
+    agent: str | None = None  # the guest agent's guest-ping: "" answered, else what went wrong; None: not asked
     error: BaseException | None = None
     connected: bool = False
 
@@ -162,7 +186,8 @@ class SerialConsole(threading.Thread):
 
     def __init__(self, path: Path, marker: str, *, login: Login | None, deadline: float,
                  ssh_port: int | None = None, criterion: str = "cloud-init",
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, suite_boots: int = 0,
+                 agent_socket: Path | None = None, control_socket: Path | None = None) -> None:
         super().__init__(name=f"kiln-serial-{path.parent.name}", daemon=True)
         self.path = path
         self.login = login
@@ -177,6 +202,10 @@ class SerialConsole(threading.Thread):
         self._window = ""  # cleaned text received since the last thing we typed
         self._eof = False
         self._on_line = on_line  # each console line, as it comes (the terminal's progress line)
+        self.suite_boots = suite_boots  # boots the conformance suite reports on (0: it does not run)
+        self.agent_socket = agent_socket
+        self.control_socket = control_socket
+        self._control: socket.socket | None = None
 
     # -- plumbing
     def _connect(self) -> bool:
@@ -196,6 +225,9 @@ class SerialConsole(threading.Thread):
             with contextlib.suppress(OSError):
                 self._pidfd = os.pidfd_open(pid)
             self.state.connected = True
+            if self.control_socket is not None:
+                # connected from the start: the guest's reads of its end return nothing while the host's is not
+                self._control = _connect_unix(self.control_socket, seconds=10)
             return True
         return False
 
@@ -253,8 +285,9 @@ class SerialConsole(threading.Thread):
         finally:
             with contextlib.suppress(BaseException):
                 self._stop_qemu()
-            if self._sock is not None:
-                self._sock.close()
+            for sock in (self._sock, self._control):
+                if sock is not None:
+                    sock.close()
             if self._pidfd is not None:
                 os.close(self._pidfd)
 
@@ -282,6 +315,64 @@ class SerialConsole(threading.Thread):
                          "ok" if self.state.login_ok else "FAILED")
                 if self.ssh_port is not None:
                     self._ssh(self.ssh_port, self.login)
+            if self.suite_boots:
+                self._suite()
+
+    def _until(self, done: Callable[[], bool]) -> bool:
+        """Keep draining the console until done() (True), or a fatal line, EOF or the deadline (False)."""
+        facts = self.state.facts
+        while not done():
+            if facts.fatal is not None or time.monotonic() >= self.deadline or not self._pump():
+                return False
+        return True
+
+    def _in_background(self, work: Callable[[threading.Event], None], name: str) -> None:
+        """Run work(stop) in another thread while this one keeps draining the console."""
+        stop = threading.Event()
+        worker = threading.Thread(target=work, args=(stop,), name=name, daemon=True)
+        worker.start()
+        while worker.is_alive() and self._pump() and time.monotonic() < self.deadline:
+            pass
+        stop.set()
+        worker.join(timeout=30)
+
+    def _suite(self) -> None:
+        """The conformance suite: its first boot's report, the guest agent, the reboot and the second report."""
+        facts = self.state.facts
+        reports = facts.reports
+        if not self._until(lambda: reports.done(1)):
+            return
+        log.info("conformance: boot 1 reported %d checks", len(reports.of_boot(1)))
+        if self.agent_socket is not None:
+            agent_socket = self.agent_socket
+
+            def ping(stop: threading.Event) -> None:
+                self.state.agent = guest_agent.ping(agent_socket, deadline=min(self.deadline,
+                                                                               time.monotonic() + 90), stop=stop)
+
+            self._in_background(ping, "kiln-agent")
+            log.info("conformance: guest agent %s", "answered guest-ping" if self.state.agent == "" else
+                     self.state.agent)
+        if self.suite_boots < 2 or self.control_socket is None:
+            return
+        facts.rebooting = True
+        if self._control is None:
+            raise BootTestError("the conformance suite's control channel was never connected")
+        # the guest may not be reading yet: say it until it goes
+        for _ in range(60):
+            self._control.sendall(b"reboot\n")
+            if self._until_for(lambda: facts.reboot_seen, 5.0):
+                break
+        log.info("conformance: rebooting the guest")
+        if self._until(lambda: reports.done(2)):
+            log.info("conformance: boot 2 reported %d checks", len(reports.of_boot(2)))
+
+    def _until_for(self, done: Callable[[], bool], seconds: float) -> bool:
+        until = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() >= min(until, self.deadline) or not self._pump():
+                return False
+        return True
 
     def _ssh(self, port: int, login: Login) -> None:
         """SSH in from another thread while this one keeps draining the console (QEMU's serial output

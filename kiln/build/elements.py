@@ -272,6 +272,62 @@ def resolve_image(distro: str, names: Sequence[str], *, elements_path: Sequence[
     return resolve([base_element(distro), *names], path, libraries_on(path, asked))
 
 
+@dataclass(frozen=True)
+class ElementCheck:
+    """An executable from an element's checks.d, run in the booted guest by the conformance suite."""
+
+    element: str
+    file: str
+    content: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.element}/{self.file}"
+
+
+CHECKS_DIR = "checks.d"
+MAX_CHECK_BYTES = 32 * 1024  # one check
+MAX_CHECKS_BYTES = 40 * 1024  # all of them: they travel in the user-data, and Nova takes 64 KiB (base64)
+
+
+def element_checks(resolved: ResolvedElements) -> tuple[ElementCheck, ...]:
+    """The checks.d executables of the elements, in element then name order.
+
+    An element tree is untrusted: only regular files are read (no link followed), names are hook names,
+    sizes are capped. A file without its run bit is skipped with a warning, as dib-run-parts skips it."""
+    found: list[ElementCheck] = []
+    total = 0
+    for element in resolved.elements:
+        checks = element.path / CHECKS_DIR
+        try:
+            st = os.lstat(checks)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise ElementError(f"element {element.name}: {checks} is not a directory")
+        for entry in sorted(os.scandir(checks), key=lambda e: e.name):
+            where = f"element {element.name}: {CHECKS_DIR}/{entry.name}"
+            if entry.name.startswith("."):
+                continue
+            if not HOOK_NAME_RE.fullmatch(entry.name) or len(entry.name) > 64:
+                raise ElementError(f"{where}: a check's name is up to 64 letters, digits, '_' and '-'")
+            if not entry.is_file(follow_symlinks=False):
+                raise ElementError(f"{where}: not a regular file (a check is read as it is, never through a link)")
+            if not entry.stat(follow_symlinks=False).st_mode & 0o111:
+                log.warning("%s is not executable: skipped (as dib-run-parts skips it)", where)
+                continue
+            with os.fdopen(os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+                content = f.read(MAX_CHECK_BYTES + 1)
+            if len(content) > MAX_CHECK_BYTES:
+                raise ElementError(f"{where}: over {MAX_CHECK_BYTES // 1024} KiB (checks travel in the user-data)")
+            total += len(content)
+            if total > MAX_CHECKS_BYTES:
+                raise ElementError(f"{where}: the elements' checks exceed {MAX_CHECKS_BYTES // 1024} KiB together "
+                                   "(they travel in the user-data, which Nova caps at 64 KiB)")
+            found.append(ElementCheck(element.name, entry.name, content))
+    return tuple(found)
+
+
 def hooks_by_phase(resolved: ResolvedElements) -> dict[str, list[Hook]]:
     """All hooks, per phase, merged across elements and sorted by name in C-locale order."""
     phases: dict[str, list[Hook]] = {}

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.build import elements, packages
+from kiln.build.elements import ElementCheck
 from kiln.build.secrets import secret_digest
 from kiln.host.run import redact_value
 from kiln.model import facts
+from kiln.model.checks import BUILTIN, check_waivers
 from kiln.model.errors import ElementError, SpecError
 from kiln.model.spec import ImageSpec
 from kiln.sources import bootstrap, suites
@@ -92,6 +94,7 @@ class BuildPlan:
     steps: list[Step] = field(default_factory=list)
     upstream: PinnedBase | None = None  # the verified upstream image the base is extracted from
     suites_opted_out: list[str] = field(default_factory=list)  # default suites the spec's `suites` leaves out
+    checks: tuple[ElementCheck, ...] = ()  # the elements' conformance checks (checks.d)
 
     @property
     def suites(self) -> tuple[suites.SuiteSource, ...]:
@@ -194,6 +197,8 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
         raise SpecError("field 'boot_test.ssh_login': the image has no SSH server (no openssh-server element "
                         f"among {', '.join(resolved.names)}); add it, or drop ssh_login")
     infos = [ElementInfo(e.name, str(e.path), e.content_hash, e.origin) for e in resolved.elements]
+    element_checks = elements.element_checks(resolved)
+    check_waivers(spec.boot_test.waive, [*BUILTIN, *(c.name for c in element_checks)])
     hashes = {i.name: i.hash for i in infos}
     env = hook_env(spec, mirror, resolved.names, host_env)
     suite_names = spec.suites or facts.default_suites(spec.release)
@@ -240,7 +245,8 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in resolved.search_path], elements=infos,
                      env=env,
                      env_files=[str(f) for f in env_files], env_key=env_key, bootstrap=req, base_key=base_key,
-                     upstream=upstream, suites_opted_out=facts.opted_out(spec.release, suite_names))
+                     upstream=upstream, suites_opted_out=facts.opted_out(spec.release, suite_names),
+                     checks=element_checks)
 
     actions = packages.package_actions(resolved, distro=spec.distro.value, release=spec.release,
                                        arch=spec.arch.value, env=env)

@@ -17,11 +17,12 @@ class ArchFacts:
     name: str  # Debian's: amd64, arm64
     machine: str  # the kernel's uname -m, QEMU's system binary suffix, Glance's `architecture`
     firmware: tuple[str, ...]  # what its machines boot with: arm64 machines have no BIOS, only UEFI
+    serial: str  # the serial console's device: what QEMU's -serial and a cloud's console log read
 
 
 ARCHES: dict[str, ArchFacts] = {a.name: a for a in (
-    ArchFacts("amd64", "x86_64", ("bios", "uefi")),
-    ArchFacts("arm64", "aarch64", ("uefi",)),
+    ArchFacts("amd64", "x86_64", ("bios", "uefi"), "ttyS0"),
+    ArchFacts("arm64", "aarch64", ("uefi",), "ttyAMA0"),
 )}
 MACHINES: dict[str, str] = {a.machine: a.name for a in ARCHES.values()} | {"arm64": "arm64"}  # macOS says arm64
 
@@ -39,6 +40,11 @@ def machine_of(arch: str) -> str:
 def firmware_of(arch: str) -> tuple[str, ...]:
     """What machines of `arch` boot with."""
     return ARCHES[arch].firmware if arch in ARCHES else ("bios", "uefi")
+
+
+def serial_console_of(arch: str) -> str:
+    """The serial console's device name (ttyS0, ttyAMA0)."""
+    return ARCHES[arch].serial if arch in ARCHES else "ttyS0"
 
 
 def uefi_only(arch: str) -> bool:

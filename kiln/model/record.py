@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kiln.model.checks import CheckOutcome
 from kiln.model.names import is_plain_name
 from kiln.model.publishing import PublishError, PublishSpec
 
@@ -43,6 +44,12 @@ class BootOutcome:
     criterion: str = "cloud-init"  # what the pass was judged by: cloud-init's end, or systemd's (no cloud-init)
     failed_units: list[str] | None = None  # systemd units failed in the guest (None: not reported)
     tail: list[str] = field(default_factory=list)  # the console's last lines, of a boot that failed
+    checks: list[CheckOutcome] = field(default_factory=list)  # the conformance suite, every boot
+
+    def __post_init__(self) -> None:
+        # read back from JSON (a cached boot, a manifest): the checks come as dicts
+        object.__setattr__(self, "checks", [c if isinstance(c, CheckOutcome) else CheckOutcome(**c)
+                                            for c in self.checks])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

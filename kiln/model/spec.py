@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from kiln.model.base import BaseSpec
+from kiln.model.checks import CHECK_NAME_RE
 from kiln.model.errors import SpecError
 from kiln.model.facts import BOOTSTRAPPED, check_suites
 from kiln.model.names import check_name
@@ -108,6 +109,28 @@ class BootTestSpec(StrictModel):
         "(the guest's port 22 forwarded from 127.0.0.1; the guest stays off the host's network); needs the "
         "openssh-server element",
     )
+
+    reboot: bool = Field(
+        default=True,
+        description="reboot the guest once its conformance checks ran and run them again (the second boot must "
+        "pass too)",
+    )
+    waive: dict[str, str] = Field(
+        default_factory=dict,
+        description="conformance checks this image is meant to fail, each with its reason: still run and "
+        "recorded (as waived), they do not fail the build (docs/conformance.md lists the checks)",
+    )
+
+    @field_validator("waive")
+    @classmethod
+    def _waivers(cls, waive: dict[str, str]) -> dict[str, str]:
+        for name, reason in waive.items():
+            if not CHECK_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a check name (a built-in one, or ELEMENT/FILE of an element's "
+                                 "checks.d)")
+            if not reason.strip():
+                raise ValueError(f"the waiver of {name!r} needs a reason")
+        return waive
 
     @model_validator(mode="after")
     def _ssh_needs_root_login(self) -> BootTestSpec:
