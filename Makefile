@@ -6,7 +6,7 @@ KILN := $(VENV)/bin/kiln
 HOST_PACKAGES := mmdebstrap qemu-system-x86 qemu-utils ovmf mtools dosfstools gdisk xorriso \
 	cloud-image-utils grub-common grub-pc-bin grub-efi-amd64-bin e2fsprogs zstd util-linux fdisk \
 	debian-archive-keyring ca-certificates genisoimage squashfs-tools gpgv gnupg xz-utils xfsprogs btrfs-progs \
-	qemu-user-static qemu-system-arm qemu-efi-aarch64 arch-test build-essential shellcheck rpm openssh-client
+	qemu-user-static qemu-system-arm qemu-efi-aarch64 ipxe-qemu arch-test build-essential shellcheck rpm openssh-client
 SPEC ?= images/debian-12.yaml
 
 # the suite's temporary tree: pytest empties it at the start of every run, so a run never inherits the

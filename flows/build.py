@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
-from kiln.boot.conformance import suite_for
+from kiln.boot.conformance import Suite, suite_for
 from kiln.boot.local import boot_firmware, nova_outcome
 from kiln.build.elements import PHASES
 from kiln.host.run import terminate_all
@@ -68,11 +68,12 @@ def stage_table(record: BuildRecord) -> str:
     return "\n".join(rows)
 
 
-def _boot_in_nova(stages: Stages, spec: ImageSpec, record: BuildRecord) -> BootOutcome:
-    """The finished build booted in the Nova of boot_test.cloud, as a temporary image."""
+def _boot_in_nova(stages: Stages, spec: ImageSpec, record: BuildRecord, suite: Suite) -> BootOutcome:
+    """The finished build booted in the Nova of boot_test.cloud, as a temporary image, with the conformance
+    suite (the elements' checks included)."""
     bt = spec.boot_test
     result = _stage(stages, "boot_test nova", boot_test_nova, bt.cloud, None, build=record, flavor=bt.flavor,
-                    network=bt.network, timeout=bt.timeout)
+                    network=bt.network, timeout=bt.timeout, suite=suite)
     # what the cloud booted it with, as the guest's kernel reported it (not what kiln expected)
     assert record.output is not None
     return nova_outcome(result, firmware=result.firmware, console_log=record.output / "boot-nova-console.log")
@@ -130,7 +131,8 @@ def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: 
 
         record = write_outputs(ctx, options, build_id, packed, images, boots, stages)
         if in_nova and not gate_in_nova:
-            record = record_boot_tests(record, [_boot_in_nova(stages, spec, record)], stages)
+            suite = suite_for(ctx.plan, packed.packages)
+            record = record_boot_tests(record, [_boot_in_nova(stages, spec, record, suite)], stages)
         if publishing:
             # the gate reads the boot results this run wrote into the record, or boots the candidate in Nova
             report = _stage(stages, "publish", publish_build, record, spec.publish, gate,

@@ -16,7 +16,7 @@ from kiln.build.customize import BuildContext
 from kiln.host.checksums import write_replacing
 from kiln.image.convert import ImageOutput
 from kiln.image.pack import PackOutput
-from kiln.model.facts import firmware_of, is_security_suite
+from kiln.model.facts import SECURE_BOOT, firmware_of, is_security_suite
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord, DiskRecord, ElementRecord, ImageRecord, StageRecord, StepRecord
 from kiln.publish.manifest import install_file, write_checksum_files, write_record
@@ -55,7 +55,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         disk=DiskRecord(size=plan.spec.size, root_uuid=packed.root_uuid, esp_serial=packed.esp_serial,
                         cmdline=packed.cmdline, key=packed.key,
                         # what the disk boots with: GRUB for BIOS (amd64 only) and GRUB EFI on the ESP
-                        firmware=list(firmware_of(plan.spec.arch.value))),
+                        firmware=[*firmware_of(plan.spec.arch.value), *([SECURE_BOOT] if packed.secure_boot else [])]),
         packages=package_list, package_origins=origin_counts(package_list),
         security_updates=sum(1 for p in package_list if is_security_suite(str(p.get("suite", "")))),
         images=[ImageRecord(file=f.name, format=i.format, size=i.size, sha256=i.sha256, sha512=i.sha512)

@@ -36,8 +36,34 @@ def test_every_environment_variable_the_code_reads_is_documented() -> None:
     assert names and not [n for n in sorted(names) if f"`{n}`" not in section]
 
 
+CONFORMANCE = REPO / "docs" / "conformance.md"
+_TABLE_START = "| check | asserts |\n|---|---|\n"
+_TABLE_END = "<!-- end of generated table -->"
+
+
+def conformance_doc() -> str:
+    """docs/conformance.md with its table of checks generated from kiln.model.checks.BUILTIN."""
+    from kiln.model.checks import BUILTIN
+
+    text = CONFORMANCE.read_text()
+    head, rest = text.split(_TABLE_START, 1)
+    rows = "".join(f"| `{name}` | {what.replace('|', '/')} |\n" for name, what in BUILTIN.items())
+    return head + _TABLE_START + rows + _TABLE_END + rest.split(_TABLE_END, 1)[1]
+
+
+def test_the_conformance_checks_are_documented() -> None:
+    assert CONFORMANCE.read_text() == conformance_doc(), "stale: python -m tests.test_docs --write"
+
+
 def test_every_distribution_element_kiln_dib_takes_is_documented() -> None:
     from kiln.cli.dib import DISTRO_ELEMENTS
 
     doc = (REPO / "docs" / "dib-compatibility.md").read_text()
     assert not [name for name in DISTRO_ELEMENTS if f"`{name}`" not in doc]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        CONFORMANCE.write_text(conformance_doc())

@@ -30,6 +30,7 @@ from kiln.host.run import redact
 from kiln.model import facts
 from kiln.model.checks import BUILTIN, HOST_CHECKS, RESULTS, CheckOutcome
 from kiln.model.errors import BootTestError
+from kiln.model.record import BuildRecord
 from kiln.model.spec import ImageSpec
 
 log = logging.getLogger("kiln.conformance")
@@ -237,6 +238,17 @@ def suite_of_record(spec: ImageSpec, base: Mapping[str, Any], packages: Sequence
     return Suite(arch=spec.arch.value, security_suite=security, root_login=spec.boot_test.root_login,
                  guest_agent="qemu-guest-agent" in installed, cloud_init="cloud-init" in installed or not packages,
                  reboot=spec.boot_test.reboot, waive=tuple(sorted(waive.items())))
+
+
+def spec_of_build(build: BuildRecord) -> ImageSpec:
+    """The image spec a finished build recorded (its secrets were never recorded)."""
+    data = dict(build.spec)
+    data.pop("secrets", None)
+    return ImageSpec.model_validate(data)
+
+
+def suite_of_build(build: BuildRecord) -> Suite:
+    return suite_of_record(spec_of_build(build), build.base, build.packages)
 
 
 def write_files(suite: Suite, firmware: str) -> list[dict[str, Any]]:

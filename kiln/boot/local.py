@@ -75,8 +75,8 @@ def user_data(marker: str, *, root_password: str | None, suite: conformance.Suit
 def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]:
     """The firmware to boot-test with: the spec's (or `wanted`) that machines of its arch have (arm64: UEFI)."""
     chosen = wanted or [f.value for f in spec.boot_test.firmware]
-    able = facts.firmware_of(spec.arch.value)
-    return [f for f in chosen if f in able] or list(able[-1:])
+    able = facts.boot_firmware_of(spec.arch.value)
+    return [f for f in chosen if f in able] or ["uefi"]
 
 
 def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, workdir: Path,
@@ -130,7 +130,8 @@ def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) ->
     write_replacing(console_log, result.console)
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=result.seconds,
                        accel=f"nova on {result.cloud} ({result.flavor})", root_bytes=result.root_bytes,
-                       disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova")
+                       disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova",
+                       checks=result.checks)
 
 
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,
@@ -157,9 +158,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
     """Boot the image of a finished build (read from its output directory) under each firmware, uncached."""
     if build.output is None:
         raise SpecError(f"build {build.build_id}: no output directory to boot from")
-    spec_data = dict(build.spec)
-    spec_data.pop("secrets", None)
-    spec = ImageSpec.model_validate(spec_data)
+    spec = conformance.spec_of_build(build)
     images = {i.format: build.image_path(i) for i in build.images}
     image = images.get("qcow2") or next(iter(images.values()))
     if not image.exists():
@@ -169,7 +168,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
         settings = settings.model_copy(update={"timeout": timeout})
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
-    suite = conformance.suite_of_record(spec, build.base, build.packages)
+    suite = conformance.suite_of_build(build)
     return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
                       suite=suite)
             for fw in boot_firmware(spec, firmware)]

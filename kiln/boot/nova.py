@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 import openstack.exceptions
 from keystoneauth1 import exceptions as ks_exceptions
 
-from kiln.boot import seed
+from kiln.boot import conformance, seed
+from kiln.boot.conformance import suite_of_build
 from kiln.boot.serial_console import SerialFacts, clean_console
 from kiln.cloud import glance
 from kiln.cloud.properties import glance_properties, min_disk_gib, min_ram_mib
+from kiln.model.checks import CheckOutcome
 from kiln.model.errors import BootTestError, KilnError
 from kiln.model.publishing import PublishError, PublishSpec
 from kiln.model.record import BuildRecord
@@ -101,6 +103,7 @@ class NovaBootResult:
     root_bytes: int | None
     disk_bytes: int | None
     console: str = field(repr=False)
+    checks: list[CheckOutcome] = field(default_factory=list)  # the conformance suite, both boots
 
     @property
     def firmware(self) -> str:
@@ -203,11 +206,14 @@ def _sleep_until(deadline: float, seconds: float) -> None:
 
 
 def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings: NovaSettings,
+              suite: conformance.Suite | None = None,
               on_console: Callable[[str], None] | None = None) -> NovaBootResult:
-    """Boot `image_id` in Nova until cloud-init has finished; delete the server whatever happens.
+    """Boot `image_id` in Nova until cloud-init has finished and the conformance `suite` reported (and again
+    after a soft reboot through Nova's API); delete the server whatever happens.
 
-    Raises NovaBootError when the server errors, never becomes ACTIVE, or does not print the marker and
-    cloud-init's end within the timeouts; NovaError when the cloud refuses the request."""
+    Raises NovaBootError when the server errors, never becomes ACTIVE, does not print the marker and
+    cloud-init's end within the timeouts, or fails a conformance check; NovaError when the cloud refuses the
+    request."""
     cloud = cloud_label(conn)
     require_compute(conn)
     with sdk_errors(conn, f"get image {image_id}"):
@@ -216,7 +222,9 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
     networks = network_arg(conn, settings.network)
     marker = "KILN-NOVA-" + secrets.token_hex(8)
     name = SERVER_PREFIX + marker.rsplit("-", 1)[1]
-    user_data = seed.boot_test_user_data(marker)
+    running = suite is not None and suite.cloud_init
+    user_data = seed.boot_test_user_data(
+        marker, write_files=conformance.write_files(suite, "nova") if suite is not None and running else ())
     where = f"cloud {cloud!r}: image {image_id} ({image.name}), flavor {flavor.name}, network {settings.network}"
     server_id: str | None = None
     log.info("%s: booting as server %s", where, name)
@@ -236,8 +244,24 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
                                        on_console=on_console)
         seconds = time.monotonic() - start
         log.info("%s: cloud-init finished %.0f s after the server was created", where, seconds)
+        checks: list[CheckOutcome] = []
+        if suite is not None and running:
+            deadline = start + settings.boot_timeout + settings.active_timeout
+            reports, console = _wait_reports(conn, server_id, suite, where=where, deadline=deadline, first=console)
+            host = conformance.host_checks(suite, root_bytes=facts.root_bytes, disk_bytes=facts.disk_bytes,
+                                           agent=None)
+            checks = conformance.verdict(suite, reports, host, boots=suite.boots)
+            log.info("%s: conformance %s", where, conformance.summary(checks))
+            if conformance.failures(checks):
+                try:
+                    conformance.raise_on_failures(checks, where=f"{where}: server {server_id}",
+                                                  serial_log="the server's console log")
+                except BootTestError as exc:
+                    raise NovaBootError(str(exc), reason="a conformance check failed", fault=None,
+                                        tail=console_lines(console)[-TAIL_LINES:]) from None
         return NovaBootResult(True, cloud, image_id, server_id, str(flavor.name), settings.network,
-                              round(active, 1), round(seconds, 1), facts.root_bytes, facts.disk_bytes, console)
+                              round(active, 1), round(seconds, 1), facts.root_bytes, facts.disk_bytes, console,
+                              checks)
     finally:
         delete_servers(conn, [server_id] if server_id else None, name=name)
 
@@ -302,6 +326,32 @@ def _wait_console(conn: openstack.connection.Connection, server_id: str, marker:
         _sleep_until(deadline, POLL_SECONDS)
 
 
+def _wait_reports(conn: openstack.connection.Connection, server_id: str, suite: conformance.Suite, *, where: str,
+                  deadline: float, first: str) -> tuple[conformance.Reports, str]:
+    """Read the console until the suite reported at the first boot; with `suite.reboot`, reboot the server
+    through Nova (SOFT: an ACPI reboot of the guest) and read on until it reported again. A boot that never
+    reports is left to the verdict, which fails its checks."""
+    reports = conformance.Reports()
+    text = first
+    for boot in range(1, suite.boots + 1):
+        while True:
+            for line in console_lines(text):
+                reports.feed(line)
+            if reports.done(boot) or time.monotonic() >= deadline:
+                break
+            _sleep_until(deadline, POLL_SECONDS)
+            with sdk_errors(conn, f"read the console log of server {server_id}"):
+                text = str(conn.compute.get_server_console_output(server_id).get("output") or "")
+        if not reports.done(boot):
+            log.warning("%s: the conformance suite did not report at boot %d", where, boot)
+            break
+        if boot < suite.boots:
+            log.info("%s: conformance: boot %d reported; rebooting server %s (soft)", where, boot, server_id)
+            with sdk_errors(conn, f"reboot server {server_id}"):
+                conn.compute.reboot_server(server_id, "SOFT")
+    return reports, text
+
+
 def _tail(conn: openstack.connection.Connection, server_id: str) -> list[str]:
     try:
         text = conn.compute.get_server_console_output(server_id).get("output") or ""
@@ -342,10 +392,12 @@ def leftover_servers(conn: openstack.connection.Connection) -> list[str]:
 
 
 def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None = None, flavor: str | None = None,
-                   network: str | None = None, timeout: int | None = None) -> NovaBootResult:
+                   network: str | None = None, timeout: int | None = None,
+                   suite: conformance.Suite | None = None) -> NovaBootResult:
     """Boot an image already in Glance (a publish candidate) in the Nova of `cloud`."""
     conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
-    return boot_test(conn, image_id, settings=settings_for(conn, flavor=flavor, network=network, boot_timeout=timeout))
+    return boot_test(conn, image_id, settings=settings_for(conn, flavor=flavor, network=network, boot_timeout=timeout),
+                     suite=suite)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +406,7 @@ def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None
 
 def boot_test_output(build: BuildRecord, *, cloud: str | None, clouds_yaml: Path | None = None,
                      flavor: str | None = None, network: str | None = None,
-                     timeout: int | None = None) -> NovaBootResult:
+                     timeout: int | None = None, suite: conformance.Suite | None = None) -> NovaBootResult:
     """Boot a finished build in Nova: its image as already in Glance (same sha512, this project), or
     uploaded as a temporary private image that is deleted afterwards."""
     try:
@@ -384,7 +436,7 @@ def boot_test_output(build: BuildRecord, *, cloud: str | None, clouds_yaml: Path
             )
             uploaded = glance.upload_image(conn, upload)
             temporary = image_id = uploaded.id
-        return boot_test(conn, image_id, settings=settings)
+        return boot_test(conn, image_id, settings=settings, suite=suite or suite_of_build(build))
     finally:
         if temporary is not None:
             try:

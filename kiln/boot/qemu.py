@@ -35,12 +35,17 @@ from kiln.model.errors import BootTestError, CommandError
 log = logging.getLogger("kiln.qemu")
 
 ACCELS = ("kvm", "tcg")
-FIRMWARES = ("bios", "uefi")
+FIRMWARES = ("bios", "uefi", facts.SECURE_BOOT)
 ARCHES = tuple(facts.ARCHES)
 QEMU_BINARY = {arch: f"qemu-system-{facts.machine_of(arch)}" for arch in ARCHES}
 UEFI_FILES = {
     "amd64": (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
     "arm64": (Path("/usr/share/AAVMF/AAVMF_CODE.fd"), Path("/usr/share/AAVMF/AAVMF_VARS.fd")),
+}
+# Secure Boot enforced: OVMF's SMM build, and a variable store with Microsoft's keys enrolled (the UEFI CA
+# signs the distributions' shim), as a UEFI cloud offers it
+SECURE_BOOT_FILES = {
+    "amd64": (Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")),
 }
 PROBE_TIMEOUT = 15.0
 PROBE_CACHE = "accel-probe.json"
@@ -125,19 +130,23 @@ def qemu_argv(
         raise ValueError(f"unknown arch {arch!r} (expected one of {', '.join(ARCHES)})")
     if firmware not in FIRMWARES:
         raise ValueError(f"unknown firmware {firmware!r} (expected one of {', '.join(FIRMWARES)})")
-    if firmware not in facts.firmware_of(arch):
-        raise ValueError(f"{arch} boots with {' or '.join(facts.firmware_of(arch))} only")
+    if firmware not in facts.boot_firmware_of(arch):
+        raise ValueError(f"{arch} boots with {' or '.join(facts.boot_firmware_of(arch))} only")
     argv = [QEMU_BINARY[arch], "-name", name]
-    argv += ["-machine", "q35" if arch == "amd64" else "virt"]
+    secure = firmware == facts.SECURE_BOOT
+    # Secure Boot: the firmware's variables are guarded by SMM, and only SMM may write its flash
+    argv += ["-machine", ("q35,smm=on" if secure else "q35") if arch == "amd64" else "virt"]
+    if secure:
+        argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     argv += accel_args(accel)
     # -nographic (with the serial and monitor redirected below) is what makes SeaBIOS print on serial
     argv += ["-m", str(memory_mib), "-smp", str(cpus), "-nodefaults", "-nographic", "-monitor", "none",
              "-boot", "strict=on"]
     if control_socket is None:  # no reboot asked for: a reset ends QEMU (and the boot test) at once
         argv += ["-no-reboot"]
-    if firmware == "uefi":
+    if firmware != "bios":
         if firmware_code is None or firmware_vars is None:
-            raise ValueError("uefi needs firmware_code and firmware_vars")
+            raise ValueError(f"{firmware} needs firmware_code and firmware_vars")
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(firmware_code)}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={_opt(firmware_vars)}"]
     argv += ["-drive", f"file={_opt(disk)},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
@@ -145,12 +154,15 @@ def qemu_argv(
     if seed_iso is not None:
         argv += ["-drive", f"file={_opt(seed_iso)},if=none,id=seed0,format=raw,readonly=on",
                  "-device", "virtio-blk-pci,drive=seed0"]
-    # no option ROM: neither SeaBIOS nor OVMF wastes time trying to boot from the network
+    # SeaBIOS gets no option ROM, so it wastes no time trying to boot from the network; UEFI keeps the NIC's
+    # iPXE ROM, as Nova's guests have it: without it, OVMF's own virtio-net driver leaves the NIC in a state in
+    # which the distribution's signed GRUB spins forever after a warm reset (the reboot of the conformance
+    # suite), a hang no cloud's guest meets. `-boot strict=on` keeps the firmware from booting the network.
     # restrict=on: the guest gets DHCP and nothing beyond; it cannot reach the host's loopback (10.0.2.2), where
     # the Prefect API, the S3 server and the OpenStack services listen, nor anything else
     # (with ssh_port, the guest's port 22 is reachable from the host's 127.0.0.1:ssh_port; still not the reverse)
     hostfwd = f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22" if ssh_port else ""
-    argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", "virtio-net-pci,netdev=net0" + (",romfile=" if firmware == "bios" else "")]
     argv += ["-device", "virtio-rng-pci"]
     ports = [(sock, port) for sock, port in ((agent_socket, guest_agent.PORT_NAME),
                                              (control_socket, conformance.CONTROL_PORT)) if sock is not None]
@@ -345,8 +357,8 @@ def boot_test(
     if shutil.which(binary) is None:
         raise BootTestError(f"boot test ({arch}/{firmware}): {binary} is not installed")
     uefi: tuple[Path, Path] | None = None
-    if firmware == "uefi":
-        uefi = UEFI_FILES[arch]
+    if firmware != "bios":
+        uefi = UEFI_FILES[arch] if firmware == "uefi" else SECURE_BOOT_FILES[arch]
         missing = [str(p) for p in uefi if not p.exists()]
         if missing:
             raise BootTestError(f"boot test ({arch}/{firmware}): UEFI firmware missing: {', '.join(missing)}")

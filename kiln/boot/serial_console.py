@@ -40,6 +40,8 @@ _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # console lines after which the guest will never reach cloud-init's end: fail at once, not at timeout
 FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"No bootable device"), "the firmware found no bootable device"),
+    (re.compile(r"BdsDxe: failed to load .*Access Denied"),
+     "Secure Boot refused the boot loader's signature (an image without the distribution's signed shim chain?)"),
     (re.compile(r"BdsDxe: No bootable option"), "the firmware found no bootable device"),
     (re.compile(r"\"EFI Internal Shell\""), "UEFI found nothing to boot and fell back to its shell"),
     (re.compile(r"Entering rescue mode|grub rescue>"), "GRUB dropped to its rescue shell"),

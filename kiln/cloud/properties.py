@@ -72,6 +72,10 @@ def glance_properties(build: BuildRecord, image: ImageRecord, spec: PublishSpec,
     }
     if uefi_only(build):
         props["hw_firmware_type"] = "uefi"
+    if facts.SECURE_BOOT in build.disk.firmware:
+        # its ESP boots the distribution's signed chain: Nova may enforce Secure Boot where it boots it with
+        # UEFI (hw_firmware_type=uefi, os_secure_boot=required in publish.properties make that a must)
+        props["os_secure_boot"] = "optional"
     base = build.base
     props.update({
         P_NAME: name,

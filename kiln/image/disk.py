@@ -35,12 +35,14 @@ from kiln.image.grub import (
     cmdline_from_defaults,
     copy_grub_modules,
     early_config,
+    esp_files,
     grub_cfg_text,
     grub_cmdline,
     grub_defaults,
     grub_dir,
     linux_args,
     make_grub_image,
+    signed_chain,
 )
 from kiln.image.layout import DiskLayout, human_size, write_gpt
 from kiln.model.errors import DiskError
@@ -72,6 +74,7 @@ class PackResult:
     initrd: str
     kernel_version: str
     cmdline: str  # everything after the kernel path on GRUB's `linux` line, root=UUID=… included
+    secure_boot: bool = False  # the ESP boots the distribution's signed chain (shim, signed GRUB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +203,9 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
     early.write_text(early_config(layout))
     efi_image = workdir / layout.platform.efi_loader
     core_img = workdir / "core.img"
+    chain = signed_chain(merged, layout.platform.efi_platform)
+    if chain is not None:
+        log.info("the ESP boots the distribution's signed chain (shim, signed GRUB): Secure Boot capable")
     try:
         partial.unlink(missing_ok=True)
         with open(partial, "wb") as fh:
@@ -209,8 +215,9 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgdisk") as pool:
             gpt = pool.submit(write_gpt, partial, layout)
             try:
-                make_grub_image(merged, layout.platform.efi_platform, efi_image, early)
-                make_esp(partial, layout, efi_image)
+                if chain is None:
+                    make_grub_image(merged, layout.platform.efi_platform, efi_image, early)
+                make_esp(partial, layout, esp_files(layout, efi_image=efi_image, chain=chain, early_cfg=early))
                 if layout.bios_boot is not None:
                     make_grub_image(merged, "i386-pc", core_img, early)
                 make_root(partial, layout, merged, workdir)
@@ -247,4 +254,5 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
         initrd=rel_initrd,
         kernel_version=version,
         cmdline=linux_args(layout, grub_cmdline(merged)),
+        secure_boot=chain is not None,
     )

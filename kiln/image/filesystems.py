@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 
 from kiln.host.run import output, run
 from kiln.image.layout import BLOCK, GPT_BACKUP, ROOT_START, SECTOR, DiskLayout, GiB, KiB, MiB, human_size
@@ -114,8 +115,8 @@ def _mtools_env() -> dict[str, str]:
     return {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null", "LC_ALL": "C"}
 
 
-def make_esp(disk: Path, layout: DiskLayout, efi_image: Path) -> None:
-    """Format the ESP in place (FAT32) and put GRUB's EFI binary on it, as the removable-media loader too."""
+def make_esp(disk: Path, layout: DiskLayout, files: Sequence[tuple[Path, str]]) -> None:
+    """Format the ESP in place (FAT32) and copy the boot loader's `files` (source, path on the ESP) onto it."""
     esp = layout.esp
     # mkfs.fat sizes clusters by the whole file, not by BLOCKS: give FAT32 enough clusters explicitly
     run(
@@ -143,22 +144,23 @@ def make_esp(disk: Path, layout: DiskLayout, efi_image: Path) -> None:
     )
     image = f"{disk}@@{esp.start}"
     env = _mtools_env()
+    dirs = sorted({str(PurePosixPath(target).parent) for _, target in files} - {"."})
+    parents = sorted({str(p) for d in dirs for p in PurePosixPath(d).parents if str(p) != "."} | set(dirs),
+                     key=lambda d: (d.count("/"), d))
     run(
-        ["mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"],
+        ["mmd", "-i", image, *(f"::/{d}" for d in parents)],
         env=env,
         quiet=True,
         timeout=60,
         what="make directories on the ESP (mmd)",
     )
-    loader = layout.platform.efi_loader
-    grub_name = "grub" + loader.removeprefix("BOOT").lower()  # grubx64.efi / grubaa64.efi
-    for target in (f"::/EFI/BOOT/{loader}", f"::/EFI/debian/{grub_name}"):
+    for source, target in files:
         run(
-            ["mcopy", "-i", image, "-m", str(efi_image), target],
+            ["mcopy", "-i", image, "-m", str(source), f"::/{target}"],
             env=env,
             quiet=True,
             timeout=60,
-            what=f"copy GRUB to {target} on the ESP (mcopy)",
+            what=f"copy {source.name} to {target} on the ESP (mcopy)",
         )
 
 

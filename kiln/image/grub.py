@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.host.run import run
+from kiln.host.treepath import regular_file_in_root
 from kiln.image.layout import DiskLayout
 from kiln.image.shellvars import parse_shell_assignments
 from kiln.model.errors import DiskError
@@ -115,6 +117,53 @@ def copy_grub_modules(src: Path, dst: Path) -> None:
         ):
             shutil.copyfile(f, dst / f.name)
             (dst / f.name).chmod(0o644)
+
+
+# the distribution's signed boot chain, per EFI platform: shim (signed by the UEFI CA) and GRUB (signed by the
+# distribution, its modules built in); shim lets GRUB boot only kernels the distribution signed
+SIGNED_CHAIN = {
+    "x86_64-efi": ("usr/lib/shim/shimx64.efi.signed", "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+                   "usr/lib/shim/mmx64.efi.signed"),
+}
+
+
+@dataclass(frozen=True)
+class SignedChain:
+    shim: Path
+    grub: Path
+    mok_manager: Path | None
+
+
+def signed_chain(tree: Path, platform: str) -> SignedChain | None:
+    """The tree's signed shim and GRUB for `platform`, when it has both (shim-signed, grub-efi-*-signed).
+
+    Read as the tree names them: its links are resolved inside the tree, never to a host file."""
+    names = SIGNED_CHAIN.get(platform)
+    if names is None:
+        return None
+    shim, grub, mok = (regular_file_in_root(tree, n) for n in names)
+    return SignedChain(shim, grub, mok) if shim is not None and grub is not None else None
+
+
+def esp_files(layout: DiskLayout, *, efi_image: Path | None, chain: SignedChain | None,
+              early_cfg: Path) -> list[tuple[Path, str]]:
+    """(source, ESP path) of the boot loader's files: shim as the removable-media loader with the signed GRUB
+    beside it and the early config where that GRUB looks for it; else kiln's own GRUB image."""
+    loader = layout.platform.efi_loader
+    grub_name = "grub" + loader.removeprefix("BOOT").lower()  # grubx64.efi / grubaa64.efi
+    if chain is None:
+        if efi_image is None:
+            raise DiskError("no GRUB EFI image and no signed chain to put on the ESP")
+        return [(efi_image, f"EFI/BOOT/{loader}"), (efi_image, f"EFI/debian/{grub_name}")]
+    shim_name = "shim" + loader.removeprefix("BOOT").lower()
+    files = [(chain.shim, f"EFI/BOOT/{loader}"), (chain.grub, f"EFI/BOOT/{grub_name}"),
+             (chain.shim, f"EFI/debian/{shim_name}"), (chain.grub, f"EFI/debian/{grub_name}"),
+             # the signed GRUB reads grub.cfg from its vendor directory, else from the one it was loaded from
+             (early_cfg, "EFI/debian/grub.cfg"), (early_cfg, "EFI/BOOT/grub.cfg")]
+    if chain.mok_manager is not None:
+        mok = "mm" + loader.removeprefix("BOOT").lower()
+        files += [(chain.mok_manager, f"EFI/BOOT/{mok}"), (chain.mok_manager, f"EFI/debian/{mok}")]
+    return files
 
 
 def early_config(layout: DiskLayout) -> str:

@@ -23,7 +23,7 @@ from kiln.image.layout import plan_layout
 
 log = logging.getLogger("kiln.pack")
 
-PACK_VERSION = "1"
+PACK_VERSION = "2"
 UUID_NAMESPACE = uuid.UUID("6f1c6b1e-3d0a-4c55-9d6e-6b696c6e0001")
 
 
@@ -36,6 +36,7 @@ class PackOutput:
     root_uuid: str
     esp_serial: str
     cmdline: str
+    secure_boot: bool = False  # the ESP boots the distribution's signed chain
 
 
 def pack_key(ctx: BuildContext) -> str:
@@ -89,7 +90,7 @@ def _load(ctx: BuildContext, key: str) -> PackOutput:
     kernel = data / "vmlinuz"
     return PackOutput(key=key, raw=data / "disk.raw", kernel=kernel if kernel.exists() else None,
                       packages=info["packages"], root_uuid=info["root_uuid"], esp_serial=info["esp_serial"],
-                      cmdline=info["cmdline"])
+                      cmdline=info["cmdline"], secure_boot=bool(info.get("secure_boot")))
 
 
 def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
@@ -124,6 +125,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
                 shutil.copyfile(kernel, tmp / "data" / "vmlinuz")
             (tmp / "data" / "pack.json").write_text(json.dumps({
                 "packages": packages, "root_uuid": root_uuid, "esp_serial": esp_serial, "cmdline": result.cmdline,
+                "secure_boot": result.secure_boot,
             }, indent=1))
             mounts.unmount_all()
     return _load(ctx, key), False

@@ -18,10 +18,11 @@ class ArchFacts:
     machine: str  # the kernel's uname -m, QEMU's system binary suffix, Glance's `architecture`
     firmware: tuple[str, ...]  # what its machines boot with: arm64 machines have no BIOS, only UEFI
     serial: str  # the serial console's device: what QEMU's -serial and a cloud's console log read
+    secure_boot: bool = False  # kiln's boot test has a Secure Boot firmware (OVMF with Microsoft's keys) for it
 
 
 ARCHES: dict[str, ArchFacts] = {a.name: a for a in (
-    ArchFacts("amd64", "x86_64", ("bios", "uefi"), "ttyS0"),
+    ArchFacts("amd64", "x86_64", ("bios", "uefi"), "ttyS0", secure_boot=True),
     ArchFacts("arm64", "aarch64", ("uefi",), "ttyAMA0"),
 )}
 MACHINES: dict[str, str] = {a.machine: a.name for a in ARCHES.values()} | {"arm64": "arm64"}  # macOS says arm64
@@ -40,6 +41,16 @@ def machine_of(arch: str) -> str:
 def firmware_of(arch: str) -> tuple[str, ...]:
     """What machines of `arch` boot with."""
     return ARCHES[arch].firmware if arch in ARCHES else ("bios", "uefi")
+
+
+SECURE_BOOT = "uefi-secureboot"  # UEFI with Secure Boot enforced: a firmware of the boot test
+
+
+def boot_firmware_of(arch: str) -> tuple[str, ...]:
+    """The firmware the boot test can boot `arch` with: its machines', and UEFI with Secure Boot where kiln
+    has that firmware."""
+    able = firmware_of(arch)
+    return (*able, SECURE_BOOT) if arch in ARCHES and ARCHES[arch].secure_boot else able
 
 
 def serial_console_of(arch: str) -> str:

@@ -57,6 +57,7 @@ class ImageFormat(StrEnum):
 class Firmware(StrEnum):
     bios = "bios"
     uefi = "uefi"
+    uefi_secureboot = "uefi-secureboot"  # OVMF with Microsoft's keys enrolled, Secure Boot enforced (amd64)
 
 
 def parse_size(value: str | int) -> int:

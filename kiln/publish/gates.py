@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kiln.boot import nova
+from kiln.boot.conformance import Suite, suite_of_build, summary
 from kiln.boot.local import run_boot_test_of_output
 from kiln.boot.nova import NovaBootResult
 from kiln.model.errors import KilnError
@@ -52,7 +53,7 @@ Gate = Callable[[CandidateImage], GateResult]
 
 class NovaBoot(Protocol):
     def __call__(self, cloud: str | None, image_id: str, *, clouds_yaml: Path | None, flavor: str | None,
-                 network: str | None, timeout: int | None) -> NovaBootResult: ...
+                 network: str | None, timeout: int | None, suite: Suite | None) -> NovaBootResult: ...
 
 
 def manifest_gate(candidate: CandidateImage) -> GateResult:
@@ -109,12 +110,13 @@ def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None, *, flavor
     try:
         result = boot(candidate.cloud, candidate.image_id, clouds_yaml=candidate.clouds_yaml,
                       flavor=flavor or settings.get("flavor"), network=network or settings.get("network"),
-                      timeout=int(settings.get("timeout") or nova.DEFAULT_BOOT_TIMEOUT))
+                      timeout=int(settings.get("timeout") or nova.DEFAULT_BOOT_TIMEOUT),
+                      suite=suite_of_build(candidate.build))
     except nova.NovaBootError as exc:
         return GateResult(False, f"the Nova boot failed: {exc.reason}", tuple(exc.tail))
     return GateResult(True, f"booted in Nova on {result.cloud} to cloud-init's end (flavor {result.flavor}, "
                             f"network {result.network}, ACTIVE in {result.active_seconds:.0f} s, "
-                            f"{result.seconds:.0f} s in all)")
+                            f"{result.seconds:.0f} s in all; conformance {summary(result.checks) or 'not run'})")
 
 
 GATES: dict[str, Gate] = {"manifest": manifest_gate, "qemu": qemu_gate, "none": no_gate, "nova": nova_gate}

@@ -229,7 +229,7 @@ def test_the_nova_gate_turns_a_failed_boot_into_a_failed_result_with_the_tail(mo
                           "Entering rescue mode...\ngrub rescue>\n")
     cloud = FakeCloud(compute, kiln_section={"boot_flavor": "kiln.boot"})
     monkeypatch.setattr("kiln.cloud.glance.connect", lambda name, clouds_yaml=None: cloud)
-    build = SimpleNamespace(boot_settings={"timeout": 5})
+    build = SimpleNamespace(boot_settings={"timeout": 5}, spec={"name": "x"}, base={}, packages=[])
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="fake", image_id="img"))  # type: ignore[arg-type]
     assert not result.passed
     assert result.detail.startswith("the Nova boot failed: GRUB dropped to its rescue shell")
@@ -242,13 +242,19 @@ def test_the_nova_gate_boots_with_the_specs_flavor_network_and_timeout() -> None
 
     def boot(cloud: str | None, image_id: str, **kwargs: Any) -> Any:
         calls.append((cloud, image_id, kwargs))
-        return SimpleNamespace(cloud=cloud, flavor="m1.small", network="private", active_seconds=10.0, seconds=70.0)
+        return SimpleNamespace(cloud=cloud, flavor="m1.small", network="private", active_seconds=10.0, seconds=70.0,
+                               checks=[])
 
-    build = SimpleNamespace(boot_settings={"timeout": 300, "flavor": "m1.small", "network": "private"})
+    build = SimpleNamespace(boot_settings={"timeout": 300, "flavor": "m1.small", "network": "private"},
+                            spec={"name": "x", "boot_test": {"waive": {"time-sync": "the test says so"}}}, base={},
+                            packages=[{"name": "qemu-guest-agent"}])
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="c", image_id="img"),  # type: ignore[arg-type]
                        boot=boot)
     assert result.passed and "flavor m1.small" in result.detail
+    suite = calls[0][2].pop("suite")
     assert calls == [("c", "img", {"clouds_yaml": None, "flavor": "m1.small", "network": "private", "timeout": 300})]
+    # the suite of the candidate's build: its waivers, its packages (the guest agent)
+    assert suite.waive == (("time-sync", "the test says so"),) and suite.guest_agent and not suite.cloud_init
 
 
 def test_the_flows_publish_step_boots_in_nova_through_the_boot_test_task() -> None:
