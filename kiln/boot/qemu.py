@@ -162,7 +162,8 @@ def qemu_argv(
     # the Prefect API, the S3 server and the OpenStack services listen, nor anything else
     # (with ssh_port, the guest's port 22 is reachable from the host's 127.0.0.1:ssh_port; still not the reverse)
     hostfwd = f",hostfwd=tcp:127.0.0.1:{int(ssh_port)}-:22" if ssh_port else ""
-    argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", "virtio-net-pci,netdev=net0" + (",romfile=" if firmware == "bios" else "")]
+    nic = "virtio-net-pci,netdev=net0" + (",romfile=" if firmware == "bios" else "")
+    argv += ["-netdev", f"user,id=net0,restrict=on{hostfwd}", "-device", nic]
     argv += ["-device", "virtio-rng-pci"]
     ports = [(sock, port) for sock, port in ((agent_socket, guest_agent.PORT_NAME),
                                              (control_socket, conformance.CONTROL_PORT)) if sock is not None]
