@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -222,6 +223,16 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           timeout=3000)
     assert proc.returncode == 0, f"kiln build failed\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out
+
+
+@pytest.fixture(scope="session")
+def default_boots(default_build: Path) -> dict[str, dict[str, Any]]:
+    """The default image booted once per firmware of its spec (SeaBIOS, OVMF, OVMF with Secure Boot) by
+    `kiln boot-test OUTPUT --json`, in this session: firmware -> result, with the conformance checks."""
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(default_build), "--json"],
+                          cwd=e2e.REPO, env=e2e.kiln_env(), capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, f"kiln boot-test failed\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return {b["firmware"]: b for b in json.loads(proc.stdout)}
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import yaml
 
 from kiln.boot import nova
 from kiln.cloud import glance
+from kiln.model.checks import BUILTIN, HOST_CHECKS
 from kiln.publish.promote import managed_images, status_of
 from tests.e2e import REPO, kiln_env
 from tests.nova.conftest import SKIP_REASON, NovaStack, nova_enabled
@@ -79,6 +80,12 @@ def test_build_without_a_glance_target_boots_a_temporary_image_and_records_it(
     assert "boot_test nova" in manifest["timings"]
     console = (out / "boot-nova-console.log").read_text()
     assert "KILN-MARKER=KILN-NOVA-" in console
+    # the conformance suite ran in Nova's guest too, at its first boot and after a soft reboot through Nova
+    checks = {(c["name"], c["boot"]): c for c in boot["checks"]}
+    guest = [n for n in BUILTIN if n not in HOST_CHECKS]
+    assert {(n, b) for n in guest for b in (1, 2)} <= set(checks), sorted(checks)
+    assert not [c for c in boot["checks"] if c["result"] == "fail"], boot["checks"]
+    assert checks[("guest-agent", 1)]["result"] == "skip" and checks[("failed-units", 2)]["result"] == "pass"
     assert "boot test bios: passed" in proc.stdout and "nova on" in proc.stdout
     # the temporary image and the server are gone
     assert {i.id for i in glance.list_images(nova_conn)} == before
