@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -226,13 +225,16 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_boots(default_build: Path) -> dict[str, dict[str, Any]]:
-    """The default image booted once per firmware of its spec (SeaBIOS, OVMF, OVMF with Secure Boot) by
-    `kiln boot-test OUTPUT --json`, in this session: firmware -> result, with the conformance checks."""
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(default_build), "--json"],
+def default_boots(default_build: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The default image built as `make image` builds it, boot test included: the same image as default_build
+    (its stages from the cache), booted once per firmware of its spec (SeaBIOS, OVMF, OVMF with Secure Boot)
+    in this session. firmware -> the manifest's boot_test entry, with the conformance checks."""
+    out = tmp_path_factory.mktemp("default-booted") / "output"
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "build", "images/debian-12.yaml", "-o", str(out)],
                           cwd=e2e.REPO, env=e2e.kiln_env(), capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, f"kiln boot-test failed\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return {b["firmware"]: b for b in json.loads(proc.stdout)}
+    assert proc.returncode == 0, f"kiln build failed\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert e2e.manifest(out)["images"] == e2e.manifest(default_build)["images"]  # the very same image
+    return {b["firmware"]: b for b in e2e.manifest(out)["boot_test"]}
 
 
 @pytest.fixture(scope="session")

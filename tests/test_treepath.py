@@ -56,3 +56,30 @@ def test_loops_and_non_files(tree: Path) -> None:
     assert regular_file_in_root(tree, "a") is None
     assert regular_file_in_root(tree, "usr/lib") is None
     assert regular_file_in_root(tree, "missing/file") is None
+
+
+def test_grub_readers_never_read_a_host_file_through_the_trees_links(tmp_path: Path) -> None:
+    from kiln.image.grub import copy_grub_modules, grub_defaults, grub_dir
+
+    host = tmp_path / "host"
+    (host / "grub.d").mkdir(parents=True)
+    (host / "grub").write_text('GRUB_CMDLINE_LINUX="host-secret"\n')
+    (host / "grub.d/50.cfg").write_text('GRUB_CMDLINE_LINUX_DEFAULT="host-secret-2"\n')
+    (host / "mods").mkdir()
+    (host / "mods/kernel.img").write_text("host")
+    (host / "mods/secret.mod").write_text("host module")
+    tree = tmp_path / "tree"
+    (tree / "etc/default").mkdir(parents=True)
+    (tree / "etc/default/grub").symlink_to(host / "grub")
+    (tree / "etc/default/grub.d").symlink_to(host / "grub.d")
+    assert grub_defaults(tree) == {}
+    (tree / "usr/lib/grub").mkdir(parents=True)
+    (tree / "usr/lib/grub/i386-pc").symlink_to(host / "mods")
+    with pytest.raises(Exception, match="no GRUB i386-pc modules"):
+        grub_dir(tree, "i386-pc")
+    (tree / "usr/lib/grub/i386-pc").unlink()
+    (tree / "usr/lib/grub/i386-pc").mkdir()
+    (tree / "usr/lib/grub/i386-pc/kernel.img").write_text("tree")
+    (tree / "usr/lib/grub/i386-pc/linked.mod").symlink_to(host / "mods/secret.mod")
+    copy_grub_modules(grub_dir(tree, "i386-pc"), tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # kernel.img is not copied, the link neither

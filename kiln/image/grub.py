@@ -9,12 +9,13 @@ filesystem by UUID.
 from __future__ import annotations
 
 import shutil
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.host.run import run
-from kiln.host.treepath import regular_file_in_root
+from kiln.host.treepath import regular_file_in_root, resolve_in_root
 from kiln.image.layout import DiskLayout
 from kiln.image.shellvars import parse_shell_assignments
 from kiln.model.errors import DiskError
@@ -40,11 +41,15 @@ _EFI_MODULES = (
 
 
 def grub_defaults(tree: Path) -> dict[str, str]:
-    """TREE/etc/default/grub, then TREE/etc/default/grub.d/*.cfg in order, as grub-mkconfig reads them."""
-    files = [tree / "etc/default/grub", *sorted((tree / "etc/default/grub.d").glob("*.cfg"))]
+    """TREE/etc/default/grub, then TREE/etc/default/grub.d/*.cfg in order, as grub-mkconfig reads them (the
+    tree's links resolved inside the tree: a link to a host file reads the tree's file of that name, if any)."""
+    confd = resolve_in_root(tree, "etc/default/grub.d")
+    names = sorted(p.name for p in confd.glob("*.cfg")) if confd.is_dir() and not confd.is_symlink() else []
+    files = [regular_file_in_root(tree, "etc/default/grub"),
+             *(regular_file_in_root(tree, f"etc/default/grub.d/{n}") for n in names)]
     values: dict[str, str] = {}
     for f in files:
-        if f.is_file():
+        if f is not None:
             values = parse_shell_assignments(f.read_text(errors="replace"), values)
     return values
 
@@ -96,9 +101,10 @@ menuentry '{title.replace("'", "")}, with Linux {version}' --id kiln-default {{
 
 
 def grub_dir(tree: Path, platform: str) -> Path:
-    """The tree's GRUB modules for `platform` (usr/lib/grub/<platform>); DiskError naming the package if absent."""
-    src = tree / "usr/lib/grub" / platform
-    if not (src / "kernel.img").is_file():
+    """The tree's GRUB modules for `platform` (usr/lib/grub/<platform>, its links resolved inside the tree);
+    DiskError naming the package if absent."""
+    src = resolve_in_root(tree, f"usr/lib/grub/{platform}")
+    if regular_file_in_root(tree, f"usr/lib/grub/{platform}/kernel.img") is None:
         package = {"i386-pc": "grub-pc-bin", "x86_64-efi": "grub-efi-amd64-bin", "arm64-efi": "grub-efi-arm64-bin"}.get(
             platform, "GRUB"
         )
@@ -110,7 +116,8 @@ def copy_grub_modules(src: Path, dst: Path) -> None:
     """Copy what grub-install copies to /boot/grub/<platform>: modules, their lists, efiemu."""
     dst.mkdir(parents=True)
     for f in sorted(src.iterdir()):
-        if f.is_file() and (
+        # a link among the modules is not followed: it could name any host file
+        if stat.S_ISREG(f.lstat().st_mode) and (
             f.suffix in (".mod", ".lst")
             or f.name in ("modinfo.sh", "boot.img")
             or (f.name.startswith("efiemu") and f.suffix == ".o")
