@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from kiln import __version__
 from kiln.boot import nova
+from kiln.boot.conformance import summary
 from kiln.boot.local import boot_firmware, run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
@@ -156,7 +157,8 @@ def run_build(spec: ImageSpec, options: BuildOptions, *, as_json: bool = False) 
     print(f"  manifest: {record.path_of(MANIFEST)}")
     for b in record.boot_test:
         print(f"  boot test {b.firmware}: {'passed' if b.passed else 'FAILED'} "
-              f"({b.seconds:.0f} s, {b.accel}{', cached' if b.cached else ''})")
+              f"({b.seconds:.0f} s, {b.accel}{', cached' if b.cached else ''}"
+              f"{'; conformance ' + summary(b.checks) if b.checks else ''})")
     published = record.published[-1] if record.published else {}
     if published.get("gate"):
         print(f"  boot gate: {published['gate']}")
@@ -268,8 +270,8 @@ def cmd_boot_test(args: argparse.Namespace) -> int:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return 0
     for r in results:
-        print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}); "
-              f"console log: {r.serial_log}")
+        print(f"boot test {r.firmware}: {'passed' if r.passed else 'FAILED'} in {r.seconds:.0f} s ({r.accel}"
+              f"{'; conformance ' + summary(r.checks) if r.checks else ''}); console log: {r.serial_log}")
     return 0
 
 
@@ -283,8 +285,9 @@ def _boot_test_nova(args: argparse.Namespace) -> int:
     log_path = output / "boot-nova-console.log"
     write_replacing(log_path, result.console)
     print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
-          f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s); server {result.server_id} deleted; "
-          f"console log: {log_path}")
+          f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s"
+          f"{'; conformance ' + summary(result.checks) if result.checks else ''}); server {result.server_id} "
+          f"deleted; console log: {log_path}")
     return 0
 
 
