@@ -98,3 +98,20 @@ def test_a_failed_step_leaves_nothing_and_the_next_builds_again(tmp_path: Path) 
     assert not store.has("k2") and list(store.tmp_dir.iterdir()) == []
     with store.step("k2", kind="disk", description="d") as entry:
         assert not entry.cached
+
+
+def test_the_store_and_the_state_home_are_private(tmp_path: Path) -> None:
+    """0700: the store holds strangers' trees (setuid binaries, device nodes), the state home the server's
+    database and the HMAC key; a store made 0755 by an older kiln is tightened."""
+    import stat as stat_mod
+
+    from kiln.host.state import private_dir
+    from kiln.store.entries import Store
+
+    old = tmp_path / "old-store"
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    Store(old)
+    assert stat_mod.S_IMODE(old.stat().st_mode) == 0o700
+    fresh = private_dir(tmp_path / "state" / "kiln")
+    assert stat_mod.S_IMODE(fresh.stat().st_mode) == 0o700

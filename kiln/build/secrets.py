@@ -9,7 +9,7 @@ import os
 import secrets
 from pathlib import Path
 
-from kiln.host.state import state_dir
+from kiln.host.state import private_dir, state_dir
 
 
 def _key_file() -> Path:
@@ -22,7 +22,7 @@ def host_key() -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         key = secrets.token_bytes(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -7,6 +7,16 @@ import os
 from pathlib import Path
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner may enter (0700), made if missing and tightened if not: what kiln
+    keeps there (the Prefect server's database and auth, the HMAC key, images with a stranger's setuid
+    binaries and device nodes) is no business of the host's other users."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
 def state_dir() -> Path:
     """`$KILN_STATE`, else `/var/lib/kiln` as root, else `~/.local/state/kiln`.
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.host.run import spawn
-from kiln.host.state import state_dir
+from kiln.host.state import private_dir, state_dir
 from kiln.model.errors import ServerError
 
 log = logging.getLogger("kiln.prefect_server")
@@ -269,7 +269,8 @@ def _remove_record(home: Path) -> None:
 def _locked(home: Path) -> Iterator[None]:
     """Exclusive lock on `<home>/server.lock`: one kiln process checks and starts at a time."""
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home.parent)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ServerError(

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.host.state import private_dir
+
 log = logging.getLogger("kiln.store")
 
 KEY_CHARS = 24  # 96 bits: short directory names keep deep overlay stacks under the mount-option limit
@@ -110,6 +112,8 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
         self.work_root = self.root / "work"
+        # 0700: entries hold stranger's trees (setuid binaries, device nodes) that no other user may reach
+        private_dir(self.root)
         for d in (self.entries_dir, self.tmp_dir, self.locks_dir, self.work_root):
             d.mkdir(parents=True, exist_ok=True)
         self._verified: set[str] = set()
