@@ -182,6 +182,12 @@ def guest_script(suite: Suite, firmware: str) -> str:
         '  if systemctl is-active --quiet "$u" 2>/dev/null; then sync=$u; break; fi',
         "done",
         'if [ -n "$sync" ]; then report time-sync pass "$sync"; else report time-sync fail "none running"; fi',
+        "button=''",
+        "for u in systemd-logind acpid; do",
+        '  if systemctl is-active --quiet "$u" 2>/dev/null; then button=$u; break; fi',
+        "done",
+        'if [ -n "$button" ]; then report power-button pass "$button"; '
+        'else report power-button fail "neither systemd-logind nor acpid is running"; fi',
         f"firmware={firmware}",
         'if [ "$firmware" != uefi-secureboot ]; then report secure-boot skip "booted with $firmware"',
         f"else sb=$(od -An -t u1 {SECURE_BOOT_VAR} 2>/dev/null | awk '{{print $NF}}')",

@@ -247,7 +247,9 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
         checks: list[CheckOutcome] = []
         if suite is not None and running:
             deadline = start + settings.boot_timeout + settings.active_timeout
-            reports, console = _wait_reports(conn, server_id, suite, where=where, deadline=deadline, first=console)
+            reports, later = _wait_reports(conn, server_id, suite, where=where, deadline=deadline, first=console)
+            # a hard reboot starts a new console log: keep the first boot's too
+            console = later if marker in later else f"{console}\n{later}"
             host = conformance.host_checks(suite, root_bytes=facts.root_bytes, disk_bytes=facts.disk_bytes,
                                            agent=None)
             checks = conformance.verdict(suite, reports, host, boots=suite.boots)

@@ -27,6 +27,8 @@ BUILTIN: dict[str, str] = {
                       "came from no security suite)",
     "serial-console": "the kernel command line has console= on the serial port the cloud's console reads",
     "time-sync": "a time sync service (systemd-timesyncd, chrony, ntpsec, ntp or openntpd) is running",
+    "power-button": "something handles the ACPI power button (systemd-logind or acpid), so a cloud's soft reboot "
+                    "or stop shuts the guest down cleanly instead of pulling the plug after its timeout",
     "secure-boot": "Secure Boot was on (the uefi-secureboot firmware only; skipped elsewhere)",
     "root-grown": "the root file system grew to fill the bigger disk it booted on (checked from the host)",
     "guest-agent": "the QEMU guest agent answers guest-ping on its virtio channel (from the host; QEMU only, "
