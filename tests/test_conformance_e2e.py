@@ -37,8 +37,8 @@ def test_the_default_image_passes_every_check_under_every_firmware_and_after_a_r
         failed = [c for c in boot["checks"] if c["result"] not in ("pass", "skip")]
         assert failed == [], failed
         for name in ("cloud-init", "failed-units", "root-locked", "sshd-no-passwords", "host-keys-fresh",
-                     "machine-id-fresh", "no-leftovers", "security-suite", "serial-console", "time-sync", "power-button",
-                     "root-grown", "guest-agent"):
+                     "machine-id-fresh", "no-leftovers", "security-suite", "serial-console", "time-sync",
+                     "power-button", "root-grown", "guest-agent"):
             assert checks[(name, 1)]["result"] == "pass", (firmware, checks[(name, 1)])
         for name in set(GUEST_CHECKS) - FIRST_BOOT_ONLY - {"secure-boot"}:
             assert checks[(name, 2)]["result"] == "pass", (firmware, checks[(name, 2)])
