@@ -43,7 +43,8 @@ def test_nightly_has_bookworm_and_trixie_for_amd64_and_arm64() -> None:
     assert arm.arch is Arch.arm64 and arm.release == "trixie"
     assert arm.boot_test.firmware == [Firmware.uefi]  # the arm64 axis value's own fields
     amd = by_name["debian-bookworm-amd64"].spec
-    assert amd.boot_test.firmware == [Firmware.bios, Firmware.uefi] and amd.boot_test.timeout == 900
+    assert amd.boot_test.firmware == [Firmware.bios, Firmware.uefi, Firmware.uefi_secureboot]
+    assert amd.boot_test.timeout == 900
     assert all("cloud-init" in c.spec.elements for c in cells)  # the base spec
 
 
