@@ -47,6 +47,8 @@ CASES = [
     ("DIB line: unsupported option", ["dib", "--mkfs-options", "x", "vm", "debian"],
      "--mkfs-options is not supported by kiln"),
     ("DIB line: no distro element", ["dib", "vm"], "no distribution element among vm"),
+    ("an element name of 5000 characters", ["build", "-e", "x" * 5000], "(5000 characters)' may only contain"),
+    ("a waiver without a reason", ["build", "tests/data/bad-waiver.yaml"], "the waiver of 'time-sync' needs a reason"),
 ]
 
 
@@ -69,7 +71,8 @@ def row(case: str, args: list[str], code: int, message: str) -> str:
     # the host's own mirror is read from its apt sources; the doc names no mirror's host
     message = re.sub(r"mirror https?://(?!127\.0\.0\.1)\S+", "mirror <the host's mirror>", message)
     message = message.replace(f"{REPO}/", "")  # paths in the checkout, wherever it is
-    return f"| {case} | `kiln {' '.join(args)}` | {code} | {message.replace('|', '&#124;')} |"
+    shown = " ".join(a if len(a) <= 40 else f"{a[:12]}…({len(a)} characters)" for a in args)
+    return f"| {case} | `kiln {shown}` | {code} | {message.replace('|', '&#124;')} |"
 
 
 def documented() -> dict[str, str]:

@@ -225,7 +225,9 @@ def resolve(requested: Iterable[str], path: Sequence[Path], library: Sequence[Pa
     wanted = list(dict.fromkeys(requested))
     for name in wanted:
         if not is_plain_name(name):
-            raise ElementError(f"{name!r} is not a valid element name")
+            shown = name if len(name) <= 80 else name[:60] + f"… ({len(name)} characters)"
+            raise ElementError(f"{shown!r} is not a valid element name (letters, digits, '.', '_', '+', '-', at "
+                               "most 128 of them)")
     included: dict[str, Element] = {}
     asked_by: dict[str, str] = {name: "the image spec" for name in wanted}
     queue = list(wanted)
