@@ -129,3 +129,21 @@ def test_an_elements_checks_run_and_a_failed_check_fails_the_build_by_name(tmp_p
     assert "Traceback" not in proc.stderr, error
     assert "pack: cached" in proc.stdout + proc.stderr  # the image was not built again: only booted
     assert leftovers() == []
+
+
+def test_an_image_without_cloud_init_is_judged_by_systemd_and_says_so(tmp_path: Path) -> None:
+    """Nothing in such an image reads the seed, so no suite can run in it: the boot test passes on systemd's
+    multi-user target and a login prompt (real boot, this session), and the manifest says which criterion
+    it used and that no check ran (issue 18, item 6)."""
+    spec = tmp_path / "no-cloud-init.yaml"
+    spec.write_text(yaml.safe_dump({"name": "kiln-no-cloud-init", "elements": ["vm", "growroot"],
+                                    "boot_test": {"firmware": ["bios"], "timeout": 900}}))
+    kiln("build", str(spec), "--output", str(tmp_path / "out"), timeout=2400)
+    m = manifest(tmp_path / "out")
+    assert "cloud-init" not in {p["name"] for p in m["packages"]}
+    [boot] = m["boot_test"]
+    assert boot["passed"] and boot["cached"] is False and boot["criterion"] == "systemd", boot
+    assert boot["checks"] == []
+    console = Path(boot["serial_log"]).read_text(errors="replace")
+    assert "login:" in console and "Cloud-init v." not in console
+    assert leftovers() == []
