@@ -19,6 +19,7 @@ from kiln.image.pack import PackOutput
 from kiln.model.facts import SECURE_BOOT, firmware_of, is_security_suite
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord, DiskRecord, ElementRecord, ImageRecord, StageRecord, StepRecord
+from kiln.model.urls import scrubbed, without_credentials
 from kiln.publish.manifest import install_file, write_checksum_files, write_record
 from kiln.publish.refresh import manifest_diff
 from kiln.sources.bootstrap import components
@@ -43,13 +44,14 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
             f" (suites left out by the spec: {', '.join(plan.suites_opted_out)})" if plan.suites_opted_out else "")
     record = BuildRecord(
         kiln_version=__version__, build_id=build_id, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        spec=plan.spec.model_dump(mode="json"), mirror=plan.mirror,
+        # no URL's credentials in the record: it is published (S3, Glance properties)
+        spec=scrubbed(plan.spec.model_dump(mode="json")), mirror=without_credentials(plan.mirror),
         elements=[ElementRecord(name=e.name, path=e.path, sha256=e.hash, origin=e.origin) for e in plan.elements],
-        base=({"kind": "upstream", "key": plan.base_key, **plan.upstream.manifest()} if plan.upstream else
-              {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
-               "release": plan.bootstrap.release, "arch": plan.bootstrap.arch, "mirror": plan.bootstrap.mirror,
-               "release_digest": plan.bootstrap.release_digest,
-               "suites": [s.as_dict() for s in plan.suites], "suites_opted_out": plan.suites_opted_out}),
+        base=scrubbed({"kind": "upstream", "key": plan.base_key, **plan.upstream.manifest()} if plan.upstream else
+                      {"kind": "bootstrap", "key": plan.base_key, "distro": plan.bootstrap.distro,
+                       "release": plan.bootstrap.release, "arch": plan.bootstrap.arch,
+                       "mirror": plan.bootstrap.mirror, "release_digest": plan.bootstrap.release_digest,
+                       "suites": [s.as_dict() for s in plan.suites], "suites_opted_out": plan.suites_opted_out}),
         tree_key=plan.tree_key,
         steps=[StepRecord(phase=s.phase, name=s.name, element=s.element, key=s.key) for s in plan.steps],
         disk=DiskRecord(size=plan.spec.size, root_uuid=packed.root_uuid, esp_serial=packed.esp_serial,

@@ -12,6 +12,7 @@ from kiln.build.plan import make_plan, take_over
 from kiln.model.options import BuildOptions
 from kiln.model.record import new_build_id as new_build_id  # the flow's, too
 from kiln.model.spec import ImageSpec
+from kiln.model.urls import without_credentials
 from kiln.store.entries import Store
 from kiln.store.gc import claim_workdir
 
@@ -34,6 +35,6 @@ def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildCo
         by_origin.setdefault(e.origin, []).append(e.name)
     log.info("elements %s", "; ".join(f"from {origin}: {', '.join(names)}"
                                       for origin, names in sorted(by_origin.items())))
-    log.info("mirror: %s; %d steps; store %s", plan.mirror, len(plan.steps), store.root)
+    log.info("mirror: %s; %d steps; store %s", without_credentials(plan.mirror), len(plan.steps), store.root)
     return BuildContext(plan=plan, store=store, workdir=workdir, rebuild=options.no_cache,
                         break_at=check_break(options.break_at))

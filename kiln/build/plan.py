@@ -29,6 +29,7 @@ from kiln.model import facts
 from kiln.model.checks import BUILTIN, check_waivers
 from kiln.model.errors import ElementError, SpecError
 from kiln.model.spec import ImageSpec
+from kiln.model.urls import credentials_of, without_credentials
 from kiln.sources import bootstrap, suites
 from kiln.sources.mirror import resolve_mirror, resolve_security_mirror
 from kiln.sources.suites import suite_digest
@@ -155,10 +156,13 @@ def image_apt_env(spec: ImageSpec, sources: Sequence[suites.SuiteSource], securi
         signed_by = suites.image_keyring_path(key, spec.distro.value)
         env.update(KILN_APT_KEYRING_B64=base64.b64encode(key).decode(), KILN_APT_KEYRING_IMAGE=signed_by)
     build_mirror = sources[0].mirror if sources else ""
+    # the image's own sources never carry the build's credentials (an image with a token in it is the token
+    # published): an archive that needs them gets image_mirror and apt's auth.conf from an element
     env["KILN_APT_SOURCES"] = suites.apt_sources(
         spec.distro.value, sources, bootstrap.components(spec.distro.value),
-        image_mirror=spec.image_mirror or build_mirror,
-        image_security_mirror=spec.image_security_mirror or security_mirror or build_mirror, signed_by=signed_by)
+        image_mirror=without_credentials(spec.image_mirror or build_mirror),
+        image_security_mirror=without_credentials(spec.image_security_mirror or security_mirror or build_mirror),
+        signed_by=signed_by)
     return env
 
 
@@ -193,6 +197,9 @@ def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_
 
 def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env: dict[str, str]) -> BuildPlan:
     mirror = resolve_mirror(spec.mirror, host_env, distro=spec.distro.value, bootstrapped=spec.base is None)
+    for url in (mirror, spec.security_mirror or "", spec.image_mirror or "", spec.image_security_mirror or ""):
+        for credential in credentials_of(url):  # used to fetch, never shown
+            redact_value(credential)
     if spec.boot_test.enabled and spec.boot_test.ssh_login and "openssh-server" not in resolved.names:
         raise SpecError("field 'boot_test.ssh_login': the image has no SSH server (no openssh-server element "
                         f"among {', '.join(resolved.names)}); add it, or drop ssh_login")
@@ -209,6 +216,8 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
         if any(n.endswith("-" + facts.SECURITY_POCKET) for n in suite_names):
             security_mirror = resolve_security_mirror(spec.security_mirror, host_env, distro=spec.distro.value,
                                                       mirror=mirror)
+            for credential in credentials_of(security_mirror):
+                redact_value(credential)
             env["DIB_DEBIAN_SECURITY_MIRROR"] = security_mirror
         sources = suites.suite_sources(spec.release, suite_names, mirror=mirror, security_mirror=security_mirror,
                                        components=bootstrap.components(spec.distro.value), arch=spec.arch.value,

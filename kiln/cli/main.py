@@ -34,7 +34,7 @@ from kiln.cli.common import (
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
 from kiln.host.checksums import write_replacing
-from kiln.host.run import terminate_all
+from kiln.host.run import redact, terminate_all
 from kiln.host.state import state_dir
 from kiln.image.convert import convert_key
 from kiln.image.pack import pack_key_of
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as exc:
         if verbose:
             traceback.print_exc()
-        print(f"kiln: error: {exc}", file=sys.stderr)
+        print(f"kiln: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("kiln: interrupted; mounts and processes were torn down", file=sys.stderr)
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         code, line = _unexpected(exc)
         if verbose:
             traceback.print_exc()
-        print(f"kiln: error: {line}", file=sys.stderr)
+        print(f"kiln: error: {redact(line)}", file=sys.stderr)
         return code
 
 

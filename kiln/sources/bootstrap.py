@@ -17,6 +17,7 @@ from kiln.host.progress import activity
 from kiln.host.run import run
 from kiln.model.errors import SpecError
 from kiln.model.facts import COMPONENTS
+from kiln.model.urls import without_credentials
 
 log = logging.getLogger("kiln.bootstrap")
 
@@ -137,7 +138,8 @@ def readable_keyring(keyring: Path, directory: Path) -> Path:
 def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: float = 1800) -> None:
     """Bootstrap `req` into the empty directory `target`."""
     deb_cache.mkdir(parents=True, exist_ok=True)
-    log.info("bootstrapping %s %s %s from %s (suites %s)", req.distro, req.release, req.arch, req.mirror,
+    log.info("bootstrapping %s %s %s from %s (suites %s)", req.distro, req.release, req.arch,
+             without_credentials(req.mirror),
              ", ".join(s[0] for s in req.suites) or req.release)
     with tempfile.TemporaryDirectory(prefix="kiln-keyring-") as keys:
         if req.keyring:
