@@ -254,7 +254,7 @@ def test_argv_with_the_agent_and_control_ports_and_reboots_allowed() -> None:
 
 
 def _agent_server(path: Path, behaviour: str) -> threading.Thread:
-    """A stand-in for qemu-ga on the far end of the channel (the real agent answers in test_build_e2e.py)."""
+    """A stand-in for qemu-ga on the far end of the channel (the real agent answers in test_conformance_e2e.py)."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
