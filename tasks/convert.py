@@ -11,9 +11,10 @@ from tasks.common import store_key
 
 
 @task(name="convert", task_run_name="convert {fmt}", persist_result=True,
-      cache_key_fn=store_key(lambda p: (p["ctx"], [convert_key(p["packed"].key, p["fmt"], p["ctx"].plan.spec.compress,
+      cache_key_fn=store_key(lambda p: (p["ctx"], [convert_key(p["packed"].key, p["fmt"],
+                                                                p["ctx"].plan.spec.compression,
                                                                 p["ctx"].plan.spec.qemu_img_options)])))
 def convert_image(ctx: BuildContext, packed: PackOutput, fmt: str) -> ImageOutput:
     spec = ctx.plan.spec
-    return converted(ctx.store, packed.raw, packed.key, fmt, name=spec.name, compress=spec.compress,
+    return converted(ctx.store, packed.raw, packed.key, fmt, name=spec.name, compression=spec.compression,
                      options=spec.qemu_img_options, rebuild=ctx.rebuild)[0]

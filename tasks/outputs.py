@@ -62,6 +62,7 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         security_updates=sum(1 for p in package_list if is_security_suite(str(p.get("suite", "")))),
         images=[ImageRecord(file=f.name, format=i.format, size=i.size, sha256=i.sha256, sha512=i.sha512)
                 for f, i in zip(files, images, strict=True)],
+        space=packed.space,
         timings={name: StageRecord(**t) for name, t in stages.items()},
         boot_test=[_console_beside_images(b, out) for b in boots], output=out, run_url=_run_url(),
     )

@@ -15,7 +15,7 @@ def test_seed_document_line() -> None:
     assert spec.distro.value == "debian" and spec.release == "bookworm" and spec.arch is Arch.amd64
     assert spec.elements == ["vm", "cloud-init-cfg", "debian"]  # DIB's debian, not only the base
     assert spec.formats == [ImageFormat.qcow2]
-    assert spec.compress is True  # disk-image-create compresses qcow2 unless -u
+    assert spec.compression == "zstd"  # disk-image-create compresses qcow2 unless -u
     assert spec.env == {"DIB_OFFLINE": "1"}
     assert opts["output"] == "." and opts["boot_test"] is True
 
@@ -26,7 +26,7 @@ def test_options_map_to_the_spec() -> None:
                         "debian-minimal", "vm"], {})
     assert spec.name == "img" and opts["output"] == "out/dir"
     assert [f.value for f in spec.formats] == ["qcow2", "raw", "vhd"]
-    assert spec.compress is False and spec.env["DIB_DEBUG_TRACE"] == "1"
+    assert spec.compression == "none" and spec.env["DIB_DEBUG_TRACE"] == "1"
     assert spec.packages == ["curl", "htop", "vim"]
     assert spec.size == 3 * 1024**3 and spec.qemu_img_options == "compat=1.1"
     assert opts["checksum"] is True

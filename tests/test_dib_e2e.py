@@ -50,7 +50,7 @@ def test_seed_line_builds_a_compressed_qcow2_in_the_cwd(seed_dib_build: tuple[Pa
     info = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
                           check=True).stdout
     assert '"format": "qcow2"' in info
-    assert m["spec"]["compress"] is True
+    assert m["spec"]["compression"] == "zstd"
     assert m["spec"]["env"]["DIB_OFFLINE"] == "1"
     assert "cloud-init-cfg" in {e["name"] for e in m["elements"]}
     user_element = next(e for e in m["elements"] if e["name"] == "cloud-init-cfg")

@@ -231,6 +231,6 @@ def test_kiln_plan_shows_every_stage_with_its_key(elements: Callable[..., Path],
     assert shown["pack"]["key"] == pack_key_of(make_plan(cli.spec_from_args(args), elements_path=[
         elements.root], host_env=host_env))  # type: ignore[attr-defined]
     assert [c["format"] for c in shown["convert"]] == ["qcow2", "raw"]
-    assert shown["convert"][0]["key"] == convert_key(shown["pack"]["key"], "qcow2", False, None)
+    assert shown["convert"][0]["key"] == convert_key(shown["pack"]["key"], "qcow2", "zstd", None)
     assert shown["boot_test"] == {"backend": "qemu", "firmware": ["bios", "uefi"]}
     assert plan.base_key

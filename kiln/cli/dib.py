@@ -122,7 +122,7 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> tuple[ImageSpec
         "packages": [p for group in args.packages for p in group.split(",") if p],
         "env": hook_env,
         "formats": formats,
-        "compress": not args.uncompressed,
+        "compression": "none" if args.uncompressed else "zstd",
     }
     if distro not in BOOTSTRAPPED:
         data["base"] = {}  # as DIB's element does: start from the distribution's published cloud image

@@ -76,7 +76,8 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help="pass the environment variable NAME to the hooks as a secret (never logged or stored)")
     p.add_argument("--size", help="disk size, e.g. 4G")
     p.add_argument("--format", type=_csv, help="output formats, e.g. qcow2,raw")
-    p.add_argument("--compress", action="store_true", default=None, help="compress the qcow2 image")
+    p.add_argument("--compression", choices=["zstd", "zlib", "none"],
+                   help="qcow2 compression (default: the spec's, zstd)")
     p.add_argument("--mirror", help="package mirror (default: DIB_DISTRIBUTION_MIRROR or the host's apt sources)")
     p.add_argument("--firmware", type=_csv, help="boot test firmware: bios,uefi")
     p.add_argument("--boot-backend", choices=["qemu", "nova"],
@@ -106,7 +107,7 @@ def _secrets_from_env(names: list[str]) -> dict[str, str]:
 def spec_from_args(args: argparse.Namespace) -> ImageSpec:
     overrides: dict[str, Any] = {
         "name": args.name, "distro": args.distro, "release": args.release, "arch": args.arch,
-        "size": args.size, "formats": args.format, "compress": args.compress, "mirror": args.mirror,
+        "size": args.size, "formats": args.format, "compression": args.compression, "mirror": args.mirror,
         "add_elements": args.elements or None, "add_packages": args.packages or None,
         "env": dict(args.env) if args.env else None,
         "secrets": _secrets_from_env(args.secret) or None,
@@ -298,7 +299,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     base = (f"upstream {plan.upstream.base.what}" if plan.upstream else
             f"bootstrap {spec.distro.value} {spec.release} {spec.arch.value}")
     packed = pack_key_of(plan)
-    converts = [(fmt.value, convert_key(packed, fmt.value, spec.compress, spec.qemu_img_options))
+    converts = [(fmt.value, convert_key(packed, fmt.value, spec.compression, spec.qemu_img_options))
                 for fmt in spec.formats]
     boots = boot_firmware(spec) if spec.boot_test.enabled else []
     if args.json:
@@ -319,7 +320,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {s.key[:12]}  {s.phase:<15} {s.name:<30} {s.element}{extra}")
     print(f"  {packed[:12]}  {'pack':<15} a {spec.size / 1024**3:g} GiB raw disk")
     for fmt, key in converts:
-        print(f"  {key[:12]}  {'convert':<15} {fmt}{' (compressed)' if spec.compress and fmt == 'qcow2' else ''}")
+        print(f"  {key[:12]}  {'convert':<15} {fmt}{f' ({spec.compression})' if fmt == 'qcow2' else ''}")
     if boots:
         print(f"  {'(its sha256)':<12}  {'boot_test':<15} {spec.boot_test.backend.value}: {', '.join(boots)} "
               "(keyed by the image, once it exists)")

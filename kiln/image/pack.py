@@ -19,11 +19,13 @@ from kiln.build.plan import BuildPlan, digest
 from kiln.host.mounts import MountStack
 from kiln.host.run import output, tracked
 from kiln.image import disk
+from kiln.image.inventory import space_report, with_licenses
 from kiln.image.layout import plan_layout
+from kiln.model.record import SpaceRecord
 
 log = logging.getLogger("kiln.pack")
 
-PACK_VERSION = "2"
+PACK_VERSION = "3"
 UUID_NAMESPACE = uuid.UUID("6f1c6b1e-3d0a-4c55-9d6e-6b696c6e0001")
 
 
@@ -37,6 +39,7 @@ class PackOutput:
     esp_serial: str
     cmdline: str
     secure_boot: bool = False  # the ESP boots the distribution's signed chain
+    space: SpaceRecord | None = None  # what takes the space: largest directories and packages
 
 
 def pack_key(ctx: BuildContext) -> str:
@@ -78,9 +81,15 @@ def _rpm_packages(root: Path) -> list[dict[str, str]]:
     if shutil.which("rpm") is None:
         log.warning("no rpm on this host: the manifest lists no packages of this image (install rpm)")
         return []
-    text = output(["rpm", f"--dbpath={dbpath.resolve()}", "-qa", "--qf", r"%{NAME}\t%{EVR}\t%{ARCH}\n"])
-    packages = [dict(zip(("name", "version", "arch"), line.split("\t"), strict=True))
-                for line in text.splitlines() if line.count("\t") == 2]
+    text = output(["rpm", f"--dbpath={dbpath.resolve()}", "-qa", "--qf",
+                   r"%{NAME}\t%{EVR}\t%{ARCH}\t%{LICENSE}\n"])
+    packages = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4:
+            name, version, arch, license_ = parts
+            packages.append({"name": name, "version": version, "arch": arch,
+                             **({"license": license_} if license_ and license_ != "(none)" else {})})
     return sorted(packages, key=lambda p: p["name"])
 
 
@@ -90,7 +99,8 @@ def _load(ctx: BuildContext, key: str) -> PackOutput:
     kernel = data / "vmlinuz"
     return PackOutput(key=key, raw=data / "disk.raw", kernel=kernel if kernel.exists() else None,
                       packages=info["packages"], root_uuid=info["root_uuid"], esp_serial=info["esp_serial"],
-                      cmdline=info["cmdline"], secure_boot=bool(info.get("secure_boot")))
+                      cmdline=info["cmdline"], secure_boot=bool(info.get("secure_boot")),
+                      space=SpaceRecord.model_validate(info["space"]) if info.get("space") else None)
 
 
 def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
@@ -115,7 +125,9 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
             pack_layer.mkdir()
             disk.write_boot_files(pack_layer, tree, layout)
             merged = mounts.overlay([pack_layer, *lowers], ctx.workdir / "merged")
-            packages = list_packages(merged, family_of(ctx.plan.spec.distro.value))
+            family = family_of(ctx.plan.spec.distro.value)
+            packages = with_licenses(merged, list_packages(merged, family))
+            space = space_report(merged, family)
             result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
             kernel = merged / str(result.kernel).lstrip("/")
             # the image's kernel, for a direct-kernel boot probe: only a regular file that is inside the tree
@@ -125,7 +137,7 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
                 shutil.copyfile(kernel, tmp / "data" / "vmlinuz")
             (tmp / "data" / "pack.json").write_text(json.dumps({
                 "packages": packages, "root_uuid": root_uuid, "esp_serial": esp_serial, "cmdline": result.cmdline,
-                "secure_boot": result.secure_boot,
+                "secure_boot": result.secure_boot, "space": space.model_dump(mode="json"),
             }, indent=1))
             mounts.unmount_all()
     return _load(ctx, key), False

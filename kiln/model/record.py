@@ -96,6 +96,19 @@ class DiskRecord(_Part):
     firmware: list[str] = Field(default_factory=list)  # what the disk boots with
 
 
+class SpaceUse(_Part):
+    path: str  # a directory of the tree ("/usr/lib"), or a package's name
+    bytes: int
+
+
+class SpaceRecord(_Part):
+    """What takes the image's space: the root tree's size, its largest directories and packages."""
+
+    tree_bytes: int = 0
+    directories: list[SpaceUse] = Field(default_factory=list)
+    packages: list[SpaceUse] = Field(default_factory=list)
+
+
 class StageRecord(_Part):
     seconds: float
     cached: bool
@@ -121,6 +134,7 @@ class BuildRecord(BaseModel):
     package_origins: dict[str, int] = Field(default_factory=dict)
     security_updates: int = 0
     images: list[ImageRecord] = Field(default_factory=list)
+    space: SpaceRecord | None = None  # what takes the image's space (the pack stage's report)
     timings: dict[str, StageRecord] = Field(default_factory=dict)
     boot_test: list[BootOutcome] = Field(default_factory=list)
     published: list[dict[str, Any]] = Field(default_factory=list)  # one report per publish of this build

@@ -54,6 +54,14 @@ class ImageFormat(StrEnum):
     vhdx = "vhdx"
 
 
+class Compression(StrEnum):
+    """How a qcow2 image's clusters are compressed (`qemu-img convert -c -o compression_type=`)."""
+
+    zstd = "zstd"
+    zlib = "zlib"
+    none = "none"
+
+
 class Firmware(StrEnum):
     bios = "bios"
     uefi = "uefi"
@@ -159,7 +167,9 @@ class ImageSpec(StrictModel):
                                          "title": "Size", "default": "4G"})] = Field(
         default=parse_size("4G"), description="disk size in bytes, or with a unit: 4G, 512M, …")
     formats: list[ImageFormat] = Field(default=[ImageFormat.qcow2], min_length=1)
-    compress: bool = Field(default=False, description="compress qcow2 output (smaller, slower)")
+    compression: Compression = Field(
+        default=Compression.zstd, description="qcow2 compression: zstd (QEMU 5.1 and later read it), zlib (every "
+        "QEMU reads it; slower to write) or none. `compress: true|false` is read as zstd|none")
     qemu_img_options: str | None = Field(default=None, description="extra `qemu-img convert -o` options")
     mirror: str | None = Field(default=None, description="package mirror; default: the host's apt sources "
                                "(Debian only: an Ubuntu spec names its mirror)")
@@ -178,6 +188,19 @@ class ImageSpec(StrictModel):
                                                            "of bootstrapping; see docs/upstream-images.md")
     boot_test: BootTestSpec = Field(default_factory=BootTestSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec, description="where and how the build is published")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compress_is_compression(cls, data: Any) -> Any:
+        """`compress: true|false` (kiln before 0.2, and DIB's habit of a yes/no) is `compression: zstd|none`."""
+        if isinstance(data, dict) and "compress" in data:
+            data = dict(data)
+            value = data.pop("compress")
+            if not isinstance(value, bool):
+                raise ValueError(f"compress: {value!r} is not true or false (or use compression: zstd|zlib|none)")
+            # with both (a spec's old compress and the command line's --compression), compression wins
+            data.setdefault("compression", Compression.zstd if value else Compression.none)
+        return data
 
     @field_validator("size", mode="before")
     @classmethod
