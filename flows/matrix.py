@@ -38,6 +38,7 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.build import build_image
+from flows.guard import guard_remote_run
 from kiln.model.errors import KilnError
 from kiln.model.matrix import (
     SLOT_KINDS,
@@ -127,6 +128,7 @@ def build_on_host(spec: ImageSpec, options: BuildOptions | None = None) -> dict[
     cells spread over the fleet, and a build started from the UI form respects the host's limits too.
     """
     options = options or BuildOptions()
+    guard_remote_run(spec, options)  # a run from the UI or the API: only the paths this host allows
     kiln_logger = logging.getLogger("kiln")
     if kiln_logger.level == logging.NOTSET:  # a worker's run process: let kiln's INFO lines reach the run logs
         kiln_logger.setLevel(logging.INFO)
@@ -325,6 +327,7 @@ def build_matrix(matrix: str = "images/nightly.yaml", only: list[str] | None = N
     workers pick up. A failed cell does not stop the others; the run fails at the end if any did.
     """
     options = options or BuildOptions()
+    guard_remote_run(None, options, extra=[("matrix", matrix), ("output", output)])
     base = options.model_copy(update={"boot_test": boot_test and options.boot_test})
     name, results = run_matrix(matrix, only=only or [], output=output, options=base, deployment=deployment)
     raise_if_failed(name, results)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.guard import guard_remote_run
 from flows.matrix import BUILD_DEPLOYMENT, MAX_PARALLEL, raise_if_failed, run_matrix
 from kiln.model.matrix import CellResult, publish_text
 from kiln.model.options import BuildOptions
@@ -34,6 +35,7 @@ def nightly_refresh(matrix: str = "images/nightly.yaml", only: list[str] | None 
     replaces the targets of the matrix's `publish:` section.
     """
     logger = get_run_logger()
+    guard_remote_run(None, None, extra=[("matrix", matrix), ("output", output)])
     options = BuildOptions(boot_test=boot_test, only_changed=True)
     name, results = run_matrix(matrix, only=only or [], output=output, options=options, deployment=deployment,
                                publish_targets=publish_targets)

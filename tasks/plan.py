@@ -6,9 +6,12 @@ import logging
 from pathlib import Path
 
 from prefect import task
+from prefect.blocks.system import Secret
+from pydantic import SecretStr
 
 from kiln.build.customize import BuildContext, check_break
 from kiln.build.plan import make_plan, take_over
+from kiln.model.errors import SpecError
 from kiln.model.options import BuildOptions
 from kiln.model.record import new_build_id as new_build_id  # the flow's, too
 from kiln.model.spec import ImageSpec
@@ -19,9 +22,27 @@ from kiln.store.gc import claim_workdir
 log = logging.getLogger("kiln.plan")  # forwarded to the run's logs (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 
+def with_secret_blocks(spec: ImageSpec) -> ImageSpec:
+    """`spec` with the values of the Prefect Secret blocks it names (`secret_blocks`) among its secrets: read
+    here, on the host that builds, so that they never are a run's parameters (stored in Prefect's database)."""
+    if not spec.secret_blocks:
+        return spec
+    loaded = {}
+    for variable, block in sorted(spec.secret_blocks.items()):
+        try:
+            value = Secret.load(block).get()  # type: ignore[union-attr]
+        except ValueError as exc:  # Prefect's "Unable to find block document named …"
+            raise SpecError(f"spec.secret_blocks.{variable}: no Prefect Secret block named {block!r} "
+                            f"({str(exc)[:200]})") from None
+        loaded[variable] = SecretStr(value if isinstance(value, str) else str(value))
+    log.info("secrets %s from Prefect Secret blocks", ", ".join(sorted(loaded)))
+    return spec.model_copy(update={"secrets": {**spec.secrets, **loaded}})
+
+
 # not persisted: the context holds the spec, whose secrets must never be written to result storage
 @task(name="plan", persist_result=False)
 def plan_build(spec: ImageSpec, options: BuildOptions, build_id: str) -> BuildContext:
+    spec = with_secret_blocks(spec)
     handed = take_over(options.plan_ref)  # the plan `kiln build` made in this process, if it did
     if handed is not None and handed.spec == spec:
         plan = handed

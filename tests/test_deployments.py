@@ -9,8 +9,12 @@ the first run also bootstraps each store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +89,55 @@ def test_matrix_cells_run_on_both_workers(stack: PrefectStack, tmp_path: Path) -
     for host in ("host-a", "host-b"):
         limit = stack.call("GET", f"/v2/concurrency_limits/kiln-{host}-cpu")
         assert limit["limit"] >= 1 and limit["active_slots"] == 0
+
+
+@pytest.mark.timeout(1200)
+def test_a_run_from_the_api_names_only_allowed_paths_and_takes_secrets_from_blocks(stack: PrefectStack,
+                                                                                    tmp_path: Path) -> None:
+    """Issue 15: whoever can create a run names its parameters, and the worker runs as root. A run naming
+    /etc as its cache, or carrying a secret value, fails naming the field before anything is built; a secret
+    the spec takes from a Prefect Secret block reaches the hooks, and never the run's parameters or logs."""
+    if not stack.workers:  # alone (-k): the matrix test's workers are not there
+        stack.worker("worker-a", queues=("control", "builds"), limit=2, KILN_HOST="host-a",
+                     KILN_CACHE=f"{CACHE}-host-a", PREFECT_WORKER_QUERY_SECONDS="2")
+    spec = {"name": f"guarded-{os.getpid()}", "elements": ["vm", "small-step"], "size": "2G"}
+    out = str(tmp_path / "out")
+    refused = {
+        "options.cache: /etc is outside": {"spec": spec, "options": {"cache": "/etc", "output": out}},
+        "options.output: /etc/cron.d is outside": {"spec": spec, "options": {"output": "/etc/cron.d"}},
+        "options.elements_path[0]: /root is outside": {"spec": spec, "options": {"output": out,
+                                                                                  "elements_path": ["/root"]}},
+        "spec.secrets (KILN_TEST_SECRET)": {"spec": {**spec, "secrets": {"KILN_TEST_SECRET": "typed-in-the-form"}},
+                                            "options": {"output": out}},
+    }
+    for says, parameters in refused.items():
+        run = stack.wait(stack.run_deployment("build-on-host/build-image", parameters), timeout=300)
+        assert run["state_type"] == "FAILED", (says, run["state"])
+        assert says in run["state"]["message"], (says, run["state"]["message"])
+    assert not (tmp_path / "out").exists() and not Path("/etc/cron.d/manifest.json").exists()
+
+    # a Secret block, saved with Prefect's own client as an operator would; an element that needs its value
+    secret = f"from-a-block-{os.urandom(6).hex()}"
+    saved = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
+                            "Secret(value=sys.argv[1]).save('kiln-test-secret', overwrite=True)", secret],
+                           env=stack.env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    element = tmp_path / "elements" / "needs-secret"
+    (element / "install.d").mkdir(parents=True)
+    hook = element / "install.d" / "50-needs-secret"
+    hook.write_text(f'#!/bin/bash\nset -eu\nh=$(printf %s "$KILN_TEST_SECRET" | sha256sum)\n'
+                    f'[ "${{h%% *}}" = "{hashlib.sha256(secret.encode()).hexdigest()}" ]\necho secret-seen\n')
+    hook.chmod(0o755)
+    run_id = stack.run_deployment("build-on-host/build-image", {
+        "spec": {**spec, "elements": [*spec["elements"], "needs-secret"],
+                 "secret_blocks": {"KILN_TEST_SECRET": "kiln-test-secret"}},
+        "options": {"output": out, "elements_path": [str(tmp_path / "elements"), str(REPO / "tests/data/elements")],
+                    "boot_test": False}})
+    run = stack.wait(run_id, timeout=900)
+    assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{stack.log_tail()}"
+    logs = "\n".join(stack.tree_logs(run_id))
+    assert "secret-seen" in logs and "KILN_TEST_SECRET from Prefect Secret blocks" in logs
+    assert secret not in logs and secret not in json.dumps(stack.flow_run(run_id)["parameters"])
+    for child in stack.child_runs(run_id):
+        assert secret not in json.dumps(stack.flow_run(child["id"])["parameters"])
+    assert secret not in (tmp_path / "out" / "manifest.json").read_text()

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kiln.server import api_http, serve
 from kiln.server import prefect as prefect_server
-from kiln.server import serve
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
@@ -37,6 +37,7 @@ class PrefectStack:
         self.root = root
         self.state = root / "state"
         self.url = ""
+        self.auth: str | None = None  # a server kiln did not start (the fleet's): its credentials
         self.workers: list[serve.Worker] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -52,8 +53,13 @@ class PrefectStack:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update(prefect_server.client_environment(self.url, self.state))
+        if self.auth:
+            env[api_http.CLIENT_AUTH_ENV] = self.auth
         env.setdefault("KILN_CACHE", os.environ.get("KILN_TEST_CACHE", "/var/tmp/kiln-test/cache"))
         env["PYTHONUNBUFFERED"] = "1"
+        # the test's output directories (under pytest's base temporary directory): runs from a deployment may
+        # name host paths only under the worker's checkout, its cache and these (kiln.model.hostpaths)
+        env["KILN_ALLOWED_PATHS"] = str(self.root.parent)
         env.update(extra)
         return env
 

@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kiln.server import api_http
 from tests.e2e import KILN, REPO, kiln, kiln_env, leftovers, manifest
 
 pytestmark = pytest.mark.slow
@@ -152,11 +152,12 @@ def test_secret_never_leaves_the_hook(tmp_path: Path) -> None:
     state = json.loads((Path(kiln_env()["KILN_STATE"]) / "prefect" / "server.json").read_text())
     api = state["url"]
 
+    auth = (Path(kiln_env()["KILN_STATE"]) / api_http.AUTH_FILE).read_text()  # the server asks for it
+
     def post(path: str, body: dict[str, Any]) -> Any:
-        req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
+        status, answer = api_http.api_call(api, "POST", path, body, auth=auth)
+        assert status == 200, (path, status, answer)
+        return answer
 
     runs = post("/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
     assert runs and runs[0]["parameters"]["spec"]["name"] == "secret"

@@ -7,17 +7,21 @@ so this pytest process never imports prefect (its import configures logging and 
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import pytest
 
 from kiln.model.errors import ServerError
+from kiln.server import api_http
 from kiln.server import prefect as ps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +130,7 @@ def test_pid_alive() -> None:
 def _write_record(state: Path, pid: int, url: str) -> None:
     home = ps.prefect_home(state)
     home.mkdir(parents=True)
-    (home / ps.SERVER_JSON).write_text(json.dumps({"pid": pid, "port": 1, "url": url}))
+    (home / ps.SERVER_JSON).write_text(json.dumps({"pid": pid, "port": 1, "url": url, "auth": True}))
 
 
 @pytest.mark.parametrize("who", ["dead", "not-a-server"])
@@ -162,6 +167,7 @@ def test_live_record_is_reused(clean_env: pytest.MonkeyPatch, tmp_path: Path, he
     ("python gone", "no longer exists"),
     ("other version", "it runs Prefect 2.0.0"),
     ("ui broken", "answers 500"),
+    ("no credentials", "started without credentials"),  # a kiln before the API asked for them started it
 ])
 def test_a_server_that_cannot_serve_a_user_is_restarted(clean_env: pytest.MonkeyPatch, tmp_path: Path,
                                                         health_server: str, problem: str, says: str) -> None:
@@ -175,6 +181,9 @@ def test_a_server_that_cannot_serve_a_user_is_restarted(clean_env: pytest.Monkey
         SERVED["/api/admin/version"] = (200, b'"2.0.0"')
     if problem == "ui broken":
         SERVED["/"] = (500, b"Internal Server Error")
+    if problem == "no credentials":
+        del record["auth"]
+        (ps.prefect_home(tmp_path) / ps.SERVER_JSON).write_text(json.dumps(record))
     clean_env.setattr(ps, "_is_our_server", lambda pid, home: True)
     status = ps.server_status(tmp_path)
     assert status is not None and status["healthy"] and says in status["ui"], status
@@ -243,7 +252,7 @@ def test_concurrent_ensure_starts_once(clean_env: pytest.MonkeyPatch, tmp_path: 
     def slow_start(home: Path, port: int, timeout: float) -> dict[str, Any]:
         calls.append(port)
         time.sleep(0.5)
-        record = {"pid": os.getpid(), "port": port, "url": health_server, "ready_after": 0.5}
+        record = {"pid": os.getpid(), "port": port, "url": health_server, "ready_after": 0.5, "auth": True}
         (home / ps.SERVER_JSON).write_text(json.dumps(record))
         return record
 
@@ -439,6 +448,52 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
             yield state, url
         finally:
             ps.stop_server(state)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_api_answers_no_one_without_credentials(local_server: tuple[Path, str]) -> None:
+    """Issue 15: the server kiln starts refuses a request without its auth string (401), one with a wrong
+    one, and a change without a CSRF token (403); CORS names only its own origin; only the health probe is
+    open. kiln's own client (the auth file, 0600 in the 0700 state directory) gets through."""
+    state, url = local_server
+    auth_file = state / api_http.AUTH_FILE
+    assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600 and stat.S_IMODE(state.stat().st_mode) == 0o700
+    auth = auth_file.read_text()
+    assert auth.startswith("kiln:") and len(auth) > 30
+
+    def raw(method: str, path: str, headers: dict[str, str], body: bytes | None = b"{}") -> tuple[int, dict[str, str]]:
+        req = urllib.request.Request(url + path, data=body if method != "GET" else None, method=method,
+                                     headers={"Content-Type": "application/json", **headers})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers)
+
+    basic = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"kiln:guess").decode()}
+    # the request of the issue: refused (CSRF's check comes first: 403, the auth's: 401)
+    assert raw("POST", "/deployments/filter", {})[0] in (401, 403)
+    assert raw("GET", "/flow_runs/00000000-0000-0000-0000-000000000000", {})[0] == 401
+    assert raw("GET", "/csrf-token?client=stranger", {})[0] == 401  # no token without credentials
+    assert raw("GET", "/health", {})[0] == 200  # the probe stays open
+    assert raw("POST", "/deployments/filter", basic)[0] == 403  # credentials, but no CSRF token
+    # a CSRF token (fetched with the credentials) without them, or with wrong ones: 401
+    token = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(urllib.request.Request(
+        url + "/csrf-token?client=t1", headers=basic), timeout=30).read())["token"]
+    csrf = {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "t1"}
+    assert raw("POST", "/deployments/filter", csrf)[0] == 401
+    assert raw("POST", "/deployments/filter", {**csrf, **wrong})[0] == 401
+    assert raw("POST", "/deployments/filter", {**csrf, **basic})[0] == 200
+    # a page elsewhere may not make a browser talk to the API
+    status, headers = raw("OPTIONS", "/deployments/filter", {"Origin": "http://evil.example",
+                                                             "Access-Control-Request-Method": "POST"}, None)
+    assert headers.get("access-control-allow-origin") in (None, "") and status in (400, 401, 403), (status, headers)
+    # kiln's client: credentials and a CSRF token
+    assert api_http.api_call(url, "POST", "/deployments/filter", {}, auth=auth)[0] == 200
+    assert api_http.api_call(url, "POST", "/deployments/filter", {}, auth="kiln:guess")[0] == 401
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from kiln.server import serve
+from kiln.server import api_http, serve
 from tests.e2e import REPO, kiln, kiln_env, leftovers
 from tests.test_deployments_stack import PrefectStack, free_port
 from tests.test_private_mirror_e2e import distribution_debs, publish_suite
@@ -121,8 +121,13 @@ def test_a_cell_whose_host_dies_mid_build_is_finished_by_another_host(
 
     key = make_key(tmp_path / "key", "kiln fleet archive")
     mirror = FixtureServer(_archive(tmp_path, key, seed_build[1]["packages"]), host=f"{NET}.1")
+    # the fleet's server answers only with the credentials its env file holds (issue 15)
+    auth = next(line.split("=", 1)[1] for line in Path(fleet_server["env_file"]).read_text().splitlines()
+                if line.startswith("PREFECT_SERVER_API_AUTH_STRING="))
+    assert serve.api(url, "POST", "/deployments/filter", {}, auth="kiln:guess")[0] == 401
     stack = PrefectStack(tmp_path / "fleet")
-    stack.url = url
+    stack.url, stack.auth = url, auth
+    api_http.register(url, auth)
     try:
         stack.deploy()
         quick = {"PREFECT_WORKER_QUERY_SECONDS": "2"}

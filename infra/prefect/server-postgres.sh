@@ -19,6 +19,11 @@
 # It installs PostgreSQL and creates its cluster when missing, creates the role and database, writes the
 # env file and either installs the systemd unit (when systemd runs) or starts the server in the
 # background (its pid beside the env file).
+#
+# The API answers no one without credentials: the env file holds a generated PREFECT_SERVER_API_AUTH_STRING
+# (kiln:<random>), which every worker and client sets as PREFECT_API_AUTH_STRING and a browser types into the
+# UI's login page; CSRF protection is on and CORS allows only the UI's own origin. The server speaks plain
+# HTTP: across any network you do not trust, put a TLS proxy in front (docs/scale-out.md).
 set -euo pipefail
 
 HOST=${KILN_PREFECT_HOST:-127.0.0.1}
@@ -76,6 +81,16 @@ PREFECT_SERVER_ANALYTICS_ENABLED=false
 ENV
     )
 fi
+# credentials, CSRF and CORS (added to an env file an earlier install wrote without them)
+if ! grep -q '^PREFECT_SERVER_API_AUTH_STRING=' "$ENV_FILE"; then
+    echo "PREFECT_SERVER_API_AUTH_STRING=kiln:$(head -c 32 /dev/urandom | base64 | tr -d '/+=')" >> "$ENV_FILE"
+fi
+grep -q '^PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=' "$ENV_FILE" \
+    || echo "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED=true" >> "$ENV_FILE"
+grep -q '^PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=' "$ENV_FILE" \
+    || echo "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=$(sed -n 's|^PREFECT_UI_API_URL=\(.*\)/api$|\1|p' "$ENV_FILE")" \
+        >> "$ENV_FILE"
+chmod 600 "$ENV_FILE"
 DB=$(sed -n 's|.*@127.0.0.1:5432/\(.*\)$|\1|p' "$ENV_FILE")
 PASSWORD=$(sed -n 's|.*://[^:]*:\([^@]*\)@.*|\1|p' "$ENV_FILE")
 # the role is the database's own and its password is the env file's (a role left by an earlier install
@@ -107,6 +122,8 @@ elif ! healthy; then
 fi
 for _ in $(seq 1 180); do healthy && break; sleep 1; done
 healthy || { say "the Prefect server did not answer on ${HOST}:${PORT}; see $LOG"; exit 1; }
-say "Prefect server (PostgreSQL database ${DB}) on ${URL%/api}; register kiln's deployments from a checkout with:"
-say "  PREFECT_API_URL=${URL} prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml"
+say "Prefect server (PostgreSQL database ${DB}) on ${URL%/api}; it answers only with the credentials in"
+say "  ${ENV_FILE} (PREFECT_SERVER_API_AUTH_STRING): give them to each worker as PREFECT_API_AUTH_STRING."
+say "Register kiln's deployments from a checkout with:"
+say "  PREFECT_API_URL=${URL} PREFECT_API_AUTH_STRING=… prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml"
 echo "$URL"

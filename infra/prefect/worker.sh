@@ -2,6 +2,11 @@
 # A kiln build host: one Prefect process worker on the `kiln` pool. Run as root (builds need it).
 #
 #   PREFECT_API_URL     the fleet's Prefect server, e.g. http://prefect.example:4200/api (required)
+#   PREFECT_API_AUTH_STRING  its credentials: PREFECT_SERVER_API_AUTH_STRING of the server's env file
+#                       (required; keep it in a 0600 file such as /etc/kiln/worker.env)
+#   KILN_ALLOWED_PATHS  host paths, besides KILN_DIR and KILN_CACHE, that a run started from the UI or the API
+#                       may name (output directories, element directories, file:// mirrors, keyrings),
+#                       colon-separated
 #   KILN_WORKER_QUEUES  queues to serve (default: builds; one host in the fleet also serves control,
 #                       the queue of the nightly refresh and matrix runs, which only coordinate)
 #   KILN_WORKER_LIMIT   flow runs at once on this worker (default: unlimited; the host's CPU, disk and
@@ -12,6 +17,7 @@
 #   KILN_DIR            the kiln checkout, at the same path on every host (default /opt/kiln)
 set -euo pipefail
 : "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server of the fleet}"
+: "${PREFECT_API_AUTH_STRING:?set PREFECT_API_AUTH_STRING to the credentials of the server (PREFECT_SERVER_API_AUTH_STRING in its env file)}"
 KILN_DIR=${KILN_DIR:-/opt/kiln}
 QUEUES=${KILN_WORKER_QUEUES:-builds}
 NAME=${KILN_WORKER_NAME:-kiln-$(hostname -s)}

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
-from kiln.host.state import private_dir, state_dir
+from kiln.host.state import secret_file, state_dir
 
 
 def _key_file() -> Path:
@@ -18,20 +17,7 @@ def _key_file() -> Path:
 
 
 def host_key() -> bytes:
-    path = _key_file()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        private_dir(path.parent)
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-        finally:
-            os.close(fd)
-        return key
-    except FileExistsError:  # pragma: no cover - a concurrent first use
-        return path.read_bytes()
+    return secret_file(_key_file(), lambda: secrets.token_bytes(32))
 
 
 def secret_digest(value: str) -> str:

@@ -19,8 +19,8 @@ from kiln.model.errors import KilnError
 from kiln.model.matrix import CellResult, load_cells, publish_text, select
 from kiln.model.options import BuildOptions
 from kiln.model.pkgdiff import diff_from_dict
+from kiln.server import api_http, serve
 from kiln.server import prefect as prefect_server
-from kiln.server import serve
 from kiln.store.entries import Store
 from kiln.store.gc import reclaim_dead_builds
 
@@ -196,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve.wait_worker_ready(worker, url, args.pool)
         ui = url.removesuffix("/api")
-        print(serve.how_to_use(ui, url), flush=True)
+        managed = url == prefect_server.recorded_url(state)
+        print(serve.how_to_use(ui, url, state / api_http.AUTH_FILE if managed else None), flush=True)
         print(f"worker {worker.name} is online (log {worker.log})", flush=True)
         while not stopping and worker.proc.poll() is None:
             time.sleep(0.5)

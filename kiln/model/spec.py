@@ -163,6 +163,12 @@ class ImageSpec(StrictModel):
         description="variables passed to every element hook whose values never appear in logs, the Prefect UI, "
         "artifacts, manifests or cache keys (e.g. KILN_ROOT_PASSWORD for the root-password element)",
     )
+    secret_blocks: dict[str, str] = Field(
+        default_factory=dict,
+        description="secrets from Prefect Secret blocks, read by the worker when the build starts: VARIABLE: "
+        "block-name (the only way a run started from the UI or the API takes a secret; its parameters are "
+        "stored in Prefect's database)",
+    )
     size: Annotated[int, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}],
                                          "title": "Size", "default": "4G"})] = Field(
         default=parse_size("4G"), description="disk size in bytes, or with a unit: 4G, 512M, …")
@@ -239,12 +245,15 @@ class ImageSpec(StrictModel):
                 raise ValueError(f"package name {name!r} is not a valid package name")
         return sorted(set(v))
 
-    @field_validator("env", "secrets")
+    @field_validator("env", "secrets", "secret_blocks")
     @classmethod
-    def _env(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in v:
+    def _env(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        for key, value in v.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
+            # a Prefect block name: lowercase letters, digits and dashes
+            if info.field_name == "secret_blocks" and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", value):
+                raise ValueError(f"{key}: {value!r} is not a Prefect block name (lowercase letters, digits, dashes)")
         return v
 
     @field_validator("qemu_img_options")
@@ -361,7 +370,7 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             field = key.removeprefix("add_")
             current = list(merged.get(field) or [])
             merged[field] = current + [v for v in value if v not in current]
-        elif key in ("env", "secrets"):
+        elif key in ("env", "secrets", "secret_blocks"):
             merged[key] = {**(merged.get(key) or {}), **value}
         elif key == "boot_test":
             merged["boot_test"] = {**(merged.get("boot_test") or {}), **value}

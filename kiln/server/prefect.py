@@ -30,9 +30,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from typing import Any
 from kiln.host.run import spawn
 from kiln.host.state import private_dir, state_dir
 from kiln.model.errors import ServerError
+from kiln.server.api_http import CLIENT_AUTH_ENV, api_call, auth_string, http_get, register, server_settings
 
 log = logging.getLogger("kiln.prefect_server")
 
@@ -75,25 +73,9 @@ def api_url_for(port: int) -> str:
 # --------------------------------------------------------------------------------------- probes
 
 
-def _get(url: str, *, timeout: float) -> tuple[int, bytes]:
-    """(status, first 64 KiB of the body) of `GET url`; (0, b"") when nothing answers."""
-    host = urllib.parse.urlparse(url).hostname or ""
-    handlers: list[urllib.request.BaseHandler] = []
-    if host in ("127.0.0.1", "localhost", "::1"):
-        handlers.append(urllib.request.ProxyHandler({}))  # never send our own server through a proxy
-    opener = urllib.request.build_opener(*handlers)
-    try:
-        with opener.open(url, timeout=timeout) as resp:
-            return int(resp.status), resp.read(65536)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), b""
-    except (urllib.error.URLError, OSError, ValueError):
-        return 0, b""
-
-
 def check_health(api_url: str, *, timeout: float = 3.0) -> bool:
     """True when `GET <api_url>/health` answers 200 (the server is up and serving)."""
-    return _get(api_url.rstrip("/") + "/health", timeout=timeout)[0] == 200
+    return http_get(api_url.rstrip("/") + "/health", timeout=timeout)[0] == 200
 
 
 def client_version() -> str:
@@ -104,18 +86,14 @@ def client_version() -> str:
         return ""
 
 
-def active_runs(api_url: str, *, timeout: float = 5.0) -> int | None:
+def active_runs(api_url: str, *, timeout: float = 5.0, auth: str | None = None) -> int | None:
     """How many flow runs the server has pending, running or cancelling; None when it cannot say."""
-    body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}}}).encode()
-    request = urllib.request.Request(api_url.rstrip("/") + "/flow_runs/count", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    body = {"flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING", "CANCELLING"]}}}}
     try:
-        with opener.open(request, timeout=timeout) as resp:
-            count = json.loads(resp.read(1024))
-    except (urllib.error.URLError, OSError, ValueError):
+        status, count = api_call(api_url, "POST", "/flow_runs/count", body, timeout=timeout, auth=auth)
+    except ServerError:
         return None
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
+    return count if status == 200 and isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
@@ -126,8 +104,10 @@ def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
     python = str(record.get("python") or "")
     if python and not Path(python).exists():
         return f"its Python {python} no longer exists (the installation it was started from is gone)"
+    if not record.get("auth"):
+        return "it was started without credentials (its API answers anyone)"
     url = str(record["url"])
-    status, body = _get(url.rstrip("/") + "/admin/version", timeout=timeout)
+    status, body = http_get(url.rstrip("/") + "/admin/version", timeout=timeout, auth=_auth_of(record))
     if status == 200:
         with contextlib.suppress(ValueError):
             theirs, ours = str(json.loads(body)), client_version()
@@ -135,13 +115,18 @@ def unfit(record: dict[str, Any], *, timeout: float = 5.0) -> str | None:
                 return f"it runs Prefect {theirs}, this kiln's client is Prefect {ours}"
     ui = str(record.get("ui_url") or url.removesuffix("/api"))
     for attempt in range(2):  # a server busy with builds may be slow to serve a page once
-        status, body = _get(ui, timeout=timeout)
+        status, body = http_get(ui, timeout=timeout)
         if status == 200 and b"<html" in body.lower():
             break
         time.sleep(1.0 * (attempt == 0))
     if status != 200 or b"<html" not in body.lower():
         return f"its UI ({ui}) answers {status or 'nothing'}" + ("" if status != 200 else " without a page")
     return None
+
+
+def _auth_of(record: dict[str, Any]) -> str | None:
+    """The auth string of the server `record` describes (its state directory's)."""
+    return auth_string(Path(str(record["home"])).parent) if record.get("home") else None
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -313,6 +298,8 @@ def _server_env(home: Path, port: int) -> dict[str, str]:
             # the UI is what `kiln serve` and the fitness check (unfit) rely on: whatever a user's settings say
             "PREFECT_UI_ENABLED": "true",
             "PREFECT_SERVER_UI_ENABLED": "true",
+            # no one without credentials, CSRF protection on, CORS only for the UI's own origin
+            **server_settings(home.parent, api_url_for(port).removesuffix("/api")),
         }
     )
     for key in ("PREFECT_UI_SERVE_BASE", "PREFECT_SERVER_UI_SERVE_BASE"):
@@ -348,6 +335,7 @@ def _start(home: Path, port: int, timeout: float) -> dict[str, Any]:
         "python": sys.executable,
         "home": str(home),
         "log": str(logfile),
+        "auth": True,  # it answers only with the state directory's auth string (kiln.server.api_http)
     }
     _write_record(home, record)
     deadline = started + timeout
@@ -414,6 +402,14 @@ def _user_api_url() -> str | None:
 
 
 def ensure_server(state: Path | None = None, *, port: int | None = None, timeout: float = 180) -> str:
+    """`_ensure_server`; kiln's own server's credentials registered for this process's calls to it."""
+    url = _ensure_server(state, port=port, timeout=timeout)
+    if _user_api_url() is None:
+        register(url, auth_string(state if state is not None else state_dir()))
+    return url
+
+
+def _ensure_server(state: Path | None = None, *, port: int | None = None, timeout: float = 180) -> str:
     """Return the API URL kiln's runs should use, starting the local Prefect server if needed.
 
     A `PREFECT_API_URL` set by the user wins: it is only checked (`/api/health`). Otherwise the server
@@ -445,7 +441,7 @@ def ensure_server(state: Path | None = None, *, port: int | None = None, timeout
                         _write_record(home, record)
                     return url
                 if why != "not answering":
-                    active = active_runs(url)
+                    active = active_runs(url, auth=_auth_of(record))
                     if active != 0:  # runs in flight (or unknown): a restart would kill them
                         log.warning("the Prefect server on %s (pid %d) cannot serve a user: %s; not restarting it "
                                     "while %s flow runs are active (kiln server stop, once they end)", url, pid,
@@ -538,6 +534,8 @@ def client_environment(api_url: str, state: Path) -> dict[str, str]:
         # kiln's loggers also log outside runs (CLI, before a flow starts): that is not an error
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
+    if api_url == recorded_url(state):  # kiln's own server; another's credentials are the user's to set
+        env[CLIENT_AUTH_ENV] = auth_string(state)
     return env
 
 

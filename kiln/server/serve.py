@@ -13,7 +13,6 @@ not import Prefect: it talks to the server's REST API and runs Prefect's own com
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from typing import Any
 
 from kiln.host.run import run, spawn
 from kiln.model.errors import ServerError
+from kiln.server.api_http import api_call
 
 log = logging.getLogger("kiln.serve")
 
@@ -49,36 +49,17 @@ ZOMBIE_AUTOMATION = "kiln: crash flow runs whose host went silent"
 
 
 def api(api_url: str, method: str, path: str, body: Mapping[str, Any] | None = None, *,
-        timeout: float = 30.0, attempts: int = 5) -> tuple[int, Any]:
-    """One call of the Prefect REST API: (HTTP status, decoded JSON or None). Never through a proxy.
+        timeout: float = 30.0, attempts: int = 5, auth: str | None = None) -> tuple[int, Any]:
+    """One call of the Prefect REST API (kiln.server.api_http): (HTTP status, decoded JSON or None).
 
     A 503 (a young server on SQLite answers so while its database is busy) is retried with backoff."""
     for attempt in range(attempts):
-        status, answer = _api_once(api_url, method, path, body, timeout=timeout)
-        if status != 503 or attempt + 1 == attempts:
+        status, answer = api_call(api_url, method, path, body, timeout=timeout, auth=auth)
+        # 403: a CSRF token expired (api_call forgot it; the next attempt fetches a fresh one)
+        if status not in (503, 403) or attempt + 1 == attempts or (status == 403 and attempt > 0):
             return status, answer
         time.sleep(0.5 * 2**attempt)
     return status, answer
-
-
-def _api_once(api_url: str, method: str, path: str, body: Mapping[str, Any] | None, *,
-              timeout: float) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw) if raw else None
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        raise ServerError(f"the Prefect API at {api_url} does not answer ({method} {path}): {exc}") from None
 
 
 def ensure_work_pool(api_url: str, pool: str = POOL, queues: Sequence[str] = QUEUES) -> None:
@@ -214,11 +195,13 @@ def stop_worker(worker: Worker, grace: float = WORKER_STOP_GRACE) -> None:
         worker.proc.wait(timeout=10)
 
 
-def how_to_use(ui_url: str, api_url: str) -> str:
+def how_to_use(ui_url: str, api_url: str, auth_file: Path | None = None) -> str:
     port = urllib.parse.urlparse(ui_url).port or 4200
+    login = (f"\n  It asks for credentials once: type the content of {auth_file} (kiln:…; root may read it).\n"
+             f"  Other clients: PREFECT_API_AUTH_STRING=\"$(cat {auth_file})\"") if auth_file else ""
     return f"""
 kiln serve: the Prefect UI is at {ui_url}
-  (from another machine: ssh -L {port}:127.0.0.1:{port} THIS-HOST, then open http://127.0.0.1:{port})
+  (from another machine: ssh -L {port}:127.0.0.1:{port} THIS-HOST, then open http://127.0.0.1:{port}){login}
 
   Deployments -> build-image -> Run -> Custom run: the form has the image spec (distro, release, arch,
       elements, packages, size, formats, boot test) and the build options (output directory, cache…)
