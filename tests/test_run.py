@@ -4,11 +4,16 @@ program parses is stdout alone, while a failure's error still shows what the com
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from kiln.host.run import TAIL_LINES, capture, output, run
+from kiln.host import run as run_module
+from kiln.host.run import TAIL_LINES, capture, output, run, terminate_all, tracked
 from kiln.model.errors import CommandError
 
 
@@ -74,3 +79,40 @@ def test_much_output_on_both_streams_does_not_deadlock() -> None:
     script = "head -c 1048576 /dev/zero | tr '\\0' e >&2 & head -c 1048576 /dev/zero | tr '\\0' o; wait"
     completed = run(["sh", "-c", script], quiet=True, stderr_apart=True, timeout=30)
     assert "".join(completed.lines) == "o" * 1048576 and "".join(completed.stderr_lines) == "e" * 1048576
+
+
+def test_a_child_gets_kilns_environment_without_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU, mkfs, mmdebstrap … inherit kiln's environment, but not the Prefect API's credentials, cloud
+    passwords or tokens (issue 15); a caller that needs one passes its environment explicitly."""
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "kiln:api-secret")
+    monkeypatch.setenv("OS_PASSWORD", "cloud-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
+    monkeypatch.setenv("DIB_DEV_USER_PASSWORD", "dib-secret")
+    monkeypatch.setenv("KILN_TEST_PLAIN", "kept")
+    env = output(["env"])
+    assert "KILN_TEST_PLAIN=kept" in env and "PATH=" in env
+    assert not [s for s in ("api-secret", "cloud-secret", "s3-secret", "dib-secret") if s in env]
+    assert "OS_PASSWORD=given" in output(["env"], env={"OS_PASSWORD": "given", "PATH": os.environ["PATH"]})
+
+
+@pytest.mark.timeout(20)
+def test_a_signal_during_a_journal_write_does_not_deadlock(tmp_path: Path) -> None:
+    """Issue 15: SIGTERM arriving while the main thread writes the process journal (holding its lock) runs
+    the handler, which kills the children under the same lock: it must get it, not wait for itself."""
+    handled: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        terminate_all()  # what kiln's handler does first
+        handled.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with run_module._active_lock:  # the main thread inside _journal_update
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.1)  # the handler runs here, between bytecodes, on this thread
+        assert handled == [signal.SIGUSR1]
+        # and a real journal write with its children still works afterwards
+        with tracked(tmp_path):
+            run(["true"], quiet=True)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

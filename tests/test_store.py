@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,3 +117,40 @@ def test_the_store_and_the_state_home_are_private(tmp_path: Path) -> None:
     assert stat_mod.S_IMODE(old.stat().st_mode) == 0o700
     fresh = private_dir(tmp_path / "state" / "kiln")
     assert stat_mod.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from kiln.store.entries import Store
+store = Store(Path(sys.argv[1]))
+with store.holding([sys.argv[2]]):
+    print("holding", flush=True)
+    sys.stdin.readline()   # until the test says so
+"""
+
+
+@pytest.mark.timeout(60)
+def test_gc_skips_an_entry_another_build_holds_and_takes_it_once_released(tmp_path: Path) -> None:
+    """Issue 15: a build holds shared locks on the layers it has mounted; gc takes entries exclusively and
+    skips those in use (never waits for them), here with a real second process holding one."""
+    store = Store(tmp_path / "store")
+    for key in ("a" * 64, "b" * 64):
+        with store.step(key, kind="layer", description=key[:1]) as entry:
+            (entry.data / "blob").write_bytes(b"x" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "store"), "a" * 64],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        start = time.monotonic()
+        removed = store.gc(0)
+        assert time.monotonic() - start < 5  # skipped, not waited for
+        assert [e.key for e in removed] == ["b" * 64]
+        assert store.valid("a" * 64) and not store.valid("b" * 64)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("done\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert [e.key for e in store.gc(0)] == ["a" * 64]

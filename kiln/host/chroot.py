@@ -1,9 +1,14 @@
 """Running commands inside a root tree: the mounts a chroot needs, and their teardown.
 
-The API file systems are mounted for the duration of one `ChrootSession`; /sys is read-only, the hooks
-directory is bound read-only at /tmp/in_target.d, the host's resolv.conf is made visible so that apt
+The API file systems are mounted for the duration of one `ChrootSession`; /sys is read-only, /dev is a
+small tmpfs of its own (null, zero, full, random, urandom, tty, a private devpts), never the host's, the
+hooks directory is bound read-only at /tmp/in_target.d, the host's resolv.conf is made visible so that apt
 can resolve the mirror, and a policy-rc.d keeps package scripts from starting services. Everything is
 removed again on exit so that none of it ends up in a cached layer.
+
+Every command runs in PID and mount namespaces of its own (`unshare`): its /proc shows only its own
+processes, /proc/sys is read-only, and when it exits the kernel kills whatever it left running (a daemon a
+package started), as diskimage-builder kills the processes whose root is the image's.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +30,15 @@ log = logging.getLogger("kiln.chroot")
 IN_TARGET = "/tmp/in_target.d"
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:" + IN_TARGET + "/bin"
 POLICY_RC_D = "#!/bin/sh\n# kiln: no service starts during image builds\nexit 101\n"
+# the chroot's /dev: (name, major, minor, mode), the character devices a package script may open
+DEV_NODES = (("null", 1, 3, 0o666), ("zero", 1, 5, 0o666), ("full", 1, 7, 0o666), ("random", 1, 8, 0o666),
+             ("urandom", 1, 9, 0o666), ("tty", 5, 0, 0o666))
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+# run inside new PID and mount namespaces, before the chroot: /proc/sys read-only (the new /proc is mounted
+# by unshare); "$0" is the root tree, the rest the command
+_ENTER = 'mount --bind "$0/proc/sys" "$0/proc/sys" && mount -o remount,bind,ro "$0/proc/sys" && ' \
+         'exec /usr/sbin/chroot "$0" "$@"'
 
 
 
@@ -105,7 +120,7 @@ class ChrootSession:
                 self._mkdir(r / d)
             self.mounts.mount(["-t", "proc", "proc"], r / "proc", what="mount /proc in the chroot")
             self.mounts.mount(["-t", "sysfs", "-o", "ro", "sysfs"], r / "sys", what="mount /sys in the chroot")
-            self.mounts.bind(Path("/dev"), r / "dev")
+            self._minimal_dev(r / "dev")
             self.mounts.mount(["-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts"],
                               r / "dev/pts", what="mount /dev/pts in the chroot")
             resolv = Path("/etc/resolv.conf")
@@ -125,6 +140,19 @@ class ChrootSession:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._teardown()
+
+    def _minimal_dev(self, dev: Path) -> None:
+        """A tmpfs at `dev` with the few device nodes package scripts use: none of the host's disks."""
+        self.mounts.mount(["-t", "tmpfs", "-o", "mode=0755,nosuid,noexec,size=1m", "kiln-dev"], dev,
+                          what="mount a minimal /dev in the chroot")
+        for name, major, minor, mode in DEV_NODES:
+            os.mknod(dev / name, stat.S_IFCHR | mode, os.makedev(major, minor))
+            os.chmod(dev / name, mode)  # mknod's mode is masked by the umask
+        for name, target in DEV_LINKS:
+            os.symlink(target, dev / name)
+        for d, mode in (("pts", 0o755), ("shm", 0o1777)):
+            (dev / d).mkdir()
+            os.chmod(dev / d, mode)
 
     def _private_archives(self) -> Path:
         """This build's own apt archives directory, filled with hard links to the shared .deb cache.
@@ -170,9 +198,12 @@ class ChrootSession:
     def run(self, argv: Sequence[str], *, env: Mapping[str, str], timeout: float | None = None,
             what: str | None = None, check: bool = True, quiet: bool = False) -> Completed:
         """Run argv inside the chroot with exactly `env` (nothing of the host's environment; passed as the
-        process environment, never on the command line where `ps` would show secrets)."""
-        return run(["/usr/sbin/chroot", str(self.root), *argv], env=dict(env), timeout=timeout, what=what,
-                   check=check, quiet=quiet)
+        process environment, never on the command line where `ps` would show secrets), in PID and mount
+        namespaces of its own: what it leaves running dies with it."""
+        root = str(self.root)
+        return run(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+                    f"--mount-proc={root}/proc", "--", "/bin/sh", "-c", _ENTER, root, *argv],
+                   env=dict(env), timeout=timeout, what=what, check=check, quiet=quiet)
 
 
 def _link_debs(src: Path, dest: Path) -> None:

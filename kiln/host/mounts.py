@@ -140,7 +140,9 @@ class MountStack:
         if len(lowers) == 1:
             base = lowers[0].parent
         rel = [os.path.relpath(p, base) for p in lowers]
-        opts = ["lowerdir=" + ":".join(rel)]
+        # the layers hold a stranger's setuid programs and device nodes (an upstream image's, a hook's mknod):
+        # on this host they grant nothing and open nothing; the chroot's /dev is a mount of its own
+        opts = ["lowerdir=" + ":".join(rel), "nosuid", "nodev"]
         if upper is not None:
             if work is None:
                 raise MountError("an overlay with an upper directory needs a work directory")

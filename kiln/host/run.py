@@ -16,6 +16,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -35,7 +36,9 @@ TAIL_LINES = 25
 STDERR_JOIN_TIMEOUT = 10.0
 PROCESS_JOURNAL = "processes.json"
 _active: set[int] = set()
-_active_lock = threading.Lock()
+# re-entrant: kiln's signal handler (terminate_all) runs in the main thread, possibly while that thread holds
+# the lock in the middle of a journal write; a plain lock would wait for itself forever
+_active_lock = threading.RLock()
 # the work directory of the build this thread works for: children are journaled there so that
 # `kiln gc` can kill what a SIGKILLed build left running
 _journal: contextvars.ContextVar[Path | None] = contextvars.ContextVar("kiln_process_journal", default=None)
@@ -119,6 +122,16 @@ class Completed:
         return "\n".join(self.lines)
 
 
+# what kiln holds and its children (QEMU, mkfs, qemu-img, mmdebstrap …) have no business with: the Prefect
+# API's credentials, cloud and S3 secrets, passwords and tokens of any name
+_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|AUTH_STRING")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment a child gets when its caller names none: kiln's own, without its secrets."""
+    return {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k.upper())}
+
+
 def describe(args: Sequence[str]) -> str:
     return shlex.join(str(a) for a in args)
 
@@ -192,7 +205,7 @@ def run(
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if stderr_apart else subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else child_environment(),
             cwd=cwd,
             process_group=0,
         )
@@ -322,5 +335,5 @@ def spawn(args: Sequence[str | os.PathLike[str]], *, log_file: Path, env: Mappin
     log.debug("starting: %s (output to %s)", describe(argv), log_file)
     with open(log_file, "ab") as out:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(env) if env is not None else None, cwd=cwd, close_fds=True,
+                                env=dict(env) if env is not None else child_environment(), cwd=cwd, close_fds=True,
                                 start_new_session=new_session, process_group=None if new_session else 0)

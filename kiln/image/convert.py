@@ -68,7 +68,8 @@ def converted(store: Store, raw: Path, pack_key: str, fmt: str, *, name: str, co
     filename = f"{name}.{fmt}"
     with store.step(key, kind="image", description=filename, rebuild=rebuild) as entry:
         if not entry.cached:
-            out = convert(raw, entry.data / filename, fmt, compression=compression, options=options)
+            with store.holding([pack_key]):  # the raw disk it reads stays while it reads it
+                out = convert(raw, entry.data / filename, fmt, compression=compression, options=options)
             sums = file_digests(out)
             (entry.data / "image.json").write_text(json.dumps({"file": filename, **sums}))
         # read under the key's lock (gc and a --no-cache rebuild of the same key take it); the path is the

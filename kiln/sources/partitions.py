@@ -130,8 +130,10 @@ def root_candidates(parts: list[Partition], arch: str) -> list[Partition]:
 
 
 def mount_partition(stack: MountStack, disk: Path, part: Partition, where: Path, *, extra: str = "") -> Path:
-    """Mount `part` of `disk` read-only at `where` through a loop device at its offset; `extra`: more options."""
-    opts = ["ro", "loop", f"offset={part.start}", f"sizelimit={part.size}"]
+    """Mount `part` of `disk` read-only at `where` through a loop device at its offset; `extra`: more options.
+    A stranger's file system: its setuid bits, device nodes and programs mean nothing on this host (kiln copies
+    the files out; it never runs them from here)."""
+    opts = ["ro", "nosuid", "nodev", "noexec", "loop", f"offset={part.start}", f"sizelimit={part.size}"]
     if part.fstype in _MOUNT_OPTIONS:
         opts.append(_MOUNT_OPTIONS[part.fstype])
     if extra:

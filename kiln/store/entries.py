@@ -18,8 +18,8 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +191,28 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextmanager
+    def holding(self, keys: Sequence[str]) -> Iterator[None]:
+        """Shared locks on the entries of `keys` for as long as the block uses them (an overlay of them is
+        mounted): `gc` and `kiln cache gc` skip an entry in use, and a `--no-cache` rebuild of one waits.
+        Lower layers are always ancestors of the entry a step writes, so holds never form a cycle."""
+        with ExitStack() as stack:
+            for key in dict.fromkeys(keys):
+                fh = stack.enter_context(open(self.locks_dir / f"{self.short(key)}.lock", "a"))
+                fcntl.flock(fh, fcntl.LOCK_SH)
+            yield
+
+    @contextmanager
+    def _lock_if_free(self, key: str) -> Iterator[bool]:
+        """The key's lock taken exclusively now (True), or False at once when a build holds it."""
+        with open(self.locks_dir / f"{self.short(key)}.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+
+    @contextmanager
     def step(self, key: str, *, kind: str, description: str, rebuild: bool = False, keep: tuple[str, ...] = (),
              extra: dict[str, object] | None = None) -> Iterator[StepEntry]:
         """The one lock -> check -> touch -> new entry sequence of a stage: under the key's lock, a valid
@@ -271,14 +293,18 @@ class Store:
         return removed
 
     def gc(self, max_size: int) -> list[Entry]:
-        """Remove least-recently-used entries until the store holds at most `max_size` bytes."""
+        """Remove least-recently-used entries until the store holds at most `max_size` bytes; an entry a build
+        is using or making (its lock held) is skipped, never waited for."""
         entries = sorted(self.entries(), key=lambda e: e.last_use)
         total = sum(e.size for e in entries)
         removed = []
         for e in entries:
             if total <= max_size:
                 break
-            with self.lock(e.key):
+            with self._lock_if_free(e.key) as free:
+                if not free:
+                    log.info("cache gc: %s is in use by a build: kept", e.description or e.key[:12])
+                    continue
                 self.remove(e.key)
             total -= e.size
             removed.append(e)
