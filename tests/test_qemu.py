@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -542,3 +543,39 @@ def test_boot_real_image_bios(tmp_path: Path, seed_build: tuple[Path, dict[str, 
     assert image_path.stat().st_mtime_ns == mtime
     assert qemu_pids_mentioning(str(tmp_path)) == []
     assert not list(tmp_path.glob(".boot-*"))
+
+
+@pytest.mark.timeout(60)
+def test_a_guest_flooding_its_console_is_failed_and_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: what a guest prints is bounded in total, and a line that never ends is cut. The flooding
+    guest is a stand-in socket here (a real one would need an image built to flood): the reader is kiln's."""
+    monkeypatch.setattr(serial_console, "MAX_CONSOLE_BYTES", 4 * 1024 * 1024)
+    killed = threading.Event()
+    monkeypatch.setattr(serial_console.SerialConsole, "_signal", lambda self, sig: killed.set())
+    sock = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock))
+    server.listen(1)
+    sent = [0]
+
+    def flood() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            chunk = b"A" * 65536  # no newline, ever
+            with contextlib.suppress(OSError):
+                while not killed.is_set() and sent[0] < 64 * 1024 * 1024:
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    console = serial_console.SerialConsole(sock, "m", login=None, deadline=time.monotonic() + 50)
+    console.start()
+    console.join(timeout=40)
+    assert not console.is_alive()
+    facts = console.state.facts
+    assert facts.fatal is not None and "flooded its serial console" in facts.fatal, facts.fatal
+    assert killed.is_set()  # the guest was stopped
+    assert sent[0] < 16 * 1024 * 1024  # not read for long after the bound
+    assert len(console._partial) <= serial_console.MAX_LINE_CHARS
+    thread.join(timeout=5)

@@ -37,6 +37,10 @@ _DISK_RE = re.compile(re.escape(DISK_BYTES_PREFIX) + r"(\d+)")
 _FAILED_RE = re.compile(re.escape(FAILED_UNITS_PREFIX) + r"([\w@.,:\\-]*)")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?=]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[0-~]")
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# what a guest may print in all (QEMU writes it to the serial log on disk too): a boot prints a few hundred KiB;
+# a guest flooding its console is failed and stopped, not read (and logged) for the whole timeout
+MAX_CONSOLE_BYTES = 64 * 1024 * 1024
+MAX_LINE_CHARS = 64 * 1024  # a "line" that never ends is cut here
 # console lines after which the guest will never reach cloud-init's end: fail at once, not at timeout
 FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"No bootable device"), "the firmware found no bootable device"),
@@ -201,6 +205,7 @@ class SerialConsole(threading.Thread):
         self._pidfd: int | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = ""
+        self._received = 0  # bytes read from the console (MAX_CONSOLE_BYTES)
         self._window = ""  # cleaned text received since the last thing we typed
         self._eof = False
         self._on_line = on_line  # each console line, as it comes (the terminal's progress line)
@@ -246,10 +251,18 @@ class SerialConsole(threading.Thread):
         if not data:
             self._eof = True
             return False
+        self._received += len(data)
+        if self._received > MAX_CONSOLE_BYTES:
+            self.state.facts.fatal = (f"the guest flooded its serial console (more than "
+                                      f"{MAX_CONSOLE_BYTES // 2**20} MiB): stopped")
+            return False
         text = self._decoder.decode(data)
         self._window = (self._window + clean_console(text.replace("\r", "")))[-65536:]
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
+        if len(self._partial) > MAX_LINE_CHARS:  # no newline in sight: take it as a line, cut
+            lines.append(self._partial[:MAX_LINE_CHARS])
+            self._partial = ""
         for raw in lines:
             line = redact(clean_console(raw).rstrip())  # a secret the guest prints is not logged or shown
             log.debug("serial: %s", line)
