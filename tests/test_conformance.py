@@ -190,6 +190,7 @@ def test_an_unknown_waiver_fails_the_plan_naming_it(make_element: Callable[..., 
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from kiln.build.plan import make_plan
     monkeypatch.setattr("kiln.build.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
+    monkeypatch.setattr("kiln.build.plan.release_epoch", lambda mirror, suite: 1700000000)
     make_element("debian", files={"package-installs.yaml": "systemd-sysv:\n"})
     make_element("own", hooks={"checks.d/50-own": "exit 0"})
     ok = spec_from_dict({"elements": ["own"], "boot_test": {"waive": {"own/50-own": "known"}}}, "t")

@@ -12,6 +12,7 @@ import pytest
 from kiln.build import plan as plan_mod
 from kiln.build.elements import installed_dib_library
 from kiln.build.plan import IMAGE_PACKAGES_STEP, PACKAGE_STEP, BuildPlan, make_plan
+from kiln.host.run import redact
 from kiln.model.errors import ElementError, SpecError
 from kiln.model.options import BuildOptions
 from kiln.model.spec import ImageSpec, spec_from_dict
@@ -27,6 +28,7 @@ def plan_for(make_element: Callable[..., Path], host_env: dict[str, str], **spec
 def fake_release_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     """The plan reads the mirror's InRelease; these tests have no mirror (test_mirror.py serves a real one)."""
     monkeypatch.setattr("kiln.build.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
+    monkeypatch.setattr("kiln.build.plan.release_epoch", lambda mirror, suite: 1700000000)
 
 
 @pytest.fixture
@@ -234,3 +236,18 @@ def test_kiln_plan_shows_every_stage_with_its_key(elements: Callable[..., Path],
     assert shown["convert"][0]["key"] == convert_key(shown["pack"]["key"], "qcow2", "zstd", None)
     assert shown["boot_test"] == {"backend": "qemu", "firmware": ["bios", "uefi"]}
     assert plan.base_key
+
+
+def test_dib_variables_that_hold_secrets_are_secrets(elements: Callable[..., Path], host_env: dict[str, str]) -> None:
+    """DIB_DEV_USER_PASSWORD from the environment reaches the hooks as a secret: not in DIB_ENV (DIB's manifests
+    element writes it into the image), not in the plan's environment or its keys in clear, redacted in logs."""
+    password = "hunter2-" + os.urandom(4).hex()
+    plan = plan_for(elements, {**host_env, "DIB_DEV_USER_PASSWORD": password, "DIB_DEV_USER_USERNAME": "dev"})
+    assert plan.spec.secrets["DIB_DEV_USER_PASSWORD"].get_secret_value() == password
+    assert "DIB_DEV_USER_PASSWORD" not in plan.env and password not in plan.env["DIB_ENV"]
+    assert "DIB_DEV_USER_USERNAME='dev'" in plan.env["DIB_ENV"] or "DIB_DEV_USER_USERNAME=dev" in plan.env["DIB_ENV"]
+    assert password not in repr(plan) and password not in str(plan.spec.model_dump(mode="json"))
+    assert password not in redact(f"+ echo {password}")
+    # a changed password is a changed build (its HMAC is in the keys), as a spec's secret is
+    other = plan_for(elements, {**host_env, "DIB_DEV_USER_PASSWORD": password + "x", "DIB_DEV_USER_USERNAME": "dev"})
+    assert keys(other) != keys(plan)

@@ -26,6 +26,7 @@ def test_credentials_are_found_and_taken_out() -> None:
 def test_a_mirror_with_credentials_fetches_with_them_but_the_image_and_logs_never_see_them(
         make_element: Callable[..., Path], host_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kiln.build.plan.suite_digest", lambda mirror, suite, **_: f"{mirror}|{suite}")
+    monkeypatch.setattr("kiln.build.plan.release_epoch", lambda mirror, suite: 1700000000)
     make_element("debian", files={"package-installs.yaml": "systemd-sysv:\n"})
     url = "http://builder:Pr1vate-Token-42@127.0.0.1:9/debian"
     spec = spec_from_dict({"mirror": url, "suites": ["bookworm"]}, "t")

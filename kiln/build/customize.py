@@ -112,6 +112,12 @@ def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(os.scandir(path))
 
 
+def layer_keys(ctx: BuildContext, upto: int) -> list[str]:
+    """The store keys of the layers under step `upto` (the base and the steps before it): what a build holds
+    (`Store.holding`) while their overlay is mounted, so that no gc removes them under it."""
+    return [ctx.plan.base_key, *(s.key for s in ctx.plan.steps[:upto])]
+
+
 def layer_stack(ctx: BuildContext, upto: int) -> list[Path]:
     """Lower root layers for step `upto`: the non-empty results of the steps before it, top first."""
     layers = [ctx.store.data(ctx.plan.base_key)]
@@ -257,7 +263,7 @@ def debug_shell(ctx: BuildContext, *, upto: int, in_chroot: bool, why: str) -> N
     """An interactive shell on the tree as it is before step `upto` (changes go to a scratch layer and are
     discarded, so they never reach the cache)."""
     scratch = ctx.workdir / "break"
-    with MountStack(ctx.workdir) as mounts:
+    with ctx.store.holding(layer_keys(ctx, upto)), MountStack(ctx.workdir) as mounts:
         mounts.overlay(layer_stack(ctx, upto), ctx.root, upper=scratch / "upper", work=scratch / "work")
         _shell_on_mounted_root(ctx, in_chroot=in_chroot, why=why)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -281,7 +287,7 @@ def run_step(ctx: BuildContext, step: Step) -> StepResult:
             return StepResult(step.label, step.key, True, time.monotonic() - start)
         log.info("running %s", step.label)
         assert entry.scratch is not None
-        with MountStack(ctx.workdir) as mounts:
+        with ctx.store.holding(layer_keys(ctx, step.index)), MountStack(ctx.workdir) as mounts:
             hooks = _mount_step(ctx, step, mounts, entry.scratch)
             try:
                 _run_step_in(ctx, step, hooks)

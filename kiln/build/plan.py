@@ -21,9 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from kiln.build import elements, packages
 from kiln.build.elements import ElementCheck
-from kiln.build.secrets import secret_digest
+from kiln.build.secrets import dib_secrets, secret_digest
 from kiln.host.run import redact_value
 from kiln.model import facts
 from kiln.model.checks import BUILTIN, check_waivers
@@ -31,6 +33,7 @@ from kiln.model.errors import ElementError, SpecError
 from kiln.model.spec import ImageSpec
 from kiln.model.urls import credentials_of, without_credentials
 from kiln.sources import bootstrap, suites
+from kiln.sources.epoch import release_epoch
 from kiln.sources.mirror import resolve_mirror, resolve_security_mirror
 from kiln.sources.suites import suite_digest
 from kiln.sources.upstream import PinnedBase, base_key_fields, pin_base, resolve_base
@@ -103,6 +106,11 @@ class BuildPlan:
         if self.upstream is not None:
             return ()
         return tuple(suites.SuiteSource(*s) for s in self.bootstrap.suites)
+
+    @property
+    def source_date_epoch(self) -> int | None:
+        """The build's SOURCE_DATE_EPOCH (its release's InRelease Date); None for an upstream base."""
+        return None if self.upstream is not None else self.bootstrap.source_date_epoch
 
     @property
     def tree_key(self) -> str:
@@ -190,6 +198,12 @@ def take_over(ref: str | None) -> BuildPlan | None:
 def make_plan(spec: ImageSpec, *, elements_path: Sequence[str | Path] = (), dib_elements: bool = False,
               host_env: Mapping[str, str] | None = None) -> BuildPlan:
     host_env = dict(os.environ) if host_env is None else dict(host_env)
+    # DIB_* secrets from the environment are the spec's secrets: redacted, keyed by HMAC, never in DIB_ENV
+    # (DIB's manifests element writes that into the image), a manifest or the plan's shown environment
+    found = dib_secrets(host_env)
+    if found:
+        spec = spec.model_copy(update={"secrets": {**{k: SecretStr(v) for k, v in found.items()}, **spec.secrets}})
+        host_env = {k: v for k, v in host_env.items() if k not in found}
     resolved = elements.resolve_image(spec.distro.value, spec.elements, elements_path=elements_path,
                                       env_path=host_env.get("ELEMENTS_PATH", ""), dib_elements=dib_elements)
     return _make_plan(spec, resolved, host_env=host_env)
@@ -210,6 +224,7 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
     env = hook_env(spec, mirror, resolved.names, host_env)
     suite_names = spec.suites or facts.default_suites(spec.release)
     sources: tuple[suites.SuiteSource, ...] = ()
+    source_date_epoch: int | None = None
     if spec.base is None:
         bootstrap.archive_keyring(spec.distro.value, spec.mirror_keyring)  # a missing keyring named first
         security_mirror = ""
@@ -223,6 +238,10 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
                                        components=bootstrap.components(spec.distro.value), arch=spec.arch.value,
                                        digest=suite_digest)
         env.update(image_apt_env(spec, sources, security_mirror))
+        # every date the build writes (mmdebstrap, hooks, the file systems) is the release's InRelease Date
+        if sources:
+            source_date_epoch = release_epoch(sources[0].mirror, sources[0].name)
+            env["SOURCE_DATE_EPOCH"] = str(source_date_epoch)
     if resolved.libraries:  # DIB's own shell library, which some of its elements source
         env["_LIB"] = str(resolved.libraries[0].parent / "lib")
     env_files = elements.environment_files(resolved)
@@ -249,7 +268,7 @@ def _make_plan(spec: ImageSpec, resolved: elements.ResolvedElements, *, host_env
         req = bootstrap.BootstrapRequest(spec.distro.value, spec.release, spec.arch.value, mirror,
                                          include=bootstrap.always_included(spec.distro.value),
                                          suites=tuple((s.name, s.mirror, s.digest) for s in sources),
-                                         keyring=keyring)
+                                         keyring=keyring, source_date_epoch=source_date_epoch)
         base_key = digest(req.key_fields())
     plan = BuildPlan(spec=spec, mirror=mirror, search_path=[str(p) for p in resolved.search_path], elements=infos,
                      env=env,

@@ -181,11 +181,13 @@ def _check_boot_files(merged: Path, layout: DiskLayout) -> None:
         )
 
 
-def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> PackResult:
+def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path,
+             source_date_epoch: int | None = None) -> PackResult:
     """Build the raw disk `out` from `merged` (the tree with the pack layer on top).
 
     Writes `out.partial` and renames it into place only when everything, checks included, succeeded.
-    Scratch files (GRUB images, configs) go to `workdir` and are removed again.
+    Scratch files (GRUB images, configs) go to `workdir` and are removed again. With `source_date_epoch`,
+    every date in the file systems is that time or earlier, so the same tree packs to the same bytes.
     """
     started = time.monotonic()
     kernel, initrd, version = kernel_in(merged)
@@ -217,10 +219,11 @@ def assemble(merged: Path, out: Path, layout: DiskLayout, *, workdir: Path) -> P
             try:
                 if chain is None:
                     make_grub_image(merged, layout.platform.efi_platform, efi_image, early)
-                make_esp(partial, layout, esp_files(layout, efi_image=efi_image, chain=chain, early_cfg=early))
+                make_esp(partial, layout, esp_files(layout, efi_image=efi_image, chain=chain, early_cfg=early),
+                         workdir=workdir, mtime=source_date_epoch)
                 if layout.bios_boot is not None:
                     make_grub_image(merged, "i386-pc", core_img, early)
-                make_root(partial, layout, merged, workdir)
+                make_root(partial, layout, merged, workdir, source_date_epoch=source_date_epoch)
             finally:
                 wait([gpt])
             gpt.result()

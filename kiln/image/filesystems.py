@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from kiln.host.mounts import MountStack, remove_tree
 from kiln.host.run import output, run
 from kiln.image.layout import BLOCK, GPT_BACKUP, ROOT_START, SECTOR, DiskLayout, GiB, KiB, MiB, human_size
 from kiln.model.errors import DiskError
 
 ROOT_LABEL = "cloudimg-rootfs"
+HASH_SEED_NAMESPACE = uuid.UUID("6f1c6b1e-3d0a-4c55-9d6e-6b696c6e0002")
 
 # Pinned so that the host's /etc/mke2fs.conf cannot add features GRUB 2.06 cannot read
 # (orphan_file, metadata_csum_seed): bookworm's own ext4 defaults.
@@ -115,13 +119,34 @@ def _mtools_env() -> dict[str, str]:
     return {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null", "LC_ALL": "C"}
 
 
-def make_esp(disk: Path, layout: DiskLayout, files: Sequence[tuple[Path, str]]) -> None:
-    """Format the ESP in place (FAT32) and copy the boot loader's `files` (source, path on the ESP) onto it."""
+def _stage(stage: Path, name: str, mtime: int | None, source: Path | None = None) -> Path:
+    """A copy of `source` (or an empty directory) named `name` under its own directory in `stage`, dated
+    `mtime`: what mcopy -m copies onto the ESP with that date."""
+    holder = stage / str(len(list(stage.iterdir())))
+    holder.mkdir()
+    staged = holder / name
+    if source is None:
+        staged.mkdir()
+    else:
+        shutil.copyfile(source, staged)
+    if mtime is not None:
+        os.utime(staged, (mtime, mtime))
+    return staged
+
+
+def make_esp(disk: Path, layout: DiskLayout, files: Sequence[tuple[Path, str]], *, workdir: Path,
+             mtime: int | None = None) -> None:
+    """Format the ESP in place (FAT32) and copy the boot loader's `files` (source, path on the ESP) onto it.
+
+    Reproducible: mkfs.fat --invariant (no clock in the volume label's entry; the serial is ours), every
+    directory and file made one by one in path order (never in the order a host directory lists them), each
+    dated `mtime` (mcopy -m; mtools itself has no SOURCE_DATE_EPOCH)."""
     esp = layout.esp
     # mkfs.fat sizes clusters by the whole file, not by BLOCKS: give FAT32 enough clusters explicitly
     run(
         [
             "mkfs.fat",
+            "--invariant",
             "-F",
             "32",
             "-S",
@@ -147,29 +172,42 @@ def make_esp(disk: Path, layout: DiskLayout, files: Sequence[tuple[Path, str]]) 
     dirs = sorted({str(PurePosixPath(target).parent) for _, target in files} - {"."})
     parents = sorted({str(p) for d in dirs for p in PurePosixPath(d).parents if str(p) != "."} | set(dirs),
                      key=lambda d: (d.count("/"), d))
-    run(
-        ["mmd", "-i", image, *(f"::/{d}" for d in parents)],
-        env=env,
-        quiet=True,
-        timeout=60,
-        what="make directories on the ESP (mmd)",
-    )
-    for source, target in files:
-        run(
-            ["mcopy", "-i", image, "-m", str(source), f"::/{target}"],
-            env=env,
-            quiet=True,
-            timeout=60,
-            what=f"copy {source.name} to {target} on the ESP (mcopy)",
-        )
+    stage = workdir / "esp-stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        for d in parents:
+            path = PurePosixPath(d)
+            run(["mcopy", "-s", "-m", "-i", image, str(_stage(stage, path.name, mtime)), f"::/{path.parent}"],
+                env=env, quiet=True, timeout=60, what=f"make the directory {d} on the ESP (mcopy)")
+        for source, target in sorted(files, key=lambda f: f[1]):
+            staged = _stage(stage, PurePosixPath(target).name, mtime, source)
+            run(["mcopy", "-m", "-i", image, str(staged), f"::/{target}"], env=env, quiet=True, timeout=60,
+                what=f"copy {source.name} to {target} on the ESP (mcopy)")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
-def make_root(disk: Path, layout: DiskLayout, merged: Path, workdir: Path) -> None:
-    """Make the ext4 root filesystem in place, filled from `merged` (mkfs.ext4 -d)."""
+def hash_seed(layout: DiskLayout) -> str:
+    """The root file system's directory hash seed: derived from its UUID (itself from the pack key), so
+    that the same tree always gets the same htree order, and so the same bytes."""
+    return str(uuid.uuid5(HASH_SEED_NAMESPACE, layout.root_uuid))
+
+
+def make_root(disk: Path, layout: DiskLayout, merged: Path, workdir: Path, *,
+              source_date_epoch: int | None = None) -> None:
+    """Make the ext4 root filesystem in place, filled from `merged` (mkfs.ext4 -d).
+
+    With `source_date_epoch`, reproducible: the superblock's and new inodes' dates are that time
+    (E2FSPROGS_FAKE_TIME), and every file's ctime, atime and creation time too, its mtime clamped to it
+    (mkfs.ext4 1.47.0 copies the tree's ctime and atime, which no one can set: `clamp_times`)."""
     conf = workdir / "mke2fs.conf"
     conf.write_text(MKE2FS_CONF)
     # The file is fresh and sparse, so its blocks read as zeros: nothing needs discarding or zeroing.
-    extended = f"offset={layout.root.start},nodiscard,assume_storage_prezeroed=1"
+    extended = f"offset={layout.root.start},nodiscard,assume_storage_prezeroed=1,hash_seed={hash_seed(layout)}"
+    env = {**os.environ, "MKE2FS_CONFIG": str(conf), "LC_ALL": "C"}
+    if source_date_epoch is not None:
+        env["E2FSPROGS_FAKE_TIME"] = str(source_date_epoch)
     run(
         [
             "mkfs.ext4",
@@ -188,7 +226,54 @@ def make_root(disk: Path, layout: DiskLayout, merged: Path, workdir: Path) -> No
             str(disk),
             f"{layout.root_fs_size // KiB}k",
         ],
-        env={**os.environ, "MKE2FS_CONFIG": str(conf), "LC_ALL": "C"},
+        env=env,
         timeout=1800,
         what="make the root filesystem (mkfs.ext4 -d)",
     )
+    if source_date_epoch is not None:
+        clamp_times(disk, layout, workdir, source_date_epoch)
+
+
+def clamp_commands(inodes: Mapping[int, int], epoch: int) -> list[str]:
+    """debugfs requests that date every inode (number -> mtime) at `epoch`: ctime, atime and creation time
+    set, mtime only where it is later (a package's files keep their own older dates)."""
+    lines = []
+    for ino in sorted(inodes):
+        lines += [f"sif <{ino}> {field} @{epoch}" for field in ("ctime", "atime", "crtime")]
+        if inodes[ino] > epoch:
+            lines.append(f"sif <{ino}> mtime @{epoch}")
+    return lines
+
+
+def _inode_mtimes(top: Path) -> dict[int, int]:
+    found = {os.lstat(top).st_ino: int(os.lstat(top).st_mtime)}
+    for root, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            st = os.lstat(os.path.join(root, name))
+            found[st.st_ino] = int(st.st_mtime)
+    return found
+
+
+def clamp_times(disk: Path, layout: DiskLayout, workdir: Path, epoch: int) -> None:
+    """Date every inode of the new root file system at `epoch` (see `clamp_commands`): its inode numbers are
+    read from a read-only mount of it, the dates written with debugfs."""
+    root = layout.root
+    where = workdir / "clamp-times"
+    with MountStack(where) as mounts:
+        top = mounts.mount(["-t", "ext4", "-o", f"ro,noload,nosuid,nodev,noexec,loop,offset={root.start},"
+                            f"sizelimit={root.size}", str(disk)], where / "root",
+                           what="mount the new root file system read-only")
+        inodes = _inode_mtimes(top)
+        mounts.unmount_all()
+    remove_tree(where)
+    script = workdir / "clamp-times.debugfs"
+    script.write_text("\n".join(clamp_commands(inodes, epoch)) + "\n")
+    try:
+        done = run(["debugfs", "-w", "-f", str(script), f"{disk}?offset={root.start}"], quiet=True, timeout=600,
+                   env={**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch), "LC_ALL": "C"}, stderr_apart=True,
+                   what="date the root file system's files at SOURCE_DATE_EPOCH (debugfs)")
+    finally:
+        script.unlink(missing_ok=True)
+    errors = [line for line in done.stderr_lines if line.strip() and not line.startswith("debugfs ")]
+    if errors:  # debugfs reports a failed request on stderr and still exits 0
+        raise DiskError("debugfs could not date the root file system's files: " + "; ".join(errors[:5]))

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.build.customize import BuildContext, layer_stack
+from kiln.build.customize import BuildContext, layer_keys, layer_stack
 from kiln.build.packages import family_of
 from kiln.build.plan import BuildPlan, digest
 from kiln.host.mounts import MountStack
@@ -25,7 +25,7 @@ from kiln.model.record import SpaceRecord
 
 log = logging.getLogger("kiln.pack")
 
-PACK_VERSION = "3"
+PACK_VERSION = "4"  # 4: reproducible file systems (a hash seed from the key, dates at SOURCE_DATE_EPOCH)
 UUID_NAMESPACE = uuid.UUID("6f1c6b1e-3d0a-4c55-9d6e-6b696c6e0001")
 
 
@@ -118,8 +118,9 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
         esp_serial = f"{key[:4]}-{key[4:8]}".upper()
         layout = plan_layout(size=ctx.plan.spec.size, arch=ctx.plan.spec.arch.value, root_uuid=root_uuid,
                              esp_serial=esp_serial)
-        lowers = layer_stack(ctx, len(ctx.plan.steps))
-        with tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:
+        held = ctx.store.holding(layer_keys(ctx, len(ctx.plan.steps)))  # no gc removes a layer under us
+        with held, tracked(ctx.workdir), MountStack(ctx.workdir) as mounts:
+            lowers = layer_stack(ctx, len(ctx.plan.steps))
             tree = mounts.overlay(lowers, ctx.workdir / "tree")
             pack_layer = tmp / "pack-layer"
             pack_layer.mkdir()
@@ -128,7 +129,8 @@ def pack(ctx: BuildContext) -> tuple[PackOutput, bool]:
             family = family_of(ctx.plan.spec.distro.value)
             packages = with_licenses(merged, list_packages(merged, family))
             space = space_report(merged, family)
-            result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp)
+            result = disk.assemble(merged, tmp / "data" / "disk.raw", layout, workdir=tmp,
+                                   source_date_epoch=ctx.plan.source_date_epoch)
             kernel = merged / str(result.kernel).lstrip("/")
             # the image's kernel, for a direct-kernel boot probe: only a regular file that is inside the tree
             # (the tree is mounted at `merged`, not chrooted: an absolute link, of the kernel or of boot/,

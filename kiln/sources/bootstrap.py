@@ -7,6 +7,7 @@ so a changed package set downloads only what is new. The result is the bottom la
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import tempfile
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ from kiln.model.urls import without_credentials
 
 log = logging.getLogger("kiln.bootstrap")
 
-BOOTSTRAP_VERSION = "3"  # bump when the bootstrap's command line changes what it produces
+BOOTSTRAP_VERSION = "4"  # bump when the bootstrap's command line changes what it produces
 VARIANT = "minbase"
 # the archive keyring mmdebstrap checks an Ubuntu mirror's Release files with (the host's apt keyrings
 # are Debian's); the spec's mirror_keyring overrides it
@@ -51,6 +52,8 @@ class BootstrapRequest:
     # means a new base. Empty: the release alone from `mirror`, unpinned (tests and upstream bases).
     suites: tuple[tuple[str, str, str], ...] = ()
     keyring: str | None = None  # checks the mirror's Release files; None: the host's apt keyrings
+    # the release's InRelease Date (kiln.sources.epoch): mmdebstrap's SOURCE_DATE_EPOCH; None: the clock's
+    source_date_epoch: int | None = None
 
     @property
     def release_digest(self) -> str:
@@ -77,6 +80,7 @@ class BootstrapRequest:
             "suites": [list(s) for s in self.suites],
             # the key that vouches for the base, by content (where the file lies says nothing)
             **({"keyring": file_digests(Path(self.keyring), ("sha256",))["sha256"]} if self.keyring else {}),
+            **({"source_date_epoch": self.source_date_epoch} if self.source_date_epoch is not None else {}),
         }
 
 
@@ -144,6 +148,10 @@ def bootstrap(req: BootstrapRequest, target: Path, *, deb_cache: Path, timeout: 
     with tempfile.TemporaryDirectory(prefix="kiln-keyring-") as keys:
         if req.keyring:
             req = replace(req, keyring=str(readable_keyring(Path(req.keyring), Path(keys))))
+        # with SOURCE_DATE_EPOCH, mmdebstrap and dpkg's maintainer scripts take their dates from it (shadow's
+        # last password change, mtimes), and mmdebstrap removes the logs and caches that differ per run
+        env = None if req.source_date_epoch is None else {**os.environ,
+                                                           "SOURCE_DATE_EPOCH": str(req.source_date_epoch)}
         with activity(f"bootstrap {req.distro} {req.release} {req.arch}") as note:
-            run(mmdebstrap_argv(req, target, deb_cache), timeout=timeout, on_line=note,
+            run(mmdebstrap_argv(req, target, deb_cache), env=env, timeout=timeout, on_line=note,
                 what=f"bootstrap of {req.distro} {req.release} ({req.arch}) from {req.mirror}")
