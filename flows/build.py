@@ -1,7 +1,8 @@
 """build_image: one image spec to a bootable, boot-tested cloud image.
 
     plan -> fetch_base -> customize (phase by phase, every hook a cached layer) -> pack -> convert
-    (one task per format) -> boot_test (one per firmware) -> outputs (images, manifest.json, SHA256SUMS)
+    (one task per format) -> boot_test (one per firmware) -> outputs (images, manifest.json, SBOMs, SHA256SUMS
+    signed; signed again when the boot tests in Nova or publishing add to the manifest)
 """
 
 from __future__ import annotations

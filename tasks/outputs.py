@@ -1,4 +1,4 @@
-"""outputs: the images, manifest.json and SHA256SUMS in the output directory."""
+"""outputs: the images, manifest.json, the SBOMs and SHA256SUMS (signed) in the output directory."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from kiln.model.facts import SECURE_BOOT, firmware_of, is_security_suite
 from kiln.model.options import BuildOptions
 from kiln.model.record import BootOutcome, BuildRecord, DiskRecord, ElementRecord, ImageRecord, StageRecord, StepRecord
 from kiln.model.urls import scrubbed, without_credentials
-from kiln.publish.manifest import install_file, write_checksum_files, write_record
+from kiln.publish import signing
+from kiln.publish.manifest import install_file, signature_record, write_checksum_files, write_record
 from kiln.publish.refresh import manifest_diff
+from kiln.publish.sbom import ImageFacts, write_sboms
 from kiln.sources.bootstrap import components
 from kiln.sources.suites import origin_counts, package_origins
 
@@ -66,7 +68,8 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         timings={name: StageRecord(**t) for name, t in stages.items()},
         boot_test=[_console_beside_images(b, out) for b in boots], output=out, run_url=_run_url(),
     )
-    write_record(record)
+    _attest(record, logger)
+    write_record(record, seal=True)
     if options.checksum_files:
         for f, i in zip(files, images, strict=True):
             write_checksum_files(f, sha256=i.sha256)
@@ -74,6 +77,24 @@ def write_outputs(ctx: BuildContext, options: BuildOptions, build_id: str, packe
         logger.info("image %s", f)
     logger.info("manifest %s", out / "manifest.json")
     return record
+
+
+def _attest(record: BuildRecord, logger: Any) -> None:
+    """The SBOMs beside the images, and the key SHA256SUMS will be signed with (write_record signs it)."""
+    assert record.output is not None
+    spec = record.spec
+    facts = ImageFacts(name=record.name, distro=str(spec["distro"]), release=str(spec["release"]),
+                       build_id=record.build_id, created=record.created, image_sha256=record.images[0].sha256,
+                       kiln_version=record.kiln_version)
+    record.sboms = write_sboms(record.output, record.packages, facts)
+    key = signing.signer()
+    record.signature = signature_record(key)
+    logger.info("SBOMs %s (%d packages)", ", ".join(s.file for s in record.sboms), len(record.packages))
+    if key.development:
+        logger.warning("SHA256SUMS signed with %s: for development only; set %s (and %s) to sign with your own key",
+                       key.what, signing.SIGNING_KEY_ENV, signing.GNUPGHOME_ENV)
+    else:
+        logger.info("SHA256SUMS signed with %s", key.what)
 
 
 def _console_beside_images(boot: BootOutcome, out: Path) -> BootOutcome:

@@ -23,6 +23,7 @@ from kiln.boot.local import boot_firmware, run_boot_test_of_output
 from kiln.build.customize import check_break
 from kiln.build.plan import hand_over, make_plan
 from kiln.cli import dib as dib_cli
+from kiln.cli import reproducible
 from kiln.cli.common import (
     KilnArgumentParser,
     add_cache,
@@ -33,6 +34,7 @@ from kiln.cli.common import (
 )
 from kiln.cli.matrix import register as register_matrix
 from kiln.cli.publish import register as register_publish
+from kiln.cli.verify import register as register_verify
 from kiln.host.checksums import write_replacing
 from kiln.host.run import redact, terminate_all
 from kiln.host.state import state_dir
@@ -239,6 +241,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(output=args.output, elements_path=args.elements_path, cache=args.cache,
                            no_cache=args.no_cache, boot_test=not args.no_boot_test, dib_elements=args.dib_elements,
                            break_at=args.break_at, publish=not args.no_publish)
+    if args.check_reproducible:
+        return reproducible.check_reproducible(spec, options, run_build)
     return run_build(spec, options, as_json=args.json)
 
 
@@ -414,6 +418,7 @@ def parser() -> argparse.ArgumentParser:
                    help="drop into a shell: before-<phase>, after-<phase> or after-error (DIB's break=)")
     b.add_argument("--json", action="store_true", help="print the build record (manifest.json) on stdout")
     b.add_argument("-q", "--quiet", action="store_true", help="only the stage lines, warnings and errors")
+    reproducible.register(b)
     b.set_defaults(func=cmd_build)
 
     pl = sub.add_parser("plan", help="show the resolved elements and every step with its cache key")
@@ -451,6 +456,7 @@ def parser() -> argparse.ArgumentParser:
 
     register_matrix(sub)
     register_publish(sub)
+    register_verify(sub)
 
     s = sub.add_parser("server", help="the local Prefect server kiln starts on demand")
     s.add_argument("server_cmd", choices=["start", "stop", "status"])

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from kiln.model import facts
+from kiln.model.names import is_plain_name
 from kiln.model.pkgdiff import content_digest
 from kiln.model.publishing import PublishSpec
 from kiln.model.record import BuildRecord, ImageRecord
@@ -28,6 +29,11 @@ P_ELEMENT = "kiln_element_"
 P_BASE = "kiln_base_checksum"
 P_VERSION = "kiln_version"
 P_CONTENT = "kiln_content_sha256"  # packages, elements and spec: equal for a rebuild that changed nothing
+# the build's SBOMs and SHA256SUMS's signature: where they were published (S3), else their file names
+P_SBOM_SPDX = "kiln_sbom_spdx"
+P_SBOM_CYCLONEDX = "kiln_sbom_cyclonedx"
+P_SUMS_SIGNATURE = "kiln_sha256sums_signature"
+P_SIGNING_KEY = "kiln_signing_key"  # the signer's primary key fingerprint
 
 
 def canonical_sha256(value: Any) -> str:
@@ -88,7 +94,35 @@ def glance_properties(build: BuildRecord, image: ImageRecord, spec: PublishSpec,
         P_VERSION: build.kiln_version,
         P_CONTENT: content_digest(build.manifest()),
     })
+    props.update(attestation_properties(build, spec, name=name))
     for element, digest in sorted(elements.items()):
         props[_element_key(element)] = digest
     props.update(spec.properties)
     return {k: v for k, v in props.items() if v != ""}
+
+
+def attestation_properties(build: BuildRecord, spec: PublishSpec, *, name: str) -> dict[str, str]:
+    """Where the build's SBOMs and SHA256SUMS's signature are: in the first S3 location the spec publishes to
+    (beside the image: s3://BUCKET/PREFIX/NAME/BUILD_ID/FILE), else by file name (beside the image in the
+    build's output); and the signing key's fingerprint."""
+    locations = spec.s3_locations
+
+    def where(file: str) -> str:
+        if not is_plain_name(file):
+            return ""
+        if not locations:
+            return file
+        url = f"s3://{locations[0].bucket}/{locations[0].key(name, build.build_id, file)}"
+        return url if len(url) <= 255 else file
+
+    props: dict[str, str] = {}
+    for sbom in build.sboms:
+        key = P_SBOM_SPDX if sbom.format.startswith("spdx") else \
+            P_SBOM_CYCLONEDX if sbom.format.startswith("cyclonedx") else None
+        if key:
+            props[key] = where(sbom.file)
+    if build.signature is not None:
+        props[P_SUMS_SIGNATURE] = where(build.signature.file)
+        props[P_SIGNING_KEY] = build.signature.fingerprint if re.fullmatch(r"[0-9A-F]{40,64}",
+                                                                           build.signature.fingerprint) else ""
+    return props

@@ -81,6 +81,18 @@ def os_version(distro: str, release: str) -> str:
     return VERSIONS.get(distro, {}).get(release, release)
 
 
+# package URLs (purl) of a distribution's packages: the purl type of its package format and its namespace
+# (pkg:deb/debian/libc6@2.36-9?arch=amd64, pkg:rpm/fedora/bash@5.2.26-3.fc40?arch=x86_64)
+PURL_NAMESPACES = {"debian": ("deb", "debian"), "ubuntu": ("deb", "ubuntu"), "fedora": ("rpm", "fedora"),
+                   "centos": ("rpm", "centos"), "rocky": ("rpm", "rocky"), "almalinux": ("rpm", "almalinux"),
+                   "rhel": ("rpm", "redhat")}
+
+
+def purl_namespace(distro: str) -> tuple[str, str]:
+    """(purl type, namespace) of `distro`'s packages; a distribution kiln does not know: generic/<distro>."""
+    return PURL_NAMESPACES.get(distro, ("generic", distro))
+
+
 # ---------------------------------------------------------------------------------------------------
 # apt suites: a release and its pockets
 

@@ -109,6 +109,24 @@ class SpaceRecord(_Part):
     packages: list[SpaceUse] = Field(default_factory=list)
 
 
+class SbomRecord(_Part):
+    """An SBOM beside the images (every installed package: name, version, architecture, purl, licence)."""
+
+    file: str
+    format: str  # spdx-2.3, cyclonedx-1.6
+    sha256: str
+
+
+class SignatureRecord(_Part):
+    """SHA256SUMS's detached OpenPGP signature, and the signer's public key beside it (for reference:
+    `kiln verify` trusts it only when told to)."""
+
+    file: str  # SHA256SUMS.gpg
+    key_file: str  # SHA256SUMS.key
+    fingerprint: str
+    development: bool = False  # signed with this host's development key, not one the operator named
+
+
 class StageRecord(_Part):
     seconds: float
     cached: bool
@@ -135,6 +153,8 @@ class BuildRecord(BaseModel):
     security_updates: int = 0
     images: list[ImageRecord] = Field(default_factory=list)
     space: SpaceRecord | None = None  # what takes the image's space (the pack stage's report)
+    sboms: list[SbomRecord] = Field(default_factory=list)  # SPDX and CycloneDX, in SHA256SUMS
+    signature: SignatureRecord | None = None  # SHA256SUMS signed (it then lists the SBOMs and manifest.json too)
     timings: dict[str, StageRecord] = Field(default_factory=dict)
     boot_test: list[BootOutcome] = Field(default_factory=list)
     published: list[dict[str, Any]] = Field(default_factory=list)  # one report per publish of this build

@@ -1,15 +1,24 @@
-"""What a build leaves next to its images: manifest.json, SHA256SUMS and a Markdown summary."""
+"""What a build leaves next to its images: manifest.json, SHA256SUMS (signed, with the SBOMs) and a Markdown
+summary."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from kiln.host.checksums import file_digests, write_replacing, write_sha256sums
 from kiln.host.run import run
-from kiln.model.record import MANIFEST, BuildRecord
+from kiln.model.errors import KilnError
+from kiln.model.names import is_plain_name
+from kiln.model.record import MANIFEST, SUMS, BuildRecord, SignatureRecord, read_sha256sums
+from kiln.publish import signing
+
+log = logging.getLogger("kiln.publish")
 
 
 def install_file(src: Path, dest: Path) -> Path:
@@ -30,15 +39,67 @@ def _cp_sparse(src: Path, dest: Path) -> None:
     run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)], quiet=True, what=f"copy {src.name}")
 
 
-def write_record(record: BuildRecord) -> Path:
+def write_record(record: BuildRecord, *, seal: bool = False) -> Path:
     """The record as manifest.json in its output directory (written whole, then renamed into place), and
-    SHA256SUMS of its images."""
+    SHA256SUMS of its images.
+
+    A signed record (one with a `signature`, as every build since the SBOMs) has SHA256SUMS list its images
+    and SBOMs (with the digests the record holds, never re-read from the files) and the manifest.json just
+    written, signed (SHA256SUMS.gpg, SHA256SUMS.key): `seal` (the build's outputs stage) signs it the first
+    time; a later write (boot tests in Nova, publishing) signs it again only when the output is still what
+    this key signed (the old signature good, the images', SBOMs' and manifest's digests those it listed), so
+    that `kiln verify` holds after a whole build and kiln never signs what someone changed in between."""
     if record.output is None:
         raise ValueError(f"build {record.build_id}: no output directory")
     target = record.output / MANIFEST
-    write_replacing(target, json.dumps(record.manifest(), indent=2, sort_keys=False, default=str) + "\n")
-    write_sha256sums(record.output, {img.file: img.sha256 for img in record.images})
+    key = signing.signer() if record.signature is not None else None
+    if key is not None and not seal:
+        why = _changed_since_signed(record, key)
+        if why:
+            log.warning("%s: not signed again (%s): kiln verify fails on it until it is rebuilt",
+                        record.output / SUMS, why)
+            key = None
+    if key is not None:
+        record.signature = signature_record(key)  # kiln's own file names, whatever a loaded manifest said
+    text = json.dumps(record.manifest(), indent=2, sort_keys=False, default=str) + "\n"
+    write_replacing(target, text)
+    sums = {img.file: img.sha256 for img in record.images}
+    if record.signature is not None:
+        sums.update({s.file: s.sha256 for s in record.sboms if is_plain_name(s.file) and _HEX64.fullmatch(s.sha256)})
+        sums[MANIFEST] = hashlib.sha256(text.encode()).hexdigest()
+    sums_path = write_sha256sums(record.output, sums)
+    if key is not None:
+        signing.sign_detached(key, sums_path, record.output / signing.SIGNATURE, record.output / signing.PUBLIC_KEY)
     return target
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _changed_since_signed(record: BuildRecord, key: signing.Signer) -> str | None:
+    """Why the output is no longer what `key` signed (None: it is)."""
+    assert record.output is not None
+    out = record.output
+    try:
+        sums = read_sha256sums(out / SUMS)
+        if not signing.signed_by(key, out / SUMS, out / signing.SIGNATURE):
+            return f"{signing.SIGNATURE} is not a good signature by {key.fingerprint}"
+        with open(out / MANIFEST, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+            manifest_digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    except (OSError, KilnError) as exc:
+        return str(exc).splitlines()[0]
+    if sums.get(MANIFEST) != manifest_digest:
+        return f"{MANIFEST} changed since it was signed"
+    for name, digest in [*((i.file, i.sha256) for i in record.images), *((s.file, s.sha256) for s in record.sboms)]:
+        if sums.get(name) != digest:
+            return f"{name}: the record's sha256 is not the signed one"
+    return None
+
+
+def signature_record(key: signing.Signer) -> SignatureRecord:
+    """What a record says of its signature before the first `write_record` signs it."""
+    return SignatureRecord(file=signing.SIGNATURE, key_file=signing.PUBLIC_KEY, fingerprint=key.fingerprint,
+                           development=key.development)
 
 
 def markdown_summary(record: BuildRecord) -> str:
@@ -65,6 +126,11 @@ def markdown_summary(record: BuildRecord) -> str:
                          f"{b.accel} | {grown} |")
     else:
         lines += ["", "Boot test: skipped."]
+    if record.sboms or record.signature:
+        lines += ["", f"SBOMs: {', '.join(f'`{s.file}` ({s.format})' for s in record.sboms) or 'none'}; "
+                  + (f"SHA256SUMS signed by `{record.signature.fingerprint}`"
+                     f"{' (development key)' if record.signature.development else ''}" if record.signature
+                     else "SHA256SUMS unsigned")]
     return "\n".join(lines) + "\n"
 
 

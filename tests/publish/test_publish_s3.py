@@ -19,6 +19,8 @@ from kiln.model.record import BuildRecord
 from kiln.publish.core import publish
 from kiln.publish.gates import GateResult
 from kiln.publish.s3_builds import publish_s3, retain_s3, s3_versions
+from kiln.publish.verify import verify_output
+from tests.attested import kiln_state, signed_output  # noqa: F401  (a fixture)
 from tests.publish.conftest import MakeBuild
 
 pytestmark = pytest.mark.slow
@@ -139,7 +141,32 @@ def test_publish_to_s3_alone_still_runs_the_gate(s3_client: Any, bucket: str, ma
     assert len(report.s3[0].uploaded) == 3
 
 
-def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_build: Path) -> None:
+def _download_and_verify(s3_client: Any, bucket: str, prefix: str, build: BuildRecord, into: Path) -> None:
+    """Every object of the build's S3 prefix into `into`, then `kiln verify`'s check of it (the signer's key
+    pinned by the fingerprint the manifest names)."""
+    assert build.signature is not None
+    into.mkdir()
+    for obj in s3.list_objects(s3_client, bucket, prefix):
+        body = s3.get_bytes(s3_client, bucket, obj.key)
+        assert body is not None
+        (into / obj.key.removeprefix(prefix)).write_bytes(body)
+    assert verify_output(into, key=build.signature.fingerprint).signer == build.signature.fingerprint
+
+
+@pytest.mark.usefixtures("kiln_state")
+def test_a_signed_build_lands_with_its_sboms_signature_and_key(s3_client: Any, bucket: str, tmp_path: Path) -> None:
+    build = BuildRecord.load(signed_output(tmp_path / "out").output or tmp_path)
+    report = publish_s3(s3_client, s3.parse_s3_url(f"s3://{bucket}/signed"), build)
+    base = f"signed/deb-test/{build.build_id}/"
+    assert sorted(report.uploaded) == sorted(base + f for f in (
+        "deb-test.qcow2", "deb-test.spdx.json", "deb-test.cdx.json", "SHA256SUMS", "SHA256SUMS.gpg", "SHA256SUMS.key",
+        "manifest.json"))
+    head = s3.head(s3_client, bucket, base + "SHA256SUMS.gpg")
+    assert head is not None and head["ContentType"] == "application/pgp-signature"
+    _download_and_verify(s3_client, bucket, base, build, tmp_path / "downloaded")
+
+
+def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_build: Path, tmp_path: Path) -> None:
     build = BuildRecord.load(default_build)
     report = publish_s3(s3_client, s3.parse_s3_url(f"s3://{bucket}/real"), build)
     key = f"real/{build.name}/{build.build_id}/{build.images[0].file}"
@@ -147,3 +174,9 @@ def test_a_real_kiln_build_mirrors_to_s3(s3_client: Any, bucket: str, default_bu
     head = s3.head(s3_client, bucket, key)
     assert head is not None and head["Metadata"]["sha256"] == build.images[0].sha256
     assert head["ContentLength"] == build.images[0].size
+    # the SBOMs, the signature and its key beside it: the S3 copy verifies as the output does
+    base = f"real/{build.name}/{build.build_id}/"
+    for sbom in build.sboms:
+        assert base + sbom.file in report.uploaded
+    assert base + "SHA256SUMS.gpg" in report.uploaded and base + "SHA256SUMS.key" in report.uploaded
+    _download_and_verify(s3_client, bucket, base, build, tmp_path / "downloaded")
