@@ -33,10 +33,11 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kiln.host.mounts import MountStack
 from kiln.host.run import capture, run
+from kiln.host.treepath import regular_file_in_root, resolve_in_root
 from kiln.model.base import BaseFormat as BaseFormat
 from kiln.model.base import guess_format as guess_format
 from kiln.model.errors import CommandError
@@ -130,12 +131,35 @@ def _find_root_in(top: Path, fstype: str) -> Path | None:
     if _has_os(top):
         return top
     if fstype == "btrfs":
+        # a subvolume is a directory of the top, never a link (a link to / would make the host's root "the OS")
         preferred = [top / n for n in ("root", "@", "@rootfs", "rootfs")]
-        others = sorted(p for p in top.iterdir() if p.is_dir() and p not in preferred)
+        others = sorted(p for p in top.iterdir() if _real_dir(p) and p not in preferred)
         for sub in preferred + others:
-            if sub.is_dir() and _has_os(sub):
+            if _real_dir(sub) and _has_os(sub):
                 return sub
     return None
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _dir_in_tree(root: Path, rel: str) -> Path | None:
+    """`root/rel` as a directory inside `root` whose every component is a real directory (made where
+    missing), or None when one of them is a link or not a directory: a stranger's tree must not make kiln
+    write through a link (`opt -> /etc/cron.d` with a partition mounted at /opt/x)."""
+    path = root
+    for part in PurePosixPath(rel).parts:
+        if part in ("", ".", "..", "/"):
+            return None
+        path = path / part
+        if path.is_symlink():
+            return None
+        if not path.exists():
+            path.mkdir()
+        elif not path.is_dir():
+            return None
+    return path
 
 
 def copy_tree(src: Path, dest: Path, *, timeout: float) -> None:
@@ -420,8 +444,8 @@ def _extract_disk(image: Path, target: Path, *, workdir: Path, compression: str 
 def _graft_fstab(disk: Path, parts: list[Partition], root_part: Partition, root_top: Path, target: Path,
                  stack: MountStack, mounts: Path, timeout: float) -> list[str]:
     """Copy the filesystems the image's fstab mounts from this disk into their mount points."""
-    fstab = target / "etc/fstab"
-    if fstab.is_symlink() or not fstab.is_file():
+    fstab = regular_file_in_root(target, "etc/fstab")  # `etc -> /etc` must not read the host's
+    if fstab is None:
         return []
     grafted: list[str] = []
     entries = sorted(parse_fstab(fstab.read_text(errors="replace")), key=lambda e: e.mountpoint.count("/"))
@@ -432,16 +456,22 @@ def _graft_fstab(disk: Path, parts: list[Partition], root_part: Partition, root_
         part = next((p for p in parts if _matches(entry.spec, p)), None)
         if part is None:
             continue
-        dest = target / rel
-        if dest.is_symlink():
-            log.warning("fstab mount point /%s is a symlink in the image; not filling it", rel)
-            continue
         subvol = entry.option("subvol")
+        if subvol and (".." in PurePosixPath(subvol).parts or "," in subvol):
+            log.warning("fstab: subvolume %r for /%s climbs out of its filesystem; not filling it", subvol, rel)
+            continue
+        if part == root_part and (part.fstype != "btrfs" or not subvol):
+            continue
+        dest = _dir_in_tree(target, rel)
+        if dest is None:
+            log.warning("fstab mount point /%s goes through a link (or a file) in the image; not filling it", rel)
+            continue
         if part == root_part:
-            if part.fstype != "btrfs" or not subvol:
-                continue
-            src = root_top / subvol.strip("/")
-            if not src.is_dir():
+            try:
+                src = resolve_in_root(root_top, subvol or "")  # links in the filesystem stay inside it
+            except OSError:
+                src = root_top
+            if src == root_top or not _real_dir(src):
                 log.warning("fstab: subvolume %r for /%s is not on the disk", subvol, rel)
                 continue
             copy_tree(src, dest, timeout=timeout)
