@@ -37,8 +37,8 @@ DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 # run inside new PID and mount namespaces, before the chroot: /proc/sys read-only (the new /proc is mounted
 # by unshare); "$0" is the root tree, the rest the command
-_ENTER = 'mount --bind "$0/proc/sys" "$0/proc/sys" && mount -o remount,bind,ro "$0/proc/sys" && ' \
-         'exec /usr/sbin/chroot "$0" "$@"'
+_ENTER = '/usr/bin/mount --bind "$0/proc/sys" "$0/proc/sys" && ' \
+         '/usr/bin/mount -o remount,bind,ro "$0/proc/sys" && exec /usr/sbin/chroot "$0" "$@"'
 
 
 
@@ -201,7 +201,7 @@ class ChrootSession:
         process environment, never on the command line where `ps` would show secrets), in PID and mount
         namespaces of its own: what it leaves running dies with it."""
         root = str(self.root)
-        return run(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+        return run(["/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
                     f"--mount-proc={root}/proc", "--", "/bin/sh", "-c", _ENTER, root, *argv],
                    env=dict(env), timeout=timeout, what=what, check=check, quiet=quiet)
 
