@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
+from flows.guard import guard_remote_run
 from kiln.boot.conformance import Suite, suite_for
 from kiln.boot.local import boot_firmware, nova_outcome
 from kiln.build.elements import PHASES
@@ -92,6 +93,8 @@ def build_run_name() -> str:
 def build_image(spec: ImageSpec, options: BuildOptions | None = None, build_id: str | None = None) -> BuildRecord:
     """Build `spec`: bootstrap, customize with elements, pack, convert, boot-test, write the outputs."""
     options = options or BuildOptions()
+    # a run from the UI or the API (or a cell of one): only what the worker's host allows, before anything
+    guard_remote_run(spec, options)
     # kiln's level is the caller's: INFO from kiln/__init__ (a worker's run), DEBUG with -v, WARNING with -q
     build_id = build_id or new_build_id()
     stages: Stages = {}

@@ -59,7 +59,7 @@ class PrefectStack:
         env["PYTHONUNBUFFERED"] = "1"
         # the test's output directories (under pytest's base temporary directory): runs from a deployment may
         # name host paths only under the worker's checkout, its cache and these (kiln.model.hostpaths)
-        env["KILN_ALLOWED_PATHS"] = str(self.root.parent)
+        env["KILN_ALLOWED_PATHS"] = f"{self.root.parent}:{REPO / 'tests' / 'data'}"
         env.update(extra)
         return env
 

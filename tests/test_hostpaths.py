@@ -58,3 +58,23 @@ def test_no_secret_values_and_no_shell_in_a_remote_run(tmp_path: Path) -> None:
                          cwd=tmp_path)
     # secret blocks are names, not values: allowed
     check_remote_run(spec_from_dict({"secret_blocks": {"PW": "root-pw"}}, "t"), None, roots=[tmp_path], cwd=tmp_path)
+
+
+def test_a_hook_variable_that_names_a_host_file_is_a_path_to_check(tmp_path: Path) -> None:
+    """DIB's apt-conf copies $DIB_APT_CONF into the image from the host: a run from the API may not name
+    /root/.ssh/id_ed25519 there. URLs are not paths, file:// ones are."""
+    spec = spec_from_dict({"env": {"DIB_APT_CONF": "/root/.ssh/id_ed25519", "DIB_MIRROR": "http://m.invalid/x",
+                                   "DIB_LOCAL": "file:///srv/x", "DIB_FLAG": "1"}}, "t")
+    assert named_paths(spec, None) == [("spec.env.DIB_APT_CONF", "/root/.ssh/id_ed25519"),
+                                       ("spec.env.DIB_LOCAL", "/srv/x")]
+    with pytest.raises(SpecError, match=re.escape("spec.env.DIB_APT_CONF: /root/.ssh/id_ed25519 is outside")):
+        check_remote_run(spec, None, roots=[tmp_path], cwd=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["PATH", "LD_PRELOAD", "BASH_ENV", "TARGET_ROOT", "TMP_HOOKS_PATH", "_LIB"])
+def test_a_spec_may_not_set_what_changes_which_programs_run(name: str) -> None:
+    """A hook outside the chroot runs as root on the host: PATH=root/usr/bin (relative to its working directory)
+    would run the image's own binaries there."""
+    for field in ("env", "secrets"):
+        with pytest.raises(SpecError, match=f"field '{field}': {name}: kiln sets this variable"):
+            spec_from_dict({field: {name: "root/usr/bin"}}, "t")

@@ -571,3 +571,44 @@ def test_a_server_whose_installation_was_removed_is_restarted(clean_env: pytest.
         assert not ps.pid_alive(int(before["pid"]))
     finally:
         ps.stop_server(state)
+
+
+def _recording_server(seen: list[tuple[str, str | None]], redirect_to: str | None = None) -> http.server.HTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            if redirect_to:
+                self.send_response(302)
+                self.send_header("Location", redirect_to)
+            else:
+                self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_api_credentials_go_to_the_api_only(clean_env: pytest.MonkeyPatch) -> None:
+    """The auth string from the environment is sent under PREFECT_API_URL and nowhere else, and a redirect
+    (which would carry the header to wherever it points) is not followed."""
+    elsewhere_seen: list[tuple[str, str | None]] = []
+    elsewhere = _recording_server(elsewhere_seen)
+    other = f"http://127.0.0.1:{elsewhere.server_port}"
+    api_seen: list[tuple[str, str | None]] = []
+    api = _recording_server(api_seen, redirect_to=f"{other}/stolen")
+    try:
+        url = f"http://127.0.0.1:{api.server_port}/api"
+        clean_env.setenv("PREFECT_API_URL", url)
+        clean_env.setenv(api_http.CLIENT_AUTH_ENV, "kiln:from-the-env")
+        api_http.http_get(f"{other}/page", timeout=5)  # not the API: no credentials
+        assert elsewhere_seen == [("/page", None)]
+        status, _ = api_http.http_get(f"{url}/health", timeout=5)
+        assert status == 302 and api_seen[0][1] == "Basic " + base64.b64encode(b"kiln:from-the-env").decode()
+        assert [p for p, _ in elsewhere_seen] == ["/page"]  # the redirect was not followed
+    finally:
+        api.shutdown()
+        elsewhere.shutdown()

@@ -89,9 +89,11 @@ def test_a_child_gets_kilns_environment_without_its_secrets(monkeypatch: pytest.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
     monkeypatch.setenv("DIB_DEV_USER_PASSWORD", "dib-secret")
     monkeypatch.setenv("KILN_TEST_PLAIN", "kept")
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://prefect:db-secret@127.0.0.1/p")
+    monkeypatch.setenv("KILN_TEST_MIRROR", "http://mirror.invalid/debian")  # a URL without credentials stays
     env = output(["env"])
-    assert "KILN_TEST_PLAIN=kept" in env and "PATH=" in env
-    assert not [s for s in ("api-secret", "cloud-secret", "s3-secret", "dib-secret") if s in env]
+    assert "KILN_TEST_PLAIN=kept" in env and "PATH=" in env and "KILN_TEST_MIRROR=http://mirror" in env
+    assert not [s for s in ("api-secret", "cloud-secret", "s3-secret", "dib-secret", "db-secret") if s in env]
     assert "OS_PASSWORD=given" in output(["env"], env={"OS_PASSWORD": "given", "PATH": os.environ["PATH"]})
 
 

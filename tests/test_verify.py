@@ -73,10 +73,16 @@ def test_a_missing_file_is_named(out: Path, capsys: pytest.CaptureFixture[str]) 
     assert "Traceback" not in stderr
 
 
-def test_an_extra_unlisted_image_is_named(out: Path) -> None:
-    (out / "other.raw").write_bytes(b"\0" * 4096)
-    with pytest.raises(VerifyError, match=rf"^{out / 'other.raw'}: not listed in SHA256SUMS"):
+@pytest.mark.parametrize("name", ["other.raw", "OTHER.QCOW2", "other.qcow2.zst"])
+def test_an_extra_unlisted_image_is_named(out: Path, name: str) -> None:
+    (out / name).write_bytes(b"\0" * 4096)
+    with pytest.raises(VerifyError, match=rf"^{out / name}: not listed in SHA256SUMS"):
         verify_output(out)
+
+
+def test_a_subdirectory_is_reported_as_not_signed(out: Path) -> None:
+    (out / "extra").mkdir()
+    assert "extra/" in verify_output(out).not_covered
 
 
 def test_a_console_log_beside_the_images_need_not_be_signed(out: Path) -> None:

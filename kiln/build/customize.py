@@ -22,6 +22,7 @@ from kiln.host.arch import ensure_binfmt
 from kiln.host.chroot import CHROOT_PATH, IN_TARGET, ChrootSession
 from kiln.host.mounts import MountStack
 from kiln.host.run import interactive, run, tracked
+from kiln.host.state import state_dir
 from kiln.model.errors import CommandError, HookError, SpecError
 from kiln.sources import bootstrap as bootstrap_mod
 from kiln.sources.extract import extract_rootfs
@@ -159,11 +160,10 @@ def _secrets(ctx: BuildContext) -> dict[str, str]:
 
 
 def _chroot_env(ctx: BuildContext) -> dict[str, str]:
-    env = {"PATH": CHROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
+    own = {"PATH": CHROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
            "DEBIAN_FRONTEND": "noninteractive", "TMP_HOOKS_PATH": IN_TARGET, "TMPDIR": "/tmp"}
-    env.update(ctx.plan.env)
-    env.update(_secrets(ctx))
-    return env
+    # kiln's own variables last: the spec cannot name them (ImageSpec refuses), and they win regardless
+    return {**ctx.plan.env, **_secrets(ctx), **own}
 
 
 def _outside_env(ctx: BuildContext, hooks: Path) -> dict[str, str]:
@@ -172,23 +172,25 @@ def _outside_env(ctx: BuildContext, hooks: Path) -> dict[str, str]:
     tmp.mkdir(exist_ok=True)
     home.mkdir(exist_ok=True)
     ctx.dib_cache.mkdir(parents=True, exist_ok=True)
-    env = {
+    own = {
         "PATH": f"{hooks}/outside-bin:{hooks}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": str(home), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
         "TARGET_ROOT": str(ctx.root), "TMP_MOUNT_PATH": str(ctx.root), "TMP_HOOKS_PATH": str(hooks),
-        "TMPDIR": str(tmp), "TMP_DIR": str(tmp), "DIB_IMAGE_CACHE": str(ctx.dib_cache),
+        "TMPDIR": str(tmp), "TMP_DIR": str(tmp),
     }
-    env.update(ctx.plan.env)
-    env.update(_secrets(ctx))
-    return env
+    # DIB_IMAGE_CACHE is DIB's option (`kiln dib --image-cache`): the spec's wins over kiln's default
+    return {"DIB_IMAGE_CACHE": str(ctx.dib_cache), **ctx.plan.env, **_secrets(ctx), **own}
 
 
 def _confined(ctx: BuildContext, argv: list[str]) -> list[str]:
     """Hooks outside the chroot run as root on the host: in a private mount namespace where everything but
     the build's own directories is read-only, so a hook cannot write outside its target."""
     writable = [str(ctx.workdir), str(ctx.dib_cache)]
-    return ["unshare", "--mount", "--propagation", "private", "--", "bash",
-            str(ctx.hooks_dir / "outside-bin" / "kiln-confine"), *writable, "--", *argv]
+    state = state_dir()
+    # the Prefect API's credentials, the signing key, the HMAC key: hidden, unless the build lives inside it
+    hidden = [] if any(Path(w).is_relative_to(state) for w in writable) else [f"!{state}"]
+    return ["/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/bash",
+            str(ctx.hooks_dir / "outside-bin" / "kiln-confine"), *hidden, *writable, "--", *argv]
 
 
 def _step_argv(step: Step, hooks: str) -> list[str]:

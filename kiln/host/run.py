@@ -127,9 +127,14 @@ class Completed:
 _SECRET_ENV = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|AUTH_STRING")
 
 
+_CREDENTIAL_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # user:password@ in a URL (a database's, a proxy's)
+
+
 def child_environment() -> dict[str, str]:
-    """The environment a child gets when its caller names none: kiln's own, without its secrets."""
-    return {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k.upper())}
+    """The environment a child gets when its caller names none: kiln's own, without its secrets (by their
+    names, or by the credentials in a URL value)."""
+    return {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k.upper())
+            and (k.lower().endswith("_proxy") or not _CREDENTIAL_VALUE.search(v))}  # a proxy is how children fetch
 
 
 def describe(args: Sequence[str]) -> str:

@@ -3,7 +3,8 @@
 Whoever can create a flow run names its parameters, and kiln runs as root: an output directory, a cache, an
 element directory, a `file://` mirror or a keyring anywhere on the host would let them write into /etc or read
 /root. So a run that came from a deployment may name host paths only under the roots its worker's host allows
-(the kiln checkout the worker runs from, its cache, and what `KILN_ALLOWED_PATHS` adds, colon-separated), may
+(the `output/`, `images/` and `elements/` of the kiln checkout the worker runs from, and what
+`KILN_ALLOWED_PATHS` adds, colon-separated; never the store, which holds strangers' trees), may
 not open a shell on the host (`break_at`), and carries no secret values: parameters are stored in Prefect's
 database, so secrets come from Prefect Secret blocks the spec names (`secret_blocks`).
 A build started with `kiln build` on the host itself is its user's own, and is not limited.
@@ -12,6 +13,7 @@ A build started with `kiln build` on the host itself is its user's own, and is n
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +42,14 @@ def named_paths(spec: ImageSpec | None, options: BuildOptions | None) -> list[tu
         if options.cache:
             found.append(("options.cache", options.cache))
     if spec is not None:
+        # a hook's variable may name a host file an element copies in (DIB's apt-conf: DIB_APT_CONF): every value
+        # that could be a path is one (a URL is not, but a file:// one is)
+        for name, value in sorted(spec.env.items()):
+            path = _file_url_path(value)
+            if path is None and "/" in value and not re.match(r"^[a-z][a-z0-9+.-]*://", value):
+                path = value
+            if path is not None:
+                found.append((f"spec.env.{name}", path))
         for name in ("mirror", "security_mirror"):
             path = _file_url_path(getattr(spec, name) or "")
             if path is not None:
@@ -59,7 +69,7 @@ def named_paths(spec: ImageSpec | None, options: BuildOptions | None) -> list[tu
 
 
 def allowed_roots(env_value: str | None, defaults: Sequence[Path]) -> list[Path]:
-    """`defaults` (the worker's checkout and cache) and the roots of `KILN_ALLOWED_PATHS` (absolute paths)."""
+    """`defaults` (in the worker's checkout) and the roots of `KILN_ALLOWED_PATHS` (absolute paths)."""
     roots = [Path(os.path.realpath(p)) for p in defaults]
     for entry in (env_value or "").split(":"):
         if not entry:

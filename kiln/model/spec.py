@@ -54,6 +54,18 @@ class ImageFormat(StrEnum):
     vhdx = "vhdx"
 
 
+# variables a spec's env, secrets or secret_blocks may not set: kiln's own for the hooks, and those that change
+# which programs run or what they load (a hook outside the chroot runs as root on the host)
+RESERVED_ENV = frozenset({
+    "PATH", "HOME", "SHELL", "ENV", "BASH_ENV", "IFS", "CDPATH", "GLOBIGNORE", "PS4", "SHELLOPTS", "BASHOPTS",
+    "TMPDIR", "TMP_DIR", "TARGET_ROOT", "TMP_MOUNT_PATH", "TMP_HOOKS_PATH", "_LIB",
+    "DIB_ENV", "DIB_ARGS", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PERL5LIB", "PERL5OPT", "PERLLIB",
+    "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "GCONV_PATH", "LOCPATH", "HOSTALIASES", "RESOLV_HOST_CONF",
+    "KILN_APT_SOURCES", "KILN_APT_SOURCES_NAME", "KILN_PACKAGE_FAMILY", "KILN_SSH_PASSWORD", "SOURCE_DATE_EPOCH",
+})
+RESERVED_ENV_PREFIXES = ("LD_", "BASH_FUNC_", "MALLOC_", "GLIBC_")
+
+
 class Compression(StrEnum):
     """How a qcow2 image's clusters are compressed (`qemu-img convert -c -o compression_type=`)."""
 
@@ -251,6 +263,9 @@ class ImageSpec(StrictModel):
         for key, value in v.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
+            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"{key}: kiln sets this variable for the hooks (or it changes what programs run "
+                                 "and load); a spec may not")
             # a Prefect block name: lowercase letters, digits and dashes
             if info.field_name == "secret_blocks" and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", value):
                 raise ValueError(f"{key}: {value!r} is not a Prefect block name (lowercase letters, digits, dashes)")

@@ -132,7 +132,10 @@ def parse_sums(text: str, where: Path) -> dict[str, str]:
 
 
 def _must_be_listed(name: str) -> bool:
-    return name == MANIFEST or name.endswith(IMAGE_SUFFIXES) or name.endswith(SBOM_SUFFIXES)
+    """An image (in any case, compressed or not: `x.QCOW2`, `x.qcow2.zst`), an SBOM or the manifest."""
+    lower = name.lower()
+    return (lower == MANIFEST or any(suffix in lower for suffix in IMAGE_SUFFIXES)
+            or lower.endswith(SBOM_SUFFIXES))
 
 
 def verify_output(output: Path, *, keyring: Path | None = None, key: str | None = None,
@@ -217,7 +220,10 @@ def _verify(directory: _Dir, work: Path, *, keyring: Path | None, pin: str | Non
     for entry in sorted(os.scandir(directory.fd), key=lambda e: e.name):
         if entry.is_symlink():
             raise VerifyError(f"{out / entry.name}: a symbolic link in the output: refused")
-        if entry.name in sums or entry.name in (SUMS, SIGNATURE, PUBLIC_KEY) or entry.is_dir(follow_symlinks=False):
+        if entry.name in sums or entry.name in (SUMS, SIGNATURE, PUBLIC_KEY):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            report.not_covered.append(entry.name + "/")
             continue
         if _must_be_listed(entry.name):
             raise VerifyError(f"{out / entry.name}: not listed in {SUMS}: it was not signed")
@@ -230,6 +236,9 @@ def _verify(directory: _Dir, work: Path, *, keyring: Path | None, pin: str | Non
         record = BuildRecord.load(out)
     except RecordError as exc:
         raise VerifyError(str(exc)) from None
+    for image in record.images:  # the images the manifest describes are the ones SHA256SUMS lists
+        if sums.get(image.file) != image.sha256:
+            raise VerifyError(f"{out / image.file}: not in {SUMS} with the sha256 {MANIFEST} records")
     formats = {s.format: s for s in record.sboms}
     for fmt in (SPDX_FORMAT, CYCLONEDX_FORMAT):
         if fmt not in formats:

@@ -59,21 +59,39 @@ def register(api_url: str, auth: str) -> None:
         _known[api_url.rstrip("/")] = auth
 
 
+def _under(url: str, api: str) -> bool:
+    api = api.rstrip("/")
+    return bool(api) and (url == api or url.startswith(api + "/") or url.startswith(api + "?"))
+
+
 def _headers(auth: str | None, url: str) -> dict[str, str]:
-    """The Authorization header for `url`: `auth`, else those of kiln's server there, else the environment's."""
+    """The Authorization header for `url`: `auth`, else those of kiln's server there, else the environment's
+    when `url` is under the environment's PREFECT_API_URL; never anyone else's."""
     if auth is None:
         with _lock:
-            auth = next((a for api, a in _known.items() if url == api or url.startswith(api + "/")), None)
-    auth = auth if auth is not None else os.environ.get(CLIENT_AUTH_ENV) or None
+            auth = next((a for api, a in _known.items() if _under(url, api)), None)
+    if auth is None and _under(url, os.environ.get("PREFECT_API_URL", "")):
+        auth = os.environ.get(CLIENT_AUTH_ENV) or None
     if not auth:
         return {}
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The API does not redirect; a redirect would carry the Authorization header to wherever it points."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        return None
+
+
 def _opener(url: str) -> urllib.request.OpenerDirector:
     host = urllib.parse.urlparse(url).hostname or ""
     # never send a local server's requests, and their credentials, through a proxy
-    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if host in _LOCAL else []))
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    if host in _LOCAL:
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
 
 
 def http_get(url: str, *, timeout: float, auth: str | None = None, limit: int = 65536) -> tuple[int, bytes]:
