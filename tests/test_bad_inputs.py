@@ -49,6 +49,9 @@ CASES = [
     ("DIB line: no distro element", ["dib", "vm"], "no distribution element among vm"),
     ("an element name of 5000 characters", ["build", "-e", "x" * 5000], "(5000 characters)' may only contain"),
     ("a waiver without a reason", ["build", "tests/data/bad-waiver.yaml"], "the waiver of 'time-sync' needs a reason"),
+    ("a hook variable that changes what runs", ["build", "--env", "PATH=root/usr/bin"],
+     "field 'env': PATH: kiln sets this variable for the hooks"),
+    ("compression kiln does not know", ["build", "--compression", "lz4"], "argument --compression: invalid choice"),
 ]
 
 

@@ -199,3 +199,64 @@ def test_disk_too_small_for_the_tree_is_a_clear_error(tmp_path: Path) -> None:
     err = proc.stderr.split("kiln: error:")[-1]
     assert "size" in err and "Traceback" not in err
     assert leftovers() == []
+
+
+# Run inside a private mount namespace whose /dev is a copy (a tmpfs): should gc ever run through a build's
+# /dev, it can only empty the copy. Prints one JSON line: /dev's entries before and after, and gc's output.
+IN_NAMESPACE = r"""
+import json, os, subprocess, sys, time
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+copy = "/run/kiln-test-devcopy-%d" % os.getpid()
+os.makedirs(copy)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "kiln-devcopy", copy], check=True)
+subprocess.run(["cp", "-a", "/dev/.", copy + "/"], check=True)
+subprocess.run(["mount", "--bind", copy, "/dev"], check=True)
+before = sorted(os.listdir("/dev"))
+kiln, args, marker = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+proc = subprocess.Popen(kiln + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        start_new_session=True)
+seen, deadline = [], time.monotonic() + 900
+for line in proc.stdout:
+    seen.append(line)
+    if marker in line:
+        time.sleep(6)
+        os.kill(proc.pid, 9)
+        break
+    if time.monotonic() > deadline:
+        break
+proc.wait(timeout=60)
+gc = subprocess.run(kiln + ["gc"], capture_output=True, text=True, timeout=600)
+after = sorted(os.listdir("/dev"))
+cache = os.fsencode(os.environ["KILN_CACHE"])
+with open("/proc/self/mountinfo", "rb") as fh:  # the kernel writes a space as \040, non-ASCII as bytes
+    left = [line.split()[4].decode(errors="replace") for line in fh
+            if line.split()[4].replace(b"\\040", b" ").startswith(cache)]
+print(json.dumps({"killed": proc.returncode == -9, "before": before, "after": after, "gc": gc.stdout + gc.stderr,
+                  "gc_rc": gc.returncode, "seen": "".join(seen[-30:]), "mounts_left": left}))
+"""
+
+
+@pytest.mark.timeout(1200)
+def test_a_build_killed_under_a_non_ascii_cache_path_then_gc_leaves_dev_alone(tmp_path: Path) -> None:
+    """Issue 15: a cache path with non-ASCII characters and a space, a build SIGKILLed during its package step
+    (its chroot's /proc, /sys, /dev and devpts mounted), then `kiln gc`: gc must find the build's mounts by
+    the names the kernel writes (octal escapes, bytes) and unmount them before it removes the tree, never
+    running through /dev. In a private mount namespace over a copy of /dev, so a failure cannot hurt the
+    machine; the host's own /dev is checked too."""
+    cache = tmp_path / "kæsh ø"
+    env = {**kiln_env(), "KILN_CACHE": str(cache)}
+    host_dev = sorted(os.listdir("/dev"))
+    args = ["build", *SMALL, "--no-boot-test", "--env", f"KILN_TEST_NONCE={os.urandom(4).hex()}", "--output",
+            str(tmp_path / "killed")]
+    proc = subprocess.run(["/usr/bin/unshare", "--mount", "--propagation", "private", "--", *KILN[:1], "-c",
+                           IN_NAMESPACE, json.dumps(KILN), json.dumps(args), "running install.d/01-package-installs"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["killed"], result["seen"]
+    assert result["gc_rc"] == 0 and "reclaimed" in result["gc"], result["gc"]
+    assert result["after"] == result["before"], "gc removed /dev nodes (of the namespace's copy)"
+    assert result["mounts_left"] == [], result["mounts_left"]  # gc unmounted the killed build's chroot
+    assert sorted(os.listdir("/dev")) == host_dev
+    assert leftovers(str(cache)) == []
+    assert not (cache / "work").exists() or list((cache / "work").iterdir()) == []
