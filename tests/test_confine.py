@@ -1,6 +1,6 @@
-"""Hooks outside the chroot (kiln-confine): run for real in a private mount namespace, they write only into
-their build's directories, see none of kiln's state (the Prefect API's credentials, the signing key), no host
-disk in /dev, and a read-only /proc/sys (issue 15)."""
+"""Hooks outside the chroot (kiln.host.confine and kiln-confine): run for real in a private mount namespace,
+they write only into their build's directories, see none of kiln's state (the Prefect API's credentials, the
+signing key), no host disk in /dev, and a read-only /proc/sys (issue 15)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kiln.build.plan import HELPERS
+from kiln.host.confine import confined_argv
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces)"),
               pytest.mark.timeout(60)]
@@ -28,9 +29,9 @@ def test_an_outside_hook_sees_no_state_no_disks_and_writes_only_its_directories(
         "(echo 1 > /proc/sys/kernel/sysrq) 2>/dev/null && echo sysctl=written || echo sysctl=refused; "
         "echo dev=$(ls /dev | tr '\\n' ,)"
     )
-    proc = subprocess.run(["/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/bash",
-                           str(HELPERS / "outside" / "kiln-confine"), f"!{state}", str(work), "--",
-                           "/bin/bash", "-c", script], capture_output=True, text=True, timeout=30)
+    argv = confined_argv(HELPERS / "outside" / "kiln-confine", ["/bin/bash", "-c", script], writable=[work],
+                         hidden=[state])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     out = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     assert out["state"] == "hidden" and "kiln:secret" not in proc.stdout

@@ -20,6 +20,7 @@ from kiln.build.elements import IN_CHROOT_PHASES, PHASES, tree_hash
 from kiln.build.plan import HELPERS, BuildPlan, Step, digest
 from kiln.host.arch import ensure_binfmt
 from kiln.host.chroot import CHROOT_PATH, IN_TARGET, ChrootSession
+from kiln.host.confine import confined_argv
 from kiln.host.mounts import MountStack
 from kiln.host.run import interactive, run, tracked
 from kiln.host.state import state_dir
@@ -184,13 +185,9 @@ def _outside_env(ctx: BuildContext, hooks: Path) -> dict[str, str]:
 
 def _confined(ctx: BuildContext, argv: list[str]) -> list[str]:
     """Hooks outside the chroot run as root on the host: in a private mount namespace where everything but
-    the build's own directories is read-only, so a hook cannot write outside its target."""
-    writable = [str(ctx.workdir), str(ctx.dib_cache)]
-    state = state_dir()
-    # the Prefect API's credentials, the signing key, the HMAC key: hidden, unless the build lives inside it
-    hidden = [] if any(Path(w).is_relative_to(state) for w in writable) else [f"!{state}"]
-    return ["/usr/bin/unshare", "--mount", "--propagation", "private", "--", "/bin/bash",
-            str(ctx.hooks_dir / "outside-bin" / "kiln-confine"), *hidden, *writable, "--", *argv]
+    the build's own directories is read-only, kiln's state is hidden and /dev has no disk (kiln.host.confine)."""
+    return confined_argv(ctx.hooks_dir / "outside-bin" / "kiln-confine", argv,
+                         writable=[ctx.workdir, ctx.dib_cache], hidden=[state_dir()])
 
 
 def _step_argv(step: Step, hooks: str) -> list[str]:
