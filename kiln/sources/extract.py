@@ -46,7 +46,9 @@ from kiln.sources.partitions import ExtractError as ExtractError  # re-exported:
 
 log = logging.getLogger("kiln.extract")
 
-EXTRACT_VERSION = "1"  # bump when extraction changes what a tree contains (it is part of the cache key)
+# bump when extraction changes what a tree contains (it is part of the cache key); 2: no fstab mount filled
+# through a link, no subvolume that climbs out
+EXTRACT_VERSION = "2"
 
 
 # --------------------------------------------------------------------------------------------------
