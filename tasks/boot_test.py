@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -12,6 +13,7 @@ from kiln.boot.local import boot_checked, boot_key
 from kiln.build.customize import BuildContext
 from kiln.host.state import state_dir
 from kiln.image.convert import ImageOutput
+from kiln.model.errors import BootTestError
 from kiln.model.record import BootOutcome, BuildRecord
 from tasks.common import store_key
 
@@ -29,9 +31,20 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
     """Boot under `firmware` and run the conformance `suite` in the guest. Without cloud-init (the suite says
     so) nothing reads the seed: the boot is judged by systemd's multi-user target and a login prompt."""
     spec = ctx.plan.spec
-    outcome = boot_checked(ctx.store, image.path, image.sha256, firmware=firmware, arch=spec.arch.value,
-                           settings=spec.boot_test, workdir=ctx.workdir, state_dir=state_dir(), kernel=kernel,
-                           rebuild=ctx.rebuild, suite=suite)
+    try:
+        outcome = boot_checked(ctx.store, image.path, image.sha256, firmware=firmware, arch=spec.arch.value,
+                               settings=spec.boot_test, workdir=ctx.workdir, state_dir=state_dir(), kernel=kernel,
+                               rebuild=ctx.rebuild, suite=suite)
+    except BootTestError as exc:
+        # the console the error names is in the build's work directory, which goes when the build ends: keep
+        # a copy where the operator can read it, and name that one
+        serial = ctx.workdir / f"boot-{firmware}" / f"serial-{firmware}.log"
+        if serial.is_file() and str(serial) in str(exc):
+            kept = ctx.store.root / "failed-boots" / f"{ctx.workdir.name}-{firmware}.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(serial, kept)
+            raise BootTestError(str(exc).replace(str(serial), str(kept))) from None
+        raise
     get_run_logger().info("boot test %s: passed in %.0f s (%s; judged by %s%s)%s", firmware, outcome.seconds,
                           outcome.accel, outcome.criterion,
                           f"; conformance {summary(outcome.checks)}" if outcome.checks else "",
