@@ -118,7 +118,10 @@ def test_every_package_is_at_the_newest_version_the_mirrors_suites_offer(
 def test_outputs_manifest_and_checksums(seed_build: tuple[Path, dict[str, Any], float]) -> None:
     out, m, _ = seed_build
     sums = dict(line.split()[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
-    assert set(sums) == {"debian-12-seed-example.qcow2", "debian-12-seed-example.raw"}
+    # the images, the manifest and both SBOMs, signed (kiln verify checks the signature: test_sbom_e2e.py)
+    assert set(sums) == {"debian-12-seed-example.qcow2", "debian-12-seed-example.raw", "manifest.json",
+                         "debian-12-seed-example.spdx.json", "debian-12-seed-example.cdx.json"}
+    assert (out / "SHA256SUMS.gpg").is_file() and (out / "SHA256SUMS.key").is_file()
     for name, digest in sums.items():
         h = hashlib.sha256()
         with open(out / name, "rb") as fh:
