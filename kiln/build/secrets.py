@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
+from kiln.host.run import SECRET_NAME
 from kiln.host.state import secret_file, state_dir
 
 
@@ -26,11 +26,8 @@ def secret_digest(value: str) -> str:
     return hmac.new(host_key(), value.encode(), hashlib.sha256).hexdigest()
 
 
-# DIB_* variables whose names say they hold a secret (DIB_DEV_USER_PASSWORD, DIB_RHSM_PASSWORD, a token, a
-# private key): treated as the spec's `secrets` are
-SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY")
-
-
 def dib_secrets(host_env: Mapping[str, str]) -> dict[str, str]:
-    """The DIB_* variables of `host_env` that hold secrets, by their names."""
+    """The DIB_* variables of `host_env` whose names say they hold a secret (DIB_DEV_USER_PASSWORD, a token, a
+    private key; kiln.host.run's SECRET_NAME, the names children never inherit): treated as the spec's
+    `secrets` are."""
     return {k: v for k, v in host_env.items() if k.startswith("DIB_") and SECRET_NAME.search(k.upper()) and v}

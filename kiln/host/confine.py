@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-# "$0" is kiln-confine; leading "!DIR" arguments are directories to hide, the rest go to kiln-confine
+from kiln.host.chroot import DEV_NODES
+
+# "$0" is kiln-confine; leading "!DIR" arguments are directories to hide, the rest go to kiln-confine. /dev gets
+# the chroot's device nodes (kiln.host.chroot.DEV_NODES), made with their modes
 PRELUDE = r"""set -eu
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -21,9 +24,9 @@ while [ $# -gt 0 ]; do
 done
 dev=$(/usr/bin/mktemp -d)
 /usr/bin/mount -t tmpfs -o mode=0755,nosuid,noexec,size=1m kiln-dev "$dev"
-for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
-    IFS=: read -r name major minor <<< "$node"
-    /usr/bin/mknod -m 666 "$dev/$name" c "$major" "$minor"
+for node in @NODES@; do
+    IFS=: read -r name major minor mode <<< "$node"
+    /usr/bin/mknod -m "$mode" "$dev/$name" c "$major" "$minor"
 done
 for link in fd:/proc/self/fd stdin:/proc/self/fd/0 stdout:/proc/self/fd/1 stderr:/proc/self/fd/2; do
     /usr/bin/ln -s "${link#*:}" "$dev/${link%%:*}"
@@ -34,7 +37,7 @@ done
 /usr/bin/mount --bind /proc/sys /proc/sys
 /usr/bin/mount -o remount,bind,ro /proc/sys
 exec /bin/bash "$0" "$@"
-"""
+""".replace("@NODES@", " ".join(f"{name}:{major}:{minor}:{mode:o}" for name, major, minor, mode in DEV_NODES))
 
 
 def confined_argv(confine: Path, argv: Sequence[str], *, writable: Sequence[Path], hidden: Sequence[Path]) -> list[str]:

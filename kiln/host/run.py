@@ -124,7 +124,7 @@ class Completed:
 
 # what kiln holds and its children (QEMU, mkfs, qemu-img, mmdebstrap …) have no business with: the Prefect
 # API's credentials, cloud and S3 secrets, passwords and tokens of any name
-_SECRET_ENV = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|AUTH_STRING")
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|AUTH_STRING")
 
 
 _CREDENTIAL_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # user:password@ in a URL (a database's, a proxy's)
@@ -133,7 +133,7 @@ _CREDENTIAL_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # user:password@ in a 
 def child_environment() -> dict[str, str]:
     """The environment a child gets when its caller names none: kiln's own, without its secrets (by their
     names, or by the credentials in a URL value)."""
-    return {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k.upper())
+    return {k: v for k, v in os.environ.items() if not SECRET_NAME.search(k.upper())
             and (k.lower().endswith("_proxy") or not _CREDENTIAL_VALUE.search(v))}  # a proxy is how children fetch
 
 
