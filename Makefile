@@ -46,7 +46,7 @@ test-deps: $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -e '.[test,dib]'
 
 lint:
-	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks
+	$(VENV)/bin/ruff check kiln tasks flows tests benchmarks infra
 	$(VENV)/bin/mypy
 	shellcheck infra/openstack/*.sh infra/openstack/components/*.sh infra/s3/*.sh infra/prefect/*.sh
 

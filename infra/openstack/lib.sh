@@ -12,6 +12,7 @@
 # and, optionally:
 #   <c>_debs        Debian packages it needs (installed with apt-get when missing)
 #   <c>_before_stop called before its daemons are stopped (e.g. libvirt destroys its running guests)
+#   <c>_after_stop  called after they stopped (e.g. guestnet removes its network namespace)
 # A component file lives in components/<c>.sh and is listed in ALL_COMPONENTS below; register.py
 # registers its service user and endpoints.
 
@@ -29,6 +30,13 @@ KILN_NEUTRON_PORT="${KILN_NEUTRON_PORT:-9696}"
 KILN_RABBITMQ_PORT="${KILN_RABBITMQ_PORT:-5672}"
 KILN_RABBITMQ_DIST_PORT="${KILN_RABBITMQ_DIST_PORT:-25672}"
 KILN_EPMD_PORT="${KILN_EPMD_PORT:-14369}"   # a private epmd, not the host's shared one on 4369
+# the guest network: a flat Neutron network whose taps live in a network namespace of their own
+# (component guestnet); from the host a guest is reached only through that namespace
+KILN_GUEST_NETWORK="${KILN_GUEST_NETWORK:-kiln-guests}"
+KILN_GUEST_NETNS="${KILN_GUEST_NETNS:-kiln-guests}"
+KILN_GUEST_CIDR="${KILN_GUEST_CIDR:-10.254.213.0/24}"
+KILN_GUEST_GATEWAY="${KILN_GUEST_GATEWAY:-10.254.213.1}"
+export KILN_GUEST_NETWORK KILN_GUEST_NETNS KILN_GUEST_CIDR KILN_GUEST_GATEWAY
 
 INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$KILN_OPENSTACK_DIR/venv"
@@ -40,7 +48,7 @@ SECRETS="$KILN_OPENSTACK_DIR/secrets.env"
 CLOUDS_YAML="$KILN_OPENSTACK_DIR/clouds.yaml"
 
 # every component this script knows, in start order (stop order is the reverse)
-ALL_COMPONENTS=(keystone glance rabbitmq placement neutron libvirt nova)
+ALL_COMPONENTS=(keystone glance rabbitmq placement neutron guestnet libvirt nova)
 
 say() { printf 'kiln-openstack: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -269,6 +277,7 @@ stop_component() {
     if declare -F "${c}_before_stop" >/dev/null; then "${c}_before_stop" || true; fi
     read -r -a daemons <<<"$("${c}_daemons")"
     for ((d = ${#daemons[@]} - 1; d >= 0; d--)); do stop_daemon "${daemons[$d]}"; done
+    if declare -F "${c}_after_stop" >/dev/null; then "${c}_after_stop" || true; fi
 }
 
 # install_debs COMPONENT...: the Debian packages the components need, when any is missing. Package

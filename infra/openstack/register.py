@@ -56,6 +56,13 @@ def ensure_user(conn: Any, name: str, password: str, project: Any, roles: list[A
 # the flavor kiln's Nova boot test uses on this stack; clouds.yaml names it (with the network) for kiln
 BOOT_FLAVOR = {"name": "kiln.boot", "vcpus": 1, "ram": 1024, "disk": 10}
 
+# the guest network (component guestnet): flat, shared, no DHCP (Nova's config drive carries each guest's
+# address); its taps live in a network namespace from which kiln's boot test reaches the guests over SSH
+GUEST_NETWORK = os.environ.get("KILN_GUEST_NETWORK", "kiln-guests")
+GUEST_NETNS = os.environ.get("KILN_GUEST_NETNS", "kiln-guests")
+GUEST_CIDR = os.environ.get("KILN_GUEST_CIDR", "10.254.213.0/24")
+GUEST_GATEWAY = os.environ.get("KILN_GUEST_GATEWAY", "10.254.213.1")
+
 # component -> (service user, service name, service type, description, URL argument)
 SERVICES = {
     "glance": ("glance", "glance", "image", "OpenStack Image", "glance_url"),
@@ -72,7 +79,8 @@ def clouds_yaml(keystone_url: str, region: str) -> dict[str, Any]:
                      "user_domain_name": "Default", "project_domain_name": "Default"},
             "region_name": region, "identity_api_version": 3, "interface": "public",
             # read by kiln's Nova boot test (kiln/boot/nova.py): what to boot candidates with on this cloud
-            "kiln": {"boot_flavor": BOOT_FLAVOR["name"], "boot_network": "none"},
+            "kiln": {"boot_flavor": BOOT_FLAVOR["name"], "boot_network": "none",
+                     "ssh_network": GUEST_NETWORK, "ssh_netns": GUEST_NETNS},
         }
 
     return {"clouds": {
@@ -92,6 +100,23 @@ def ensure_flavor(conn: Any) -> None:
     print(f"creating flavor {BOOT_FLAVOR['name']}")
     conn.compute.create_flavor(name=BOOT_FLAVOR["name"], vcpus=BOOT_FLAVOR["vcpus"], ram=BOOT_FLAVOR["ram"],
                                disk=BOOT_FLAVOR["disk"], is_public=True)
+
+
+def ensure_guest_network(conn: Any) -> None:
+    """The guest network and its subnet (a subnet whose range or gateway changed is made anew)."""
+    net = conn.network.find_network(GUEST_NETWORK, ignore_missing=True)
+    if net is None:
+        print(f"creating network {GUEST_NETWORK}")
+        net = conn.network.create_network(name=GUEST_NETWORK, shared=True, provider_network_type="flat",
+                                          provider_physical_network=GUEST_NETWORK)
+    for subnet in conn.network.subnets(network_id=net.id):
+        if subnet.cidr == GUEST_CIDR and subnet.gateway_ip == GUEST_GATEWAY and not subnet.is_dhcp_enabled:
+            return
+        print(f"deleting subnet {subnet.id} ({subnet.cidr}): not the guest network's")
+        conn.network.delete_subnet(subnet)
+    print(f"creating subnet {GUEST_CIDR} on {GUEST_NETWORK}")
+    conn.network.create_subnet(name=GUEST_NETWORK, network_id=net.id, ip_version=4, cidr=GUEST_CIDR,
+                               gateway_ip=GUEST_GATEWAY, is_dhcp_enabled=False, dns_nameservers=[])
 
 
 def main() -> int:
@@ -115,6 +140,7 @@ def main() -> int:
     )
     if args.phase == "compute":
         ensure_flavor(conn)
+        ensure_guest_network(conn)
         print(f"registered the compute phase in {time.monotonic() - start:.1f} s")
         return 0
     ident = conn.identity

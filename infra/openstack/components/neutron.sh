@@ -1,8 +1,10 @@
 # shellcheck shell=bash
-# A Neutron 29 API server (neutron.wsgi.api:application under uWSGI) with no agents: ML2 with no
-# mechanism drivers and `transport_url = fake://`. It answers the port and network look-ups Nova makes
-# (server show and delete); boots use `networks: none`. Its migrations refuse SQLite, so the schema is
-# built from the models and stamped with the migration heads.
+# A Neutron 29 API server (neutron.wsgi.api:application under uWSGI) with no agents and
+# `transport_url = fake://`. ML2 has one mechanism driver, kiln's `kiln_tap` (neutron-kiln-tap/,
+# installed into the venv): it binds the guest network's ports as plain tap devices, which the
+# `guestnet` component carries into the guest network's namespace. Boot tests use `networks: none`
+# unless they log in over SSH. Its migrations refuse SQLite, so the schema is built from the models and
+# stamped with the migration heads.
 
 neutron_requires() { echo keystone; }
 
@@ -12,11 +14,31 @@ neutron_daemons() { echo neutron; }
 
 neutron_url() { echo "http://$KILN_HOST:$KILN_NEUTRON_PORT"; }
 
+# the kiln_tap driver, installed (again) when its source changed: pip, no dependencies of its own
+neutron_install_tap_driver() {
+    local src="$INFRA_DIR/neutron-kiln-tap" stamp="$VENV/.kiln-tap-driver" sum
+    sum="$(cd "$src" && find . -type f \( -name '*.py' -o -name '*.toml' \) -print0 | sort -z \
+        | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
+    [[ -f $stamp && "$(cat "$stamp")" == "$sum" ]] && return 1
+    # built from a copy: setuptools writes build/ and *.egg-info next to the sources
+    local tmp rc=0
+    tmp="$(mktemp -d)"
+    cp -r "$src/." "$tmp"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps --force-reinstall "$tmp" \
+        >>"$LOGS/install.log" 2>&1 || rc=$?
+    rm -rf "$tmp"
+    [[ $rc -eq 0 ]] || die "installing neutron-kiln-tap failed; see $LOGS/install.log"
+    echo "$sum" >"$stamp"
+    say "neutron: installed the kiln_tap ML2 driver"
+    return 0
+}
+
 neutron_configure() {
     mkdir -p "$ETC/neutron/plugins/ml2" "$DATA/neutron/lock"
     export KILN_OPENSTACK_DIR KILN_HOST KILN_KEYSTONE_PORT KILN_NEUTRON_PORT VENV ETC DATA RUN LOGS
-    export KILN_NEUTRON_SERVICE_PASSWORD
+    export KILN_NEUTRON_SERVICE_PASSWORD KILN_GUEST_NETWORK
     local changed=1
+    neutron_install_tap_driver && changed=0
     render "$INFRA_DIR/templates/neutron.conf" "$ETC/neutron/neutron.conf" && changed=0
     render "$INFRA_DIR/templates/ml2_conf.ini" "$ETC/neutron/plugins/ml2/ml2_conf.ini" && changed=0
     render "$INFRA_DIR/templates/neutron-uwsgi.ini" "$ETC/neutron/uwsgi.ini" && changed=0

@@ -3,7 +3,7 @@
 # nova-compute with the libvirt driver (QEMU in TCG mode); SQLite databases (API, cell0, cell1), RPC
 # over this stack's RabbitMQ, config drives instead of a metadata service.
 
-nova_requires() { echo keystone glance rabbitmq placement neutron libvirt; }
+nova_requires() { echo keystone glance rabbitmq placement neutron guestnet libvirt; }
 
 nova_packages() { echo "nova==34.0.0"; }
 

@@ -1,0 +1,44 @@
+# shellcheck shell=bash
+# The guest network's data plane (guestnet.py): Neutron's flat network KILN_GUEST_NETWORK, whose ports
+# the kiln_tap ML2 driver binds as tap devices, lives in the network namespace KILN_GUEST_NETNS with the
+# gateway address KILN_GUEST_GATEWAY on a bridge. The daemon moves each guest's tap there once QEMU
+# holds it: guests reach each other and that address, nothing of the host's; the host reaches them only
+# from inside the namespace (kiln's Nova boot test logs in over SSH from there). register.py makes the
+# network and its subnet (no DHCP: Nova's config drive carries the address, cloud-init sets it).
+
+guestnet_requires() { echo keystone neutron; }
+
+guestnet_packages() { :; }
+
+guestnet_debs() { echo iproute2; }
+
+guestnet_daemons() { echo guestnet; }
+
+guestnet_configure() { return 1; }
+
+guestnet_prepare() { :; }
+
+guestnet_start() {
+    export KILN_NEUTRON_SERVICE_PASSWORD KILN_REGION
+    KILN_KEYSTONE_URL="http://$KILN_HOST:$KILN_KEYSTONE_PORT/v3" \
+        start_daemon guestnet "$VENV/bin/python" "$INFRA_DIR/guestnet.py" --netns "$KILN_GUEST_NETNS" \
+        --gateway "$KILN_GUEST_GATEWAY/${KILN_GUEST_CIDR#*/}" --network "$KILN_GUEST_NETWORK"
+    local _
+    for _ in $(seq 1 50); do
+        guestnet_healthy && return 0
+        pid_of guestnet >/dev/null || break
+        sleep 0.2
+    done
+    die "guestnet did not make its namespace $KILN_GUEST_NETNS; see $LOGS/guestnet.log"
+}
+
+guestnet_healthy() {
+    pid_of guestnet >/dev/null && ip netns list 2>/dev/null | grep -qw "^$KILN_GUEST_NETNS"
+}
+
+# the namespace goes with the daemon (libvirt, stopped before it, has destroyed the guests by then)
+guestnet_after_stop() {
+    if ip netns list 2>/dev/null | grep -qw "^$KILN_GUEST_NETNS"; then
+        ip netns delete "$KILN_GUEST_NETNS" && say "removed network namespace $KILN_GUEST_NETNS"
+    fi
+}
