@@ -57,17 +57,19 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
 @task(name="boot_test_nova", task_run_name="boot_test nova {cloud}")
 def boot_test_nova(cloud: str | None, image_id: str | None = None, *, build: BuildRecord | None = None,
                    clouds_yaml: Path | None = None, flavor: str | None = None, network: str | None = None,
-                   timeout: int | None = None, suite: Suite | None = None) -> nova.NovaBootResult:
+                   timeout: int | None = None, suite: Suite | None = None,
+                   ssh_login: bool = False) -> nova.NovaBootResult:
     """Boot in the Nova of `cloud`: the Glance image `image_id` (a publish candidate), or else the image of
     the finished `build` (as already in Glance, or uploaded for the test and deleted after)."""
     if image_id is not None:
         result = nova.boot_candidate(cloud, image_id, clouds_yaml=clouds_yaml, flavor=flavor, network=network,
-                                     timeout=timeout, suite=suite)
+                                     timeout=timeout, suite=suite, ssh_login=ssh_login)
     elif build is not None:
         result = nova.boot_test_output(build, cloud=cloud, clouds_yaml=clouds_yaml, flavor=flavor,
                                        network=network, timeout=timeout, suite=suite)
     else:
         raise ValueError("boot_test_nova needs an image_id or a build output")
-    get_run_logger().info("boot test in Nova on %s: passed in %.0f s (server %s, flavor %s, network %s)",
-                          result.cloud, result.seconds, result.server_id, result.flavor, result.network)
+    get_run_logger().info("boot test in Nova on %s: passed in %.0f s (server %s, flavor %s, network %s%s)",
+                          result.cloud, result.seconds, result.server_id, result.flavor, result.network,
+                          f"; root's SSH login at {result.address}: ok" if result.ssh_ok else "")
     return result

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kiln.sources.mirror import host_mirrors
 from tests import e2e
 from tests.upstream_fixtures import published, server  # noqa: F401  (fixtures of the upstream tests)
 
@@ -210,6 +212,27 @@ def seed_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     start = time.monotonic()
     e2e.kiln("build", "tests/data/seed-example.yaml", "--output", str(out))
     return out, e2e.manifest(out), time.monotonic() - start
+
+
+@pytest.fixture(scope="session")
+def seed_dib_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The seed document, transcribed to Debian: source vm_profile, then its disk-image-create line (`kiln
+    dib`; booted once, SeaBIOS, root logging in on the console and over SSH). Shared by the DIB tests and
+    the Nova SSH test."""
+    work = tmp_path_factory.mktemp("seed-dib")
+    (work / "vm_profile").write_text(
+        "export DIB_RELEASE=bookworm\n"
+        f"export DIB_DISTRIBUTION_MIRROR={host_mirrors()[0]}\n"
+        'export DIB_CLOUD_INIT_DATASOURCES="ConfigDrive, OpenStack, NoCloud"\n')
+    env = {**e2e.kiln_env(), "ELEMENTS_PATH": str(e2e.REPO / "tests/data/seed/elements"),
+           "KILN_BOOT_FIRMWARE": "bios", "KILN_BOOT_ROOT_LOGIN": "1"}
+    kiln_cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "kiln.cli"])
+    line = "dib --offline -a amd64 -o debian-bookworm-amd64 vm cloud-init-cfg debian"
+    script = f"source vm_profile && {kiln_cmd} {line}"
+    proc = subprocess.run(["bash", "-c", script], cwd=work, env={**env, "PYTHONPATH": str(e2e.REPO)},
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return work, e2e.manifest(work)
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,13 @@ elements from the diskimage-builder package run unmodified. Each image is booted
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kiln.sources.mirror import host_mirrors
 from tests import dib_parity
 from tests.e2e import REPO, kiln, kiln_env, leftovers, manifest
 from tests.test_build_e2e import debugfs_cat, debugfs_ls, root_offset
@@ -22,25 +19,6 @@ pytestmark = pytest.mark.slow
 WAIVED = "sshd-no-passwords"
 DIB_ELEMENTS = ["cloud-init-datasources", "growroot", "devuser", "install-static", "runtime-ssh-host-keys",
                 "manifests", "enable-serial-console"]
-
-
-@pytest.fixture(scope="session")
-def seed_dib_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """The seed document, transcribed to Debian: source vm_profile, then its disk-image-create line."""
-    work = tmp_path_factory.mktemp("seed-dib")
-    (work / "vm_profile").write_text(
-        "export DIB_RELEASE=bookworm\n"
-        f"export DIB_DISTRIBUTION_MIRROR={host_mirrors()[0]}\n"
-        'export DIB_CLOUD_INIT_DATASOURCES="ConfigDrive, OpenStack, NoCloud"\n')
-    env = {**kiln_env(), "ELEMENTS_PATH": str(REPO / "tests/data/seed/elements"), "KILN_BOOT_FIRMWARE": "bios",
-           "KILN_BOOT_ROOT_LOGIN": "1"}
-    kiln_cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "kiln.cli"])
-    line = "dib --offline -a amd64 -o debian-bookworm-amd64 vm cloud-init-cfg debian"
-    script = f"source vm_profile && {kiln_cmd} {line}"
-    proc = subprocess.run(["bash", "-c", script], cwd=work, env={**env, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return work, manifest(work)
 
 
 def test_seed_line_builds_a_compressed_qcow2_in_the_cwd(seed_dib_build: tuple[Path, dict[str, Any]]) -> None:

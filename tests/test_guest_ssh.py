@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from kiln.boot import guest_ssh
 
 
@@ -45,3 +47,18 @@ def test_no_attempt_once_the_guest_is_gone() -> None:
     start = time.monotonic()
     assert guest_ssh.ssh_login(guest_ssh.free_port(), "root", "x", deadline=start + 30, stop=gone) is False
     assert time.monotonic() - start < 1
+
+
+def test_a_guest_in_a_network_namespace_is_reached_from_inside_it() -> None:
+    """Nova's guests on the local stack: the client runs in the guest network's namespace (nsenter, network
+    only) and goes to the server's address; a name that could climb out of /run/netns, or a host that is
+    not an address, is refused before anything runs."""
+    argv = guest_ssh.ssh_argv(22, "root", "10.254.213.7", "kiln-guests")
+    assert argv[:4] == ["nsenter", "--net=/run/netns/kiln-guests", "--", "ssh"]
+    assert "root@10.254.213.7" in argv and argv[argv.index("-p") + 1] == "22"
+    for bad in ("../1/ns/net", "a/b", "", "-n"):
+        with pytest.raises(ValueError, match="network namespace"):
+            guest_ssh.ssh_argv(22, "root", "10.254.213.7", bad)
+    for host in ("guest.example", "10.0.0.1 -oProxyCommand=x", "-oProxyCommand=x"):
+        with pytest.raises(ValueError):
+            guest_ssh.ssh_argv(22, "root", host)

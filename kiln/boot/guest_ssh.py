@@ -1,16 +1,20 @@
 """Log in to a booted guest over SSH with a password, as an operator would with the password OpenStack
 injected: `ssh root@…`, password authentication only, one command run.
 
-The guest's port 22 is forwarded from a port on the host's 127.0.0.1 by QEMU's user-mode network (which
-otherwise keeps the guest off the host: restrict=on). The client reads nothing of the host's SSH setup
-(no config file, keys, agent or known_hosts); the password reaches it through SSH_ASKPASS from the
-environment of that one process, never a file or a command line.
+Under kiln's QEMU the guest's port 22 is forwarded from a port on the host's 127.0.0.1 by QEMU's user-mode
+network (which otherwise keeps the guest off the host: restrict=on). In Nova the client goes to the
+server's own address, from inside a network namespace when the cloud's guest network is reached from one
+(clouds.yaml `kiln.ssh_netns`; the local stack's guests live in one, off the host's network). The client
+reads nothing of the host's SSH setup (no config file, keys, agent or known_hosts); the password reaches it
+through SSH_ASKPASS from the environment of that one process, never a file or a command line.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 import tempfile
@@ -28,6 +32,8 @@ PROOF = "KILN-SSH-OK"
 COMMAND = f'echo "{PROOF} uid=$(id -u)"'
 DENIALS = 3
 _ASKPASS = "#!/bin/sh\nprintf '%s\\n' \"$KILN_SSH_PASSWORD\"\n"
+NETNS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -37,22 +43,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ssh_argv(port: int, user: str) -> list[str]:
-    return ["ssh", "-F", "/dev/null", "-T", "-p", str(port),
+def ssh_argv(port: int, user: str, host: str = LOOPBACK, netns: str | None = None) -> list[str]:
+    """The client's command line: `host` must be an IP address; with `netns`, run inside the network
+    namespace /run/netns/NETNS (nsenter, network namespace only)."""
+    address = str(ipaddress.ip_address(host))
+    prefix: list[str] = []
+    if netns is not None:
+        if not NETNS_RE.fullmatch(netns):
+            raise ValueError(f"network namespace {netns!r}: not a name (letters, digits, '.', '_', '-')")
+        prefix = ["nsenter", f"--net=/run/netns/{netns}", "--"]
+    return [*prefix, "ssh", "-F", "/dev/null", "-T", "-p", str(port),
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
             "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-o", "NumberOfPasswordPrompts=1",
             "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR",
-            f"{user}@127.0.0.1", COMMAND]
+            f"{user}@{address}", COMMAND]
 
 
-def ssh_login(port: int, user: str, password: str, *, deadline: float,
-              stop: threading.Event | None = None) -> bool:
-    """True once `user` logs in with `password` on 127.0.0.1:`port` and the command runs as root; retried
-    until `deadline` (monotonic) while sshd may still be starting, and never once `stop` is set (the guest
-    is gone: its port may then belong to anyone on the host)."""
+def ssh_login(port: int, user: str, password: str, *, deadline: float, stop: threading.Event | None = None,
+              host: str = LOOPBACK, netns: str | None = None) -> bool:
+    """True once `user` logs in with `password` on `host`:`port` (from inside `netns`, if given) and the
+    command runs as root; retried until `deadline` (monotonic) while sshd may still be starting, and never
+    once `stop` is set (the guest is gone: its port may then belong to anyone on the host)."""
     stop = stop or threading.Event()
+    argv = ssh_argv(port, user, host, netns)
+    where = f"{user}@{host}:{port}" + (f" (network namespace {netns})" if netns else "")
     with tempfile.TemporaryDirectory(prefix="kiln-ssh-") as tmp:
         askpass = Path(tmp) / "askpass"
         askpass.write_text(_ASKPASS)
@@ -66,15 +82,15 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float,
             if remaining <= 0 or stop.is_set():
                 return False
             try:
-                done = run(ssh_argv(port, user), env=env, timeout=min(30.0, remaining), check=False, quiet=True,
-                           what=f"ssh {user}@127.0.0.1:{port}")
+                done = run(argv, env=env, timeout=min(30.0, remaining), check=False, quiet=True,
+                           what=f"ssh {where}")
             except CommandError as exc:  # timed out
-                log.info("boot test: ssh %s@guest, attempt %d: %s", user, attempt, str(exc).splitlines()[0])
+                log.info("boot test: ssh %s, attempt %d: %s", where, attempt, str(exc).splitlines()[0])
                 continue
             if done.returncode == 0 and f"{PROOF} uid=0" in done.lines and not stop.is_set():
-                log.info("boot test: ssh %s@guest with the injected password: ok (attempt %d)", user, attempt)
+                log.info("boot test: ssh %s with the injected password: ok (attempt %d)", where, attempt)
                 return True
-            log.info("boot test: ssh %s@guest, attempt %d: exit %s: %s", user, attempt, done.returncode,
+            log.info("boot test: ssh %s, attempt %d: exit %s: %s", where, attempt, done.returncode,
                      " / ".join(done.lines[-2:]) or "no output")
             # sshd answered and said no: once may be cloud-init still setting the password, thrice is final
             denied += any("Permission denied" in line for line in done.lines)

@@ -15,8 +15,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from kiln.boot import conformance, qemu, seed
 from kiln.boot.nova import NovaBootResult
 from kiln.build.plan import digest
@@ -65,11 +63,7 @@ def user_data(marker: str, *, root_password: str | None, suite: conformance.Suit
     """The boot test's cloud-config, with the conformance suite; with a password, it goes to cloud-init's
     default user (`password:`), which is root in an image with the cloud-init-cfg element."""
     text = seed.boot_test_user_data(marker, write_files=conformance.write_files(suite, firmware) if suite else ())
-    if root_password is None:
-        return text
-    config = yaml.safe_load(text)
-    config.update({"password": root_password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
-    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    return text if root_password is None else seed.with_default_user_password(text, root_password)
 
 
 def boot_firmware(spec: ImageSpec, wanted: list[str] | None = None) -> list[str]:
@@ -131,7 +125,7 @@ def nova_outcome(result: NovaBootResult, *, firmware: str, console_log: Path) ->
     return BootOutcome(firmware=firmware, passed=result.passed, seconds=result.seconds,
                        accel=f"nova on {result.cloud} ({result.flavor})", root_bytes=result.root_bytes,
                        disk_bytes=result.disk_bytes, login_ok=None, serial_log=str(console_log), backend="nova",
-                       checks=result.checks)
+                       ssh_ok=result.ssh_ok, checks=result.checks)
 
 
 def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str, arch: str,

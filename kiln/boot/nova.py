@@ -13,12 +13,20 @@ Where the flavor and network come from, first match wins: the caller's arguments
 --flavor/--network`), the environment (`KILN_NOVA_FLAVOR`, `KILN_NOVA_NETWORK`), the cloud's entry in
 clouds.yaml (a `kiln:` section with `boot_flavor`, `boot_network`, `active_timeout`), then defaults
 (the smallest flavor that fits the image; no network).
+
+With `ssh_login` (the build's `boot_test.ssh_login`, as for the seed document's image), the boot test also
+does what the seed's operator does: root's password goes in through the config drive's user-data, and
+once cloud-init has finished, `ssh root@<the server's address>` with that password must run a command.
+The server then goes on the cloud's SSH network (clouds.yaml `kiln.ssh_network`), and when that network
+is reached from a network namespace of this host (`kiln.ssh_netns`: the local stack's guest network,
+which no host service is on), the SSH client runs inside it.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -32,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import openstack.exceptions
 from keystoneauth1 import exceptions as ks_exceptions
 
-from kiln.boot import conformance, seed
+from kiln.boot import conformance, guest_ssh, seed
 from kiln.boot.conformance import suite_of_build
 from kiln.boot.serial_console import SerialFacts, clean_console
 from kiln.cloud import glance
@@ -55,6 +63,7 @@ DELETE_TIMEOUT = 120
 POLL_SECONDS = 5.0
 TAIL_LINES = 40
 NO_NETWORK = "none"
+SSH_TIMEOUT = 180
 EMPTY_CONSOLE = ("(the console log is empty: nothing booted far enough to print on ttyS0; no bootloader, or "
                  "an image without a serial console)")
 
@@ -79,12 +88,15 @@ class NovaBootError(BootTestError):
 @dataclass(frozen=True)
 class NovaSettings:
     """How to boot: a flavor name or id (None: the smallest that fits), `none`, `auto` or a network name
-    or id, and the two timeouts."""
+    or id, and the two timeouts; for an SSH login, the network a guest is reached on and the network
+    namespace of this host it is reached from (None: the host's own)."""
 
     flavor: str | None = None
     network: str = NO_NETWORK
     active_timeout: int = DEFAULT_ACTIVE_TIMEOUT
     boot_timeout: int = DEFAULT_BOOT_TIMEOUT
+    ssh_network: str | None = None
+    ssh_netns: str | None = None
 
 
 EFI_RE = re.compile(r"\befi: EFI v\d")
@@ -104,6 +116,8 @@ class NovaBootResult:
     disk_bytes: int | None
     console: str = field(repr=False)
     checks: list[CheckOutcome] = field(default_factory=list)  # the conformance suite, both boots
+    ssh_ok: bool | None = None  # root's SSH login with the injected password; None when not asked for
+    address: str | None = None  # where it logged in
 
     @property
     def firmware(self) -> str:
@@ -128,10 +142,15 @@ def settings_for(conn: openstack.connection.Connection, *, flavor: str | None = 
     section = conn.config.config.get("kiln") or {}
     if not isinstance(section, Mapping):
         raise NovaError(f"cloud {cloud_label(conn)!r}: the 'kiln' entry of clouds.yaml must be a mapping")
-    unknown = set(section) - {"boot_flavor", "boot_network", "active_timeout", "boot_timeout"}
+    known = ("boot_flavor", "boot_network", "active_timeout", "boot_timeout", "ssh_network", "ssh_netns")
+    unknown = set(section) - set(known)
     if unknown:
         raise NovaError(f"cloud {cloud_label(conn)!r}: clouds.yaml kiln.{sorted(unknown)[0]} is not a setting "
-                        f"(known: boot_flavor, boot_network, active_timeout, boot_timeout)")
+                        f"(known: {', '.join(known)})")
+    netns = env.get("KILN_NOVA_SSH_NETNS") or section.get("ssh_netns") or None
+    if netns is not None and not (isinstance(netns, str) and guest_ssh.NETNS_RE.fullmatch(netns)):
+        raise NovaError(f"cloud {cloud_label(conn)!r}: clouds.yaml kiln.ssh_netns {netns!r} is not a network "
+                        f"namespace's name (letters, digits, '.', '_', '-')")
 
     def number(key: str, default: int) -> int:
         value = section.get(key, default)
@@ -145,6 +164,8 @@ def settings_for(conn: openstack.connection.Connection, *, flavor: str | None = 
         network=network or env.get("KILN_NOVA_NETWORK") or section.get("boot_network") or NO_NETWORK,
         active_timeout=number("active_timeout", DEFAULT_ACTIVE_TIMEOUT),
         boot_timeout=boot_timeout or number("boot_timeout", DEFAULT_BOOT_TIMEOUT),
+        ssh_network=env.get("KILN_NOVA_SSH_NETWORK") or section.get("ssh_network") or None,
+        ssh_netns=netns,
     )
 
 
@@ -205,27 +226,43 @@ def _sleep_until(deadline: float, seconds: float) -> None:
     time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
 
 
+def ssh_network(cloud: str, settings: NovaSettings) -> str:
+    """The network a server goes on to be logged in to over SSH: the cloud's SSH network, else the boot
+    network when there is one."""
+    network = settings.ssh_network or (settings.network if settings.network != NO_NETWORK else None)
+    if network is None:
+        raise NovaError(f"cloud {cloud!r}: the boot test logs in over SSH (boot_test.ssh_login) and the cloud names "
+                        f"no network to reach the server on: set kiln.ssh_network in clouds.yaml (and "
+                        f"kiln.ssh_netns when this host reaches that network from a network namespace)")
+    return network
+
+
 def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings: NovaSettings,
-              suite: conformance.Suite | None = None,
+              suite: conformance.Suite | None = None, ssh_login: bool = False,
               on_console: Callable[[str], None] | None = None) -> NovaBootResult:
     """Boot `image_id` in Nova until cloud-init has finished and the conformance `suite` reported (and again
-    after a soft reboot through Nova's API); delete the server whatever happens.
+    after a soft reboot through Nova's API); with `ssh_login`, log in as root over SSH in between, with the
+    password the user-data set; delete the server whatever happens.
 
     Raises NovaBootError when the server errors, never becomes ACTIVE, does not print the marker and
-    cloud-init's end within the timeouts, or fails a conformance check; NovaError when the cloud refuses the
-    request."""
+    cloud-init's end within the timeouts, refuses the SSH login, or fails a conformance check; NovaError when
+    the cloud refuses the request."""
     cloud = cloud_label(conn)
     require_compute(conn)
     with sdk_errors(conn, f"get image {image_id}"):
         image = conn.image.get_image(image_id)
     flavor = pick_flavor(conn, settings.flavor, min_ram=int(image.min_ram or 0), min_disk=int(image.min_disk or 0))
-    networks = network_arg(conn, settings.network)
+    network = ssh_network(cloud, settings) if ssh_login else settings.network
+    networks = network_arg(conn, network)
     marker = "KILN-NOVA-" + secrets.token_hex(8)
     name = SERVER_PREFIX + marker.rsplit("-", 1)[1]
     running = suite is not None and suite.cloud_init
     user_data = seed.boot_test_user_data(
         marker, write_files=conformance.write_files(suite, "nova") if suite is not None and running else ())
-    where = f"cloud {cloud!r}: image {image_id} ({image.name}), flavor {flavor.name}, network {settings.network}"
+    password = secrets.token_urlsafe(12) if ssh_login else None
+    if password is not None:
+        user_data = seed.with_default_user_password(user_data, password)
+    where = f"cloud {cloud!r}: image {image_id} ({image.name}), flavor {flavor.name}, network {network}"
     server_id: str | None = None
     log.info("%s: booting as server %s", where, name)
     start = time.monotonic()
@@ -244,6 +281,10 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
                                        on_console=on_console)
         seconds = time.monotonic() - start
         log.info("%s: cloud-init finished %.0f s after the server was created", where, seconds)
+        address = None
+        if password is not None:
+            address = _login_over_ssh(conn, server_id, password, settings=settings, where=where,
+                                      deadline=start + settings.active_timeout + settings.boot_timeout)
         checks: list[CheckOutcome] = []
         if suite is not None and running:
             deadline = start + settings.boot_timeout + settings.active_timeout
@@ -261,11 +302,39 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
                 except BootTestError as exc:
                     raise NovaBootError(str(exc), reason="a conformance check failed", fault=None,
                                         tail=console_lines(console)[-TAIL_LINES:]) from None
-        return NovaBootResult(True, cloud, image_id, server_id, str(flavor.name), settings.network,
+        return NovaBootResult(True, cloud, image_id, server_id, str(flavor.name), network,
                               round(active, 1), round(seconds, 1), facts.root_bytes, facts.disk_bytes, console,
-                              checks)
+                              checks, ssh_ok=True if password is not None else None, address=address)
     finally:
         delete_servers(conn, [server_id] if server_id else None, name=name)
+
+
+def server_address(conn: openstack.connection.Connection, server_id: str) -> str:
+    """The server's first fixed IPv4 address (Nova's view of its port), as an address."""
+    with sdk_errors(conn, f"get server {server_id}"):
+        server = conn.compute.get_server(server_id)
+    for entries in (server.addresses or {}).values():
+        for entry in entries:
+            if entry.get("version") == 4 and entry.get("OS-EXT-IPS:type", "fixed") == "fixed":
+                return str(ipaddress.ip_address(str(entry.get("addr"))))
+    raise NovaBootError(f"cloud {cloud_label(conn)!r}: server {server_id} has no IPv4 address to log in to",
+                        reason="the server has no IPv4 address", fault=None, tail=[])
+
+
+def _login_over_ssh(conn: openstack.connection.Connection, server_id: str, password: str, *,
+                    settings: NovaSettings, where: str, deadline: float) -> str:
+    address = server_address(conn, server_id)
+    log.info("%s: logging in as root over SSH at %s%s", where, address,
+             f" (from network namespace {settings.ssh_netns})" if settings.ssh_netns else "")
+    # sshd is up by cloud-init's end; a few minutes for a slow guest, within the boot's own deadline
+    ok = guest_ssh.ssh_login(22, "root", password, host=address, netns=settings.ssh_netns,
+                             deadline=min(deadline, time.monotonic() + SSH_TIMEOUT))
+    if not ok:
+        raise NovaBootError(f"{where}: server {server_id}: root could not log in over SSH at {address} with the "
+                            f"password set through the config drive's user-data",
+                            reason=f"root's SSH login at {address} with the injected password failed (sshd "
+                                   f"refused it or never answered)", fault=None, tail=_tail(conn, server_id))
+    return address
 
 
 def _wait_active(conn: openstack.connection.Connection, server_id: str, *, where: str, timeout: int,
@@ -342,8 +411,7 @@ def _wait_reports(conn: openstack.connection.Connection, server_id: str, suite: 
             if reports.done(boot) or time.monotonic() >= deadline:
                 break
             _sleep_until(deadline, POLL_SECONDS)
-            with sdk_errors(conn, f"read the console log of server {server_id}"):
-                text = str(conn.compute.get_server_console_output(server_id).get("output") or "")
+            text = _console_while_rebooting(conn, server_id, text)
         if not reports.done(boot):
             log.warning("%s: the conformance suite did not report at boot %d", where, boot)
             break
@@ -352,6 +420,19 @@ def _wait_reports(conn: openstack.connection.Connection, server_id: str, suite: 
             with sdk_errors(conn, f"reboot server {server_id}"):
                 conn.compute.reboot_server(server_id, "SOFT")
     return reports, text
+
+
+def _console_while_rebooting(conn: openstack.connection.Connection, server_id: str, last: str) -> str:
+    """The console log, or `last` while there is none to read: Nova's libvirt driver reboots a guest (SOFT)
+    by shutting its domain down and starting it again, and in between answers "Guest does not have a
+    console available" (404). A server that is gone is an error."""
+    try:
+        return str(conn.compute.get_server_console_output(server_id).get("output") or "")
+    except openstack.exceptions.NotFoundException:
+        with sdk_errors(conn, f"get server {server_id}"):
+            conn.compute.get_server(server_id)  # raises when the server itself is gone
+        log.info("cloud %r: server %s has no console right now (rebooting)", cloud_label(conn), server_id)
+        return last
 
 
 def _tail(conn: openstack.connection.Connection, server_id: str) -> list[str]:
@@ -395,11 +476,11 @@ def leftover_servers(conn: openstack.connection.Connection) -> list[str]:
 
 def boot_candidate(cloud: str | None, image_id: str, *, clouds_yaml: Path | None = None, flavor: str | None = None,
                    network: str | None = None, timeout: int | None = None,
-                   suite: conformance.Suite | None = None) -> NovaBootResult:
+                   suite: conformance.Suite | None = None, ssh_login: bool = False) -> NovaBootResult:
     """Boot an image already in Glance (a publish candidate) in the Nova of `cloud`."""
     conn = glance.connect(cloud, clouds_yaml=clouds_yaml)
     return boot_test(conn, image_id, settings=settings_for(conn, flavor=flavor, network=network, boot_timeout=timeout),
-                     suite=suite)
+                     suite=suite, ssh_login=ssh_login)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,6 +501,9 @@ def boot_test_output(build: BuildRecord, *, cloud: str | None, clouds_yaml: Path
     require_compute(conn)
     boot_timeout = timeout or int(build.boot_settings.get("timeout") or DEFAULT_BOOT_TIMEOUT)
     settings = settings_for(conn, flavor=flavor, network=network, boot_timeout=boot_timeout)
+    ssh_login = bool(build.boot_settings.get("ssh_login"))
+    if ssh_login:
+        ssh_network(glance.cloud_name(conn), settings)  # refused before anything is uploaded
     same = [i for i in glance.list_images(conn, {"os_hash_value": image.sha512}) if i.status == "active"]
     temporary: str | None = None
     try:
@@ -438,7 +522,8 @@ def boot_test_output(build: BuildRecord, *, cloud: str | None, clouds_yaml: Path
             )
             uploaded = glance.upload_image(conn, upload)
             temporary = image_id = uploaded.id
-        return boot_test(conn, image_id, settings=settings, suite=suite or suite_of_build(build))
+        return boot_test(conn, image_id, settings=settings, suite=suite or suite_of_build(build),
+                         ssh_login=ssh_login)
     finally:
         if temporary is not None:
             try:

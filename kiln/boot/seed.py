@@ -98,3 +98,12 @@ def boot_test_user_data(
         config["write_files"] = [dict(f) for f in write_files]
     config["runcmd"] = [["sh", "-c", script], *extra_runcmd]
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def with_default_user_password(user_data: str, password: str) -> str:
+    """`user_data` (#cloud-config) that also gives cloud-init's default user `password` and turns on SSH
+    password logins: the seed document's way, where the cloud-init-cfg element makes root the default user,
+    so an injected password is root's."""
+    config = yaml.safe_load(user_data)
+    config.update({"password": password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)

@@ -291,6 +291,7 @@ def _boot_test_nova(args: argparse.Namespace) -> int:
     write_replacing(log_path, result.console)
     print(f"boot test nova ({result.cloud}, flavor {result.flavor}, network {result.network}): passed in "
           f"{result.seconds:.0f} s (ACTIVE after {result.active_seconds:.0f} s"
+          f"{f'; ssh root@{result.address} with the injected password: ok' if result.ssh_ok else ''}"
           f"{'; conformance ' + summary(result.checks) if result.checks else ''}); server {result.server_id} "
           f"deleted; console log: {log_path}")
     return 0

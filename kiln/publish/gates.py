@@ -53,7 +53,8 @@ Gate = Callable[[CandidateImage], GateResult]
 
 class NovaBoot(Protocol):
     def __call__(self, cloud: str | None, image_id: str, *, clouds_yaml: Path | None, flavor: str | None,
-                 network: str | None, timeout: int | None, suite: Suite | None) -> NovaBootResult: ...
+                 network: str | None, timeout: int | None, suite: Suite | None,
+                 ssh_login: bool = False) -> NovaBootResult: ...
 
 
 def manifest_gate(candidate: CandidateImage) -> GateResult:
@@ -111,11 +112,13 @@ def nova_gate(candidate: CandidateImage, boot: NovaBoot | None = None, *, flavor
         result = boot(candidate.cloud, candidate.image_id, clouds_yaml=candidate.clouds_yaml,
                       flavor=flavor or settings.get("flavor"), network=network or settings.get("network"),
                       timeout=int(settings.get("timeout") or nova.DEFAULT_BOOT_TIMEOUT),
-                      suite=suite_of_build(candidate.build))
+                      suite=suite_of_build(candidate.build), ssh_login=bool(settings.get("ssh_login")))
     except nova.NovaBootError as exc:
         return GateResult(False, f"the Nova boot failed: {exc.reason}", tuple(exc.tail))
     return GateResult(True, f"booted in Nova on {result.cloud} to cloud-init's end (flavor {result.flavor}, "
-                            f"network {result.network}, ACTIVE in {result.active_seconds:.0f} s, "
+                            f"network {result.network}, "
+                            + (f"root's SSH login at {result.address} ok, " if result.ssh_ok else "")
+                            + f"ACTIVE in {result.active_seconds:.0f} s, "
                             f"{result.seconds:.0f} s in all; conformance {summary(result.checks) or 'not run'})")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import openstack.exceptions
 import pytest
 import yaml
 
@@ -243,16 +244,19 @@ def test_the_nova_gate_boots_with_the_specs_flavor_network_and_timeout() -> None
     def boot(cloud: str | None, image_id: str, **kwargs: Any) -> Any:
         calls.append((cloud, image_id, kwargs))
         return SimpleNamespace(cloud=cloud, flavor="m1.small", network="private", active_seconds=10.0, seconds=70.0,
-                               checks=[])
+                               checks=[], ssh_ok=True, address="10.0.0.5")
 
-    build = SimpleNamespace(boot_settings={"timeout": 300, "flavor": "m1.small", "network": "private"},
+    build = SimpleNamespace(boot_settings={"timeout": 300, "flavor": "m1.small", "network": "private",
+                                           "ssh_login": True},
                             spec={"name": "x", "boot_test": {"waive": {"time-sync": "the test says so"}}}, base={},
                             packages=[{"name": "qemu-guest-agent"}])
     result = nova_gate(CandidateImage("x", build=build, image=None, cloud="c", image_id="img"),  # type: ignore[arg-type]
                        boot=boot)
     assert result.passed and "flavor m1.small" in result.detail
+    assert "root's SSH login at 10.0.0.5 ok" in result.detail
     suite = calls[0][2].pop("suite")
-    assert calls == [("c", "img", {"clouds_yaml": None, "flavor": "m1.small", "network": "private", "timeout": 300})]
+    assert calls == [("c", "img", {"clouds_yaml": None, "flavor": "m1.small", "network": "private", "timeout": 300,
+                                   "ssh_login": True})]
     # the suite of the candidate's build: its waivers, its packages (the guest agent)
     assert suite.waive == (("time-sync", "the test says so"),) and suite.guest_agent and not suite.cloud_init
 
@@ -287,3 +291,69 @@ def test_the_firmware_of_a_nova_boot_is_what_the_guest_reported() -> None:
     assert result("[    0.000000] efi: EFI v2.7 by EDK II\n").firmware == "uefi"
     assert result("[    0.000000] BIOS-provided physical RAM map:\n").firmware == "bios"
     assert result("").firmware == "bios"
+
+
+def test_ssh_settings_come_from_clouds_yaml_and_a_bad_namespace_name_is_refused() -> None:
+    cloud: Any = FakeCloud(FakeCompute(FLAVORS), kiln_section={"ssh_network": "guests", "ssh_netns": "kiln-guests"})
+    got = nova.settings_for(cloud, env={})
+    assert (got.ssh_network, got.ssh_netns) == ("guests", "kiln-guests")
+    assert nova.settings_for(cloud, env={"KILN_NOVA_SSH_NETNS": "other"}).ssh_netns == "other"
+    for bad in ("../../proc/1/ns/net", "a b", "-x", 5):
+        with pytest.raises(nova.NovaError, match=r"kiln\.ssh_netns .* is not a network namespace's name"):
+            nova.settings_for(FakeCloud(FakeCompute(FLAVORS), kiln_section={"ssh_netns": bad}), env={})  # type: ignore[arg-type]
+
+
+def test_an_ssh_login_without_a_network_to_reach_the_guest_on_is_refused_before_any_server() -> None:
+    compute = FakeCompute(FLAVORS)
+    with pytest.raises(nova.NovaError, match=r"no network to reach the server on: set kiln\.ssh_network"):
+        nova.boot_test(FakeCloud(compute), "img-1", settings=FAST, ssh_login=True)  # type: ignore[arg-type]
+    assert compute.created == []
+
+
+def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_ssh_network(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The password goes to cloud-init's default user through the config drive's user-data; the SSH client
+    goes to the server's fixed address from the configured namespace; a refused login fails the boot."""
+    compute = FakeCompute(FLAVORS, console=lambda marker, n: GOOD_CONSOLE.format(marker_line=f"KILN-MARKER={marker}"))
+    calls: list[tuple[str, str | None, str]] = []
+
+    def ssh_login(port: int, user: str, password: str, **kw: Any) -> bool:
+        calls.append((kw["host"], kw["netns"], password))
+        return len(calls) > 1
+
+    monkeypatch.setattr(nova.guest_ssh, "ssh_login", ssh_login)
+    monkeypatch.setattr(nova, "server_address", lambda conn, server_id: "10.254.213.7")
+    settings = nova.NovaSettings(flavor="kiln.boot", active_timeout=60, boot_timeout=60, ssh_network="private",
+                                 ssh_netns="kiln-guests")
+    with pytest.raises(nova.NovaBootError, match=r"root could not log in over SSH at 10\.254\.213\.7"):
+        nova.boot_test(FakeCloud(compute), "img-1", settings=settings, ssh_login=True)  # type: ignore[arg-type]
+    assert compute.deleted == ["srv-1"]
+    result = nova.boot_test(FakeCloud(compute), "img-1", settings=settings, ssh_login=True)  # type: ignore[arg-type]
+    assert result.ssh_ok is True and result.address == "10.254.213.7" and result.network == "private"
+    created = compute.created[-1]
+    assert created["networks"] == [{"uuid": "net-1"}]
+    config = yaml.safe_load(base64.b64decode(created["user_data"]).decode())
+    password = calls[-1][2]
+    assert config["password"] == password and config["ssh_pwauth"] is True and len(password) >= 16
+    assert calls[-1][:2] == ("10.254.213.7", "kiln-guests")
+    assert compute.deleted == ["srv-1", "srv-2"]
+
+
+def test_a_console_nova_cannot_show_during_a_reboot_is_waited_for() -> None:
+    """Nova's libvirt driver reboots (SOFT) by stopping and starting the domain: in between, the console
+    answers 404 "Guest does not have a console available". That is no failure while the server exists."""
+    class Rebooting(FakeCompute):
+        def get_server_console_output(self, server_id: str, length: int | None = None) -> dict[str, str]:
+            self.polls += 1
+            if self.polls == 1:
+                raise openstack.exceptions.NotFoundException("Guest does not have a console available.")
+            return {"output": "after"}
+
+    compute = Rebooting(FLAVORS, statuses=["ACTIVE"])
+    cloud: Any = FakeCloud(compute)
+    assert nova._console_while_rebooting(cloud, "srv-1", "before") == "before"
+    assert nova._console_while_rebooting(cloud, "srv-1", "before") == "after"
+    compute.raise_on_get = openstack.exceptions.NotFoundException("no server")
+    compute.polls = 0
+    with pytest.raises(nova.NovaError, match="get server srv-1"):
+        nova._console_while_rebooting(cloud, "srv-1", "before")
