@@ -64,6 +64,7 @@ POLL_SECONDS = 5.0
 TAIL_LINES = 40
 NO_NETWORK = "none"
 SSH_TIMEOUT = 180
+NETNS_DIR = Path("/run/netns")
 EMPTY_CONSOLE = ("(the console log is empty: nothing booted far enough to print on ttyS0; no bootloader, or "
                  "an image without a serial console)")
 
@@ -324,6 +325,10 @@ def server_address(conn: openstack.connection.Connection, server_id: str) -> str
 def _login_over_ssh(conn: openstack.connection.Connection, server_id: str, password: str, *,
                     settings: NovaSettings, where: str, deadline: float) -> str:
     address = server_address(conn, server_id)
+    if settings.ssh_netns is not None and not (NETNS_DIR / settings.ssh_netns).exists():
+        raise NovaError(f"{where}: kiln.ssh_netns names the network namespace {settings.ssh_netns!r}, and this host "
+                        f"has none of that name ({NETNS_DIR / settings.ssh_netns} is missing; for the local stack: "
+                        f"make openstack)")
     log.info("%s: logging in as root over SSH at %s%s", where, address,
              f" (from network namespace {settings.ssh_netns})" if settings.ssh_netns else "")
     # sshd is up by cloud-init's end; a few minutes for a slow guest, within the boot's own deadline

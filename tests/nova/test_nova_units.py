@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -311,7 +312,7 @@ def test_an_ssh_login_without_a_network_to_reach_the_guest_on_is_refused_before_
 
 
 def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_ssh_network(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The password goes to cloud-init's default user through the config drive's user-data; the SSH client
     goes to the server's fixed address from the configured namespace; a refused login fails the boot."""
     compute = FakeCompute(FLAVORS, console=lambda marker, n: GOOD_CONSOLE.format(marker_line=f"KILN-MARKER={marker}"))
@@ -322,6 +323,8 @@ def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_
         return len(calls) > 1
 
     monkeypatch.setattr(nova.guest_ssh, "ssh_login", ssh_login)
+    monkeypatch.setattr(nova, "NETNS_DIR", tmp_path)
+    (tmp_path / "kiln-guests").touch()
     monkeypatch.setattr(nova, "server_address", lambda conn, server_id: "10.254.213.7")
     settings = nova.NovaSettings(flavor="kiln.boot", active_timeout=60, boot_timeout=60, ssh_network="private",
                                  ssh_netns="kiln-guests")
@@ -337,6 +340,11 @@ def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_
     assert config["password"] == password and config["ssh_pwauth"] is True and len(password) >= 16
     assert calls[-1][:2] == ("10.254.213.7", "kiln-guests")
     assert compute.deleted == ["srv-1", "srv-2"]
+    # a namespace this host does not have: said, naming it, and the server still goes
+    (tmp_path / "kiln-guests").unlink()
+    with pytest.raises(nova.NovaError, match=r"network namespace 'kiln-guests', and this host has none"):
+        nova.boot_test(FakeCloud(compute), "img-1", settings=settings, ssh_login=True)  # type: ignore[arg-type]
+    assert compute.deleted == ["srv-1", "srv-2", "srv-3"]
 
 
 def test_a_console_nova_cannot_show_during_a_reboot_is_waited_for() -> None:
