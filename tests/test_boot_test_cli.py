@@ -32,6 +32,11 @@ def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> 
     # the console's tail, as SeaBIOS printed it: the error says why, not only that a boot test failed
     assert "No bootable device" in err or "not a bootable disk" in err, err
     assert leftovers(str(tmp_path)) == []
+    # nothing of the boot is left in the output but its console log, which the error names
+    kept = tmp_path / "boot-qemu-bios-console.log"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["broken.qcow2", "manifest.json", "SHA256SUMS", kept.name]), list(tmp_path.iterdir())
+    assert str(kept) in err and kept.stat().st_size > 0
 
 
 def test_not_a_build_output(tmp_path: Path) -> None:

@@ -160,9 +160,25 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
     settings = spec.boot_test
     if timeout:
         settings = settings.model_copy(update={"timeout": timeout})
-    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
     accel = qemu.probe_accel(None, state_dir=state_dir())
     suite = conformance.suite_of_build(build)
-    return [boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir, accel=accel,
-                      suite=suite)
-            for fw in boot_firmware(spec, firmware)]
+    outcomes: list[BootOutcome] = []
+    # the boots' scratch (seed ISO, firmware variables) goes; each console log stays beside the images
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
+    try:
+        for fw in boot_firmware(spec, firmware):
+            serial = workdir / f"boot-{fw}" / f"serial-{fw}.log"
+            kept = build.output / f"boot-qemu-{fw}-console.log"
+            try:
+                outcome = boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir,
+                                    accel=accel, suite=suite)
+            except BootTestError as exc:
+                if not serial.is_file():
+                    raise
+                shutil.copyfile(serial, kept)
+                raise BootTestError(str(exc).replace(str(serial), str(kept))) from None
+            shutil.copyfile(outcome.serial_log, kept)
+            outcomes.append(replace(outcome, serial_log=str(kept)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return outcomes
