@@ -15,6 +15,7 @@ from kiln.host.state import state_dir
 from kiln.image.convert import ImageOutput
 from kiln.model.errors import BootTestError
 from kiln.model.record import BootOutcome, BuildRecord
+from kiln.store.entries import FAILED_BOOTS
 from tasks.common import store_key
 
 
@@ -40,7 +41,7 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
         # a copy where the operator can read it, and name that one
         serial = ctx.workdir / f"boot-{firmware}" / f"serial-{firmware}.log"
         if serial.is_file() and str(serial) in str(exc):
-            kept = ctx.store.root / "failed-boots" / f"{ctx.workdir.name}-{firmware}.log"
+            kept = ctx.store.root / FAILED_BOOTS / f"{ctx.workdir.name}-{firmware}.log"
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(serial, kept)
             raise BootTestError(str(exc).replace(str(serial), str(kept))) from None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -49,6 +50,18 @@ def test_gc_removes_least_recently_used(tmp_path: Path) -> None:
     removed = store.gc(max_size=250_000)
     assert [e.key for e in removed] == ["old"]
     assert store.has("mid") and store.has("new")
+
+
+def test_gc_keeps_only_the_newest_failed_boot_consoles(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    folder = tmp_path / "failed-boots"
+    folder.mkdir()
+    for i in range(25):
+        log = folder / f"build-{i:02d}-bios.log"
+        log.write_text("console")
+        os.utime(log, (1000 + i, 1000 + i))
+    store.gc(max_size=10**12)
+    assert sorted(p.name for p in folder.iterdir()) == [f"build-{i:02d}-bios.log" for i in range(5, 25)]
 
 
 def test_concurrent_builders_of_one_key_build_once(tmp_path: Path) -> None:

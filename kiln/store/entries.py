@@ -27,6 +27,8 @@ from kiln.host.state import private_dir
 
 log = logging.getLogger("kiln.store")
 
+FAILED_BOOTS = "failed-boots"  # console logs of failed boot tests, kept for a look (tasks/boot_test.py)
+FAILED_BOOTS_KEPT = 20
 KEY_CHARS = 24  # 96 bits: short directory names keep deep overlay stacks under the mount-option limit
 
 
@@ -308,7 +310,21 @@ class Store:
                 self.remove(e.key)
             total -= e.size
             removed.append(e)
+        self.trim_failed_boots()
         return removed
+
+    def trim_failed_boots(self, keep: int = FAILED_BOOTS_KEPT) -> list[Path]:
+        """The console logs of failed boot tests (`failed-boots/`, named in their errors): the newest `keep`
+        stay, older ones go."""
+        folder = self.root / FAILED_BOOTS
+        if not folder.is_dir():
+            return []
+        logs = sorted((p for p in folder.iterdir() if p.is_file() and not p.is_symlink()),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in logs[keep:]:
+            old.unlink(missing_ok=True)
+            log.info("cache gc: removed the console log of an old failed boot: %s", old.name)
+        return logs[keep:]
 
 
 def _alive(pid: int) -> bool:
