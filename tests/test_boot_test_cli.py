@@ -23,6 +23,10 @@ def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> 
                     "sha512": sha512}],
     }))
     (tmp_path / "SHA256SUMS").write_text(f"{sha256}  broken.qcow2\n")
+    # the output directory is a stranger's: a link where the console log goes must not be written through
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    victim.write_text("host file\n")
+    (tmp_path / "boot-qemu-bios-console.log").symlink_to(victim)
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(tmp_path)], cwd=REPO,
                           env=kiln_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
@@ -36,7 +40,8 @@ def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> 
     kept = tmp_path / "boot-qemu-bios-console.log"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["broken.qcow2", "manifest.json", "SHA256SUMS", kept.name]), list(tmp_path.iterdir())
-    assert str(kept) in err and kept.stat().st_size > 0
+    assert str(kept) in err and not kept.is_symlink() and kept.stat().st_size > 0
+    assert victim.read_text() == "host file\n"
 
 
 def test_not_a_build_output(tmp_path: Path) -> None:

@@ -163,8 +163,12 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
     accel = qemu.probe_accel(None, state_dir=state_dir())
     suite = conformance.suite_of_build(build)
     outcomes: list[BootOutcome] = []
-    # the boots' scratch (seed ISO, firmware variables) goes; each console log stays beside the images
-    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=build.output))
+    # the boots' scratch (seed ISO, firmware variables, console) is kiln's own, never in the output directory,
+    # which may be a stranger's; each console log is then written beside the images (a new file renamed over
+    # the name, never through a link planted there) and the scratch goes
+    scratch_root = state_dir() / "boot-scratch"
+    scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=scratch_root))
     try:
         for fw in boot_firmware(spec, firmware):
             serial = workdir / f"boot-{fw}" / f"serial-{fw}.log"
@@ -175,9 +179,9 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
             except BootTestError as exc:
                 if not serial.is_file():
                     raise
-                shutil.copyfile(serial, kept)
+                write_replacing(kept, serial.read_text(errors="replace"))
                 raise BootTestError(str(exc).replace(str(serial), str(kept))) from None
-            shutil.copyfile(outcome.serial_log, kept)
+            write_replacing(kept, Path(outcome.serial_log).read_text(errors="replace"))
             outcomes.append(replace(outcome, serial_log=str(kept)))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -19,7 +19,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,14 +317,20 @@ class Store:
         """The console logs of failed boot tests (`failed-boots/`, named in their errors): the newest `keep`
         stay, older ones go."""
         folder = self.root / FAILED_BOOTS
-        if not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir():
             return []
-        logs = sorted((p for p in folder.iterdir() if p.is_file() and not p.is_symlink()),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in logs[keep:]:
-            old.unlink(missing_ok=True)
-            log.info("cache gc: removed the console log of an old failed boot: %s", old.name)
-        return logs[keep:]
+        dated: list[tuple[float, Path]] = []
+        for p in folder.iterdir():
+            with suppress(FileNotFoundError):  # a concurrent gc took it
+                st = p.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    dated.append((st.st_mtime, p))
+        dated.sort(reverse=True)
+        old = [p for _, p in dated[keep:]]
+        for p in old:
+            p.unlink(missing_ok=True)
+            log.info("cache gc: removed the console log of an old failed boot: %s", p.name)
+        return old
 
 
 def _alive(pid: int) -> bool:
