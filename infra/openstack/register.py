@@ -104,7 +104,9 @@ def ensure_flavor(conn: Any) -> None:
 
 def ensure_guest_network(conn: Any) -> None:
     """The guest network and its subnet (a subnet whose range or gateway changed is made anew)."""
-    net = conn.network.find_network(GUEST_NETWORK, ignore_missing=True)
+    # the network on the guest physical network (only an admin sets provider attributes: a project's own
+    # network of the same name is not it)
+    net = next(iter(conn.network.networks(provider_physical_network=GUEST_NETWORK)), None)
     if net is None:
         print(f"creating network {GUEST_NETWORK}")
         net = conn.network.create_network(name=GUEST_NETWORK, shared=True, provider_network_type="flat",

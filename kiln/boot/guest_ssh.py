@@ -6,7 +6,9 @@ network (which otherwise keeps the guest off the host: restrict=on). In Nova the
 server's own address, from inside a network namespace when the cloud's guest network is reached from one
 (clouds.yaml `kiln.ssh_netns`; the local stack's guests live in one, off the host's network). The client
 reads nothing of the host's SSH setup (no config file, keys, agent or known_hosts); the password reaches it
-through SSH_ASKPASS from the environment of that one process, never a file or a command line.
+through SSH_ASKPASS from the environment of that one process, never a file or a command line. Where other
+guests share the network (Nova), the guest's host key is one kiln made for this boot and gave it through
+the user-data (`host_key_pair`): the client checks it strictly and sends the password to nothing else.
 """
 
 from __future__ import annotations
@@ -43,17 +45,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ssh_argv(port: int, user: str, host: str = LOOPBACK, netns: str | None = None) -> list[str]:
+def host_key_pair() -> tuple[str, str]:
+    """A fresh ed25519 host key for one guest: (the private key in OpenSSH's format, the public key line)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-hostkey-") as tmp:
+        key = Path(tmp) / "host_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kiln-boot-test", "-f", str(key)], quiet=True,
+            what="ssh-keygen (the guest's host key)")
+        return key.read_text(), key.with_suffix(".pub").read_text().strip()
+
+
+def ssh_argv(port: int, user: str, host: str = LOOPBACK, netns: str | None = None,
+             known_hosts: Path | None = None) -> list[str]:
     """The client's command line: `host` must be an IP address; with `netns`, run inside the network
-    namespace /run/netns/NETNS (nsenter, network namespace only)."""
+    namespace /run/netns/NETNS (nsenter, network namespace only); with `known_hosts`, the host key must be
+    the one that file gives (ed25519), else nothing is sent."""
     address = str(ipaddress.ip_address(host))
     prefix: list[str] = []
     if netns is not None:
         if not NETNS_RE.fullmatch(netns):
             raise ValueError(f"network namespace {netns!r}: not a name (letters, digits, '.', '_', '-')")
         prefix = ["nsenter", f"--net=/run/netns/{netns}", "--"]
-    return [*prefix, "ssh", "-F", "/dev/null", "-T", "-p", str(port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+    checking = (["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+                 "-o", "HostKeyAlgorithms=ssh-ed25519"] if known_hosts is not None
+                else ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+    return [*prefix, "ssh", "-F", "/dev/null", "-T", "-p", str(port), *checking,
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
             "-o", "IdentityAgent=none", "-o", "IdentitiesOnly=yes", "-o", "NumberOfPasswordPrompts=1",
@@ -62,14 +77,19 @@ def ssh_argv(port: int, user: str, host: str = LOOPBACK, netns: str | None = Non
 
 
 def ssh_login(port: int, user: str, password: str, *, deadline: float, stop: threading.Event | None = None,
-              host: str = LOOPBACK, netns: str | None = None) -> bool:
+              host: str = LOOPBACK, netns: str | None = None, host_key: str | None = None) -> bool:
     """True once `user` logs in with `password` on `host`:`port` (from inside `netns`, if given) and the
     command runs as root; retried until `deadline` (monotonic) while sshd may still be starting, and never
-    once `stop` is set (the guest is gone: its port may then belong to anyone on the host)."""
+    once `stop` is set (the guest is gone: its port may then belong to anyone on the host). With `host_key`
+    (a public key line), a server that cannot prove it holds that key gets no password."""
     stop = stop or threading.Event()
-    argv = ssh_argv(port, user, host, netns)
     where = f"{user}@{host}:{port}" + (f" (network namespace {netns})" if netns else "")
     with tempfile.TemporaryDirectory(prefix="kiln-ssh-") as tmp:
+        known_hosts = None
+        if host_key is not None:
+            known_hosts = Path(tmp) / "known_hosts"
+            known_hosts.write_text(f"{ipaddress.ip_address(host)} {' '.join(host_key.split()[:2])}\n")
+        argv = ssh_argv(port, user, host, netns, known_hosts)
         askpass = Path(tmp) / "askpass"
         askpass.write_text(_ASKPASS)
         askpass.chmod(stat.S_IRWXU)
@@ -91,10 +111,20 @@ def ssh_login(port: int, user: str, password: str, *, deadline: float, stop: thr
                 log.info("boot test: ssh %s with the injected password: ok (attempt %d)", where, attempt)
                 return True
             log.info("boot test: ssh %s, attempt %d: exit %s: %s", where, attempt, done.returncode,
-                     " / ".join(done.lines[-2:]) or "no output")
-            # sshd answered and said no: once may be cloud-init still setting the password, thrice is final
+                     _printable(" / ".join(done.lines[-2:])) or "no output")
+            # sshd answered and said no: once may be cloud-init still setting the password, thrice is final;
+            # a host key other than the one given: not the guest (or it did not take its key), no password sent
+            if any("Host key verification failed" in line for line in done.lines):
+                log.warning("boot test: ssh %s: the server's host key is not the one kiln gave the guest", where)
+                denied += 1
             denied += any("Permission denied" in line for line in done.lines)
             if denied >= DENIALS:
                 return False
             if time.monotonic() + 5 >= deadline or stop.wait(5):
                 return False
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """What a guest said, fit for a log line: control characters and escapes out, cut to `limit`."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + "…"

@@ -229,12 +229,19 @@ def _sleep_until(deadline: float, seconds: float) -> None:
 
 def ssh_network(cloud: str, settings: NovaSettings) -> str:
     """The network a server goes on to be logged in to over SSH: the cloud's SSH network, else the boot
-    network when there is one."""
+    network when there is one; its namespace, when one is named, must exist on this host."""
     network = settings.ssh_network or (settings.network if settings.network != NO_NETWORK else None)
     if network is None:
         raise NovaError(f"cloud {cloud!r}: the boot test logs in over SSH (boot_test.ssh_login) and the cloud names "
                         f"no network to reach the server on: set kiln.ssh_network in clouds.yaml (and "
                         f"kiln.ssh_netns when this host reaches that network from a network namespace)")
+    if not isinstance(network, str) or network in (NO_NETWORK, "auto"):
+        raise NovaError(f"cloud {cloud!r}: kiln.ssh_network {network!r} is no network a server can be reached on: "
+                        f"name one")
+    if settings.ssh_netns is not None and not (NETNS_DIR / settings.ssh_netns).exists():
+        raise NovaError(f"cloud {cloud!r}: kiln.ssh_netns names the network namespace {settings.ssh_netns!r}, and "
+                        f"this host has none of that name ({NETNS_DIR / settings.ssh_netns} is missing; for the "
+                        f"local stack: make openstack)")
     return network
 
 
@@ -261,8 +268,11 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
     user_data = seed.boot_test_user_data(
         marker, write_files=conformance.write_files(suite, "nova") if suite is not None and running else ())
     password = secrets.token_urlsafe(12) if ssh_login else None
+    host_key: str | None = None
     if password is not None:
-        user_data = seed.with_default_user_password(user_data, password)
+        # root's password, and a host key of this boot's: the client gives the password to that key only
+        private_key, host_key = guest_ssh.host_key_pair()
+        user_data = seed.with_host_key(seed.with_default_user_password(user_data, password), private_key, host_key)
     where = f"cloud {cloud!r}: image {image_id} ({image.name}), flavor {flavor.name}, network {network}"
     server_id: str | None = None
     log.info("%s: booting as server %s", where, name)
@@ -284,7 +294,7 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
         log.info("%s: cloud-init finished %.0f s after the server was created", where, seconds)
         address = None
         if password is not None:
-            address = _login_over_ssh(conn, server_id, password, settings=settings, where=where,
+            address = _login_over_ssh(conn, server_id, password, host_key, settings=settings, where=where,
                                       deadline=start + settings.active_timeout + settings.boot_timeout)
         checks: list[CheckOutcome] = []
         if suite is not None and running:
@@ -311,34 +321,43 @@ def boot_test(conn: openstack.connection.Connection, image_id: str, *, settings:
 
 
 def server_address(conn: openstack.connection.Connection, server_id: str) -> str:
-    """The server's first fixed IPv4 address (Nova's view of its port), as an address."""
+    """The server's first fixed IPv4 address (Nova's view of its port): a unicast address of a network, never
+    this host's loopback, an unspecified, link-local or multicast one."""
     with sdk_errors(conn, f"get server {server_id}"):
         server = conn.compute.get_server(server_id)
-    for entries in (server.addresses or {}).values():
-        for entry in entries:
-            if entry.get("version") == 4 and entry.get("OS-EXT-IPS:type", "fixed") == "fixed":
-                return str(ipaddress.ip_address(str(entry.get("addr"))))
+    addresses = server.addresses if isinstance(server.addresses, dict) else {}
+    for entries in addresses.values():
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict) or entry.get("version") != 4 \
+                    or entry.get("OS-EXT-IPS:type", "fixed") != "fixed":
+                continue
+            try:
+                address = ipaddress.IPv4Address(str(entry.get("addr")))
+            except ValueError:
+                continue
+            if address.is_loopback or address.is_unspecified or address.is_link_local or address.is_multicast:
+                raise NovaBootError(f"cloud {cloud_label(conn)!r}: server {server_id}: Nova gives {address} as its "
+                                    f"address, which is no guest's", reason=f"the server's address {address} is "
+                                    f"no guest's", fault=None, tail=[])
+            return str(address)
     raise NovaBootError(f"cloud {cloud_label(conn)!r}: server {server_id} has no IPv4 address to log in to",
                         reason="the server has no IPv4 address", fault=None, tail=[])
 
 
-def _login_over_ssh(conn: openstack.connection.Connection, server_id: str, password: str, *,
-                    settings: NovaSettings, where: str, deadline: float) -> str:
+def _login_over_ssh(conn: openstack.connection.Connection, server_id: str, password: str, host_key: str | None,
+                    *, settings: NovaSettings, where: str, deadline: float) -> str:
     address = server_address(conn, server_id)
-    if settings.ssh_netns is not None and not (NETNS_DIR / settings.ssh_netns).exists():
-        raise NovaError(f"{where}: kiln.ssh_netns names the network namespace {settings.ssh_netns!r}, and this host "
-                        f"has none of that name ({NETNS_DIR / settings.ssh_netns} is missing; for the local stack: "
-                        f"make openstack)")
     log.info("%s: logging in as root over SSH at %s%s", where, address,
              f" (from network namespace {settings.ssh_netns})" if settings.ssh_netns else "")
     # sshd is up by cloud-init's end; a few minutes for a slow guest, within the boot's own deadline
-    ok = guest_ssh.ssh_login(22, "root", password, host=address, netns=settings.ssh_netns,
+    ok = guest_ssh.ssh_login(22, "root", password, host=address, netns=settings.ssh_netns, host_key=host_key,
                              deadline=min(deadline, time.monotonic() + SSH_TIMEOUT))
     if not ok:
         raise NovaBootError(f"{where}: server {server_id}: root could not log in over SSH at {address} with the "
                             f"password set through the config drive's user-data",
                             reason=f"root's SSH login at {address} with the injected password failed (sshd "
-                                   f"refused it or never answered)", fault=None, tail=_tail(conn, server_id))
+                                   f"refused it, never answered, or did not show the host key kiln gave the "
+                                   f"guest)", fault=None, tail=_tail(conn, server_id))
     return address
 
 

@@ -107,3 +107,11 @@ def with_default_user_password(user_data: str, password: str) -> str:
     config = yaml.safe_load(user_data)
     config.update({"password": password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def with_host_key(user_data: str, private_key: str, public_key: str) -> str:
+    """`user_data` (#cloud-config) that gives the guest this ed25519 host key (cloud-init's `ssh_keys`,
+    replacing any it has), so that an SSH client can tell it from anything else answering at its address."""
+    config = yaml.safe_load(user_data)
+    config["ssh_keys"] = {"ed25519_private": private_key, "ed25519_public": public_key}
+    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)

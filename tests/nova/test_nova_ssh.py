@@ -45,9 +45,16 @@ def test_the_seed_image_lets_root_in_over_ssh_in_nova(nova_stack: NovaStack, nov
     real_address = nova.server_address
 
     def address_spy(conn: Any, server_id: str) -> str:
-        """While the guest runs: its port's tap is in the guest namespace, and not on the host."""
+        """While the guest runs: its port's tap is in the guest namespace, an isolated port of its bridge,
+        and not on the host, where every tap* is dropped anyway."""
         [port] = list(conn.network.ports(device_id=server_id))
-        seen.update(tap=("tap" + str(port.id))[:14], host=link_names(), guests=link_names(NETNS))
+        tap = ("tap" + str(port.id))[:14]
+        detail = subprocess.run(["ip", "-n", NETNS, "-d", "-j", "link", "show", "dev", tap], capture_output=True,
+                                text=True, timeout=30).stdout
+        seen.update(tap=tap, host=link_names(), guests=link_names(NETNS),
+                    port=json.loads(detail or "[{}]")[0].get("linkinfo", {}).get("info_slave_data", {}),
+                    rules=subprocess.run(["nft", "list", "table", "inet", "kiln_guests"], capture_output=True,
+                                         text=True, timeout=30).stdout)
         return real_address(conn, server_id)
 
     monkeypatch.setattr(nova, "server_address", address_spy)
@@ -56,6 +63,8 @@ def test_the_seed_image_lets_root_in_over_ssh_in_nova(nova_stack: NovaStack, nov
     assert result.passed and result.ssh_ok is True, result
     assert result.network == "kiln-guests" and result.address and result.address.startswith("10.254.213."), result
     assert seen["tap"] in seen["guests"] and seen["tap"] not in seen["host"], seen
+    assert seen["port"].get("isolated") is True, seen["port"]
+    assert 'iifname "tap*" drop' in seen["rules"], seen["rules"]
     # the conformance suite ran at both boots (the second after a reboot through Nova's API)
     assert result.checks and not [c for c in result.checks if c.result == "fail"], result.checks
     assert nova_conn.compute.find_server(result.server_id, ignore_missing=True) is None
@@ -69,33 +78,48 @@ def test_the_seed_image_lets_root_in_over_ssh_in_nova(nova_stack: NovaStack, nov
 
 def test_the_guest_network_reaches_nothing_of_the_host(nova_stack: NovaStack) -> None:
     """What a guest's packets meet: the namespace's bridge and gateway address, no route out. A listener on
-    all of the host's addresses is not reachable from there, on any of them."""
-    with socket.socket() as listener:
-        listener.bind(("0.0.0.0", 0))
-        listener.listen(8)
+    all of the host's addresses (IPv4 and IPv6) answers the same probe run on the host, and nothing of it is
+    reachable from the namespace, on any of them."""
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 and IPv6, every address
+        listener.bind(("::", 0))
+        listener.listen(16)
+        listener.settimeout(1)
         port = listener.getsockname()[1]
         accepted: list[object] = []
+        done_listening = threading.Event()
 
         def accept() -> None:
-            listener.settimeout(15)
-            with contextlib.suppress(OSError):
-                accepted.append(listener.accept())
+            while not done_listening.is_set():
+                with contextlib.suppress(OSError):
+                    conn, peer = listener.accept()
+                    accepted.append(peer)
+                    conn.close()
 
         waiter = threading.Thread(target=accept, daemon=True)
         waiter.start()
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
-        host_addresses = [a["local"] for link in json.loads(out) for a in link.get("addr_info", [])]
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+        host_addresses = [a["local"] for link in json.loads(out) for a in link.get("addr_info", [])
+                          if a.get("scope") != "link"]
         assert "127.0.0.1" in host_addresses
-        probe = "; ".join(f"timeout 3 bash -c 'exec 3<>/dev/tcp/{a}/{port}' 2>/dev/null && echo reached {a} "
-                          f"|| echo not {a}" for a in host_addresses)
-        done = subprocess.run(["nsenter", f"--net=/run/netns/{NETNS}", "--", "bash", "-c", probe],
-                              capture_output=True, text=True, timeout=120)
-        routes = subprocess.run(["ip", "-n", NETNS, "-4", "route", "show"], capture_output=True, text=True,
-                                check=True).stdout
-        listener.close()
+
+        def probe(*prefix: str) -> str:
+            script = "; ".join(f"timeout 3 bash -c 'exec 3<>/dev/tcp/{a}/{port}' 2>/dev/null && echo reached {a} "
+                               f"|| echo not {a}" for a in host_addresses)
+            return subprocess.run([*prefix, "bash", "-c", script], capture_output=True, text=True, timeout=120,
+                                  check=True).stdout
+
+        on_host = probe()  # the control: the probe does reach the listener, on every address, from the host
+        time.sleep(0.5)
+        reached_from_host = len(accepted)
+        in_netns = probe("nsenter", f"--net=/run/netns/{NETNS}", "--")
+        time.sleep(0.5)
+        done_listening.set()
         waiter.join(timeout=20)
-    assert done.returncode == 0 and "reached" not in done.stdout, done.stdout
-    assert done.stdout.count("not ") == len(host_addresses), done.stdout
-    assert accepted == []
+    routes = subprocess.run(["ip", "-n", NETNS, "-4", "route", "show"], capture_output=True, text=True,
+                            check=True).stdout
+    assert on_host.count("reached ") == len(host_addresses) == reached_from_host, (on_host, accepted)
+    assert "reached" not in in_netns and in_netns.count("not ") == len(host_addresses), in_netns
+    assert len(accepted) == reached_from_host, accepted
     assert [line.split()[0] for line in routes.splitlines()] == ["10.254.213.0/24"], routes
-    assert link_names(NETNS) <= {"lo", "br-guests"} | {n for n in link_names(NETNS) if n.startswith("tap")}
+    assert {n for n in link_names(NETNS) if not n.startswith("tap")} == {"lo", "br-guests"}

@@ -316,10 +316,10 @@ def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_
     """The password goes to cloud-init's default user through the config drive's user-data; the SSH client
     goes to the server's fixed address from the configured namespace; a refused login fails the boot."""
     compute = FakeCompute(FLAVORS, console=lambda marker, n: GOOD_CONSOLE.format(marker_line=f"KILN-MARKER={marker}"))
-    calls: list[tuple[str, str | None, str]] = []
+    calls: list[tuple[str, str | None, str, str]] = []
 
     def ssh_login(port: int, user: str, password: str, **kw: Any) -> bool:
-        calls.append((kw["host"], kw["netns"], password))
+        calls.append((kw["host"], kw["netns"], password, kw["host_key"]))
         return len(calls) > 1
 
     monkeypatch.setattr(nova.guest_ssh, "ssh_login", ssh_login)
@@ -336,15 +336,44 @@ def test_an_ssh_login_puts_root_password_in_the_user_data_and_the_server_on_the_
     created = compute.created[-1]
     assert created["networks"] == [{"uuid": "net-1"}]
     config = yaml.safe_load(base64.b64decode(created["user_data"]).decode())
-    password = calls[-1][2]
+    password, host_key = calls[-1][2], calls[-1][3]
     assert config["password"] == password and config["ssh_pwauth"] is True and len(password) >= 16
     assert calls[-1][:2] == ("10.254.213.7", "kiln-guests")
+    # a host key of this boot's, given to the guest and to the client (which gives the password to it only)
+    assert host_key.startswith("ssh-ed25519 ") and config["ssh_keys"]["ed25519_public"] == host_key
+    assert "OPENSSH PRIVATE KEY" in config["ssh_keys"]["ed25519_private"] and calls[0][3] != host_key
     assert compute.deleted == ["srv-1", "srv-2"]
-    # a namespace this host does not have: said, naming it, and the server still goes
+    # a namespace this host does not have: said, naming it, before any server
     (tmp_path / "kiln-guests").unlink()
     with pytest.raises(nova.NovaError, match=r"network namespace 'kiln-guests', and this host has none"):
         nova.boot_test(FakeCloud(compute), "img-1", settings=settings, ssh_login=True)  # type: ignore[arg-type]
-    assert compute.deleted == ["srv-1", "srv-2", "srv-3"]
+    assert len(compute.created) == 2
+    for bad in ("none", "auto"):
+        with pytest.raises(nova.NovaError, match=rf"kiln.ssh_network '{bad}' is no network"):
+            nova.ssh_network("c", nova.NovaSettings(ssh_network=bad))
+
+
+@pytest.mark.parametrize("addresses", [
+    {"net": [{"version": 4, "addr": "127.0.0.1"}]}, {"net": [{"version": 4, "addr": "169.254.169.254"}]},
+    {"net": [{"version": 4, "addr": "0.0.0.0"}]}, {"net": [{"version": 4, "addr": "224.0.0.1"}]},
+])
+def test_an_address_no_guest_can_have_is_refused(addresses: dict[str, Any]) -> None:
+    class Addressed(FakeCompute):
+        def get_server(self, server_id: str) -> Any:
+            return SimpleNamespace(id=server_id, status="ACTIVE", addresses=addresses)
+
+    with pytest.raises(nova.NovaBootError, match="which is no guest's"):
+        nova.server_address(FakeCloud(Addressed(FLAVORS)), "srv-1")  # type: ignore[arg-type]
+
+
+def test_a_malformed_address_list_is_no_address() -> None:
+    class Addressed(FakeCompute):
+        def get_server(self, server_id: str) -> Any:
+            return SimpleNamespace(id=server_id, status="ACTIVE",
+                                   addresses={"a": "x", "b": [None, {"version": 4, "addr": "not-an-ip"}]})
+
+    with pytest.raises(nova.NovaBootError, match="has no IPv4 address"):
+        nova.server_address(FakeCloud(Addressed(FLAVORS)), "srv-1")  # type: ignore[arg-type]
 
 
 def test_a_console_nova_cannot_show_during_a_reboot_is_waited_for() -> None:
