@@ -46,22 +46,49 @@ nova_configure() {
 }
 
 nova_prepare() {
-    [[ -f $DATA/nova/.prepared ]] && return 0
-    nova_manage api_db sync || die "nova-manage api_db sync failed; see $LOGS/nova-manage.log"
-    nova_manage cell_v2 map_cell0 --database_connection "sqlite:///$DATA/nova/nova_cell0.sqlite" \
-        || die "nova-manage cell_v2 map_cell0 failed; see $LOGS/nova-manage.log"
-    # exit code 2: a cell with this database and transport already exists (a half-finished earlier run)
-    nova_manage cell_v2 create_cell --name cell1 --verbose || [[ $? -eq 2 ]] \
-        || die "nova-manage cell_v2 create_cell failed; see $LOGS/nova-manage.log"
-    nova_manage db sync || die "nova-manage db sync failed; see $LOGS/nova-manage.log"
-    touch "$DATA/nova/.prepared"
+    if [[ ! -f $DATA/nova/.prepared ]]; then
+        nova_manage api_db sync || die "nova-manage api_db sync failed; see $LOGS/nova-manage.log"
+        nova_manage cell_v2 map_cell0 --database_connection "sqlite:///$DATA/nova/nova_cell0.sqlite?timeout=60" \
+            || die "nova-manage cell_v2 map_cell0 failed; see $LOGS/nova-manage.log"
+        # exit code 2: a cell with this database and transport already exists (a half-finished earlier run)
+        nova_manage cell_v2 create_cell --name cell1 --verbose || [[ $? -eq 2 ]] \
+            || die "nova-manage cell_v2 create_cell failed; see $LOGS/nova-manage.log"
+        nova_manage db sync || die "nova-manage db sync failed; see $LOGS/nova-manage.log"
+        touch "$DATA/nova/.prepared"
+    fi
+    nova_sqlite_concurrency
 }
 
-# nova_sql DB QUERY: the first column of the first row (SQLite, read-only)
+# SQLite under Nova's concurrent writers (API, conductor, scheduler, compute): seen failing a spawn with
+# "database is locked" when one server was deleted as the next was created. Every Nova database in WAL
+# mode (readers no longer block a writer's commit), and every connection waits up to 60 s for the lock
+# (`?timeout=60`: in nova.conf, and in the cell mappings an earlier up.sh stored without it). Idempotent.
+nova_sqlite_concurrency() {
+    "$VENV/bin/python" - "$DATA/nova" >>"$LOGS/nova-manage.log" 2>&1 <<'PY' \
+        || die "nova: could not set up its SQLite databases for concurrent use; see $LOGS/nova-manage.log"
+import os, sqlite3, sys
+folder = sys.argv[1]
+for name in ("nova_api", "nova_cell0", "nova"):
+    path = os.path.join(folder, f"{name}.sqlite")
+    if os.path.exists(path):
+        with sqlite3.connect(path, timeout=60) as con:
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            sys.exit(f"{path}: journal_mode stays {mode}")
+with sqlite3.connect(os.path.join(folder, "nova_api.sqlite"), timeout=60) as con:
+    for cell_id, url in con.execute("SELECT id, database_connection FROM cell_mappings").fetchall():
+        if url.startswith("sqlite:") and "timeout=" not in url:
+            new = url + ("&" if "?" in url else "?") + "timeout=60"
+            con.execute("UPDATE cell_mappings SET database_connection = ? WHERE id = ?", (new, cell_id))
+            print(f"cell mapping {cell_id}: {new}")
+PY
+}
+
+# nova_sql DB QUERY: the first column of the first row (SQLite; queries only)
 nova_sql() {
     "$VENV/bin/python" - "$DATA/nova/$1.sqlite" "$2" <<'PY'
 import sqlite3, sys
-con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, timeout=10)
+con = sqlite3.connect(sys.argv[1], timeout=10)  # (a WAL database: a read-only open could not make its -shm)
 row = con.execute(sys.argv[2]).fetchone()
 print(row[0] if row else "")
 PY
