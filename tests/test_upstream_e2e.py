@@ -7,7 +7,7 @@ cloud images."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 
 from kiln.host.run import run
 from kiln.store.entries import Store
+from tests import dib_parity
 from tests.e2e import kiln, kiln_env, leftovers, manifest
 from tests.test_build_e2e import debugfs_cat, root_offset
 from tests.upstream_fixtures import FixtureServer, GpgKey, _sha256, make_key
@@ -105,12 +106,27 @@ echo "hello from an rpm" > %{buildroot}/usr/share/kiln-hello/hello.txt
 """
 
 
-def rpm_repository(root: Path) -> Path:
-    """A real dnf repository: one noarch RPM built with rpmbuild, indexed with createrepo_c."""
+STAND_IN_SPEC = """Name: {name}
+Version: 0
+Release: 1
+Summary: a stand-in for the Red Hat family's {name}
+License: MIT
+BuildArch: noarch
+%description
+Stands in for {name} in kiln's dnf test (no Red Hat family mirror is reachable here).
+%files
+"""
+
+
+def rpm_repository(root: Path, stand_ins: Sequence[str] = ()) -> Path:
+    """A real dnf repository, indexed with createrepo_c: one noarch RPM with a file, built with rpmbuild, and
+    an empty one for each name in `stand_ins`."""
     root.mkdir(parents=True)
     (root / "hello.spec").write_text(HELLO_SPEC)
-    run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {root / 'rpmbuild'}", str(root / "hello.spec")],
-        quiet=True)
+    for name in stand_ins:
+        (root / f"{name}.spec").write_text(STAND_IN_SPEC.format(name=name))
+    for spec in sorted(root.glob("*.spec")):
+        run(["rpmbuild", "-bb", "--quiet", "--define", f"_topdir {root / 'rpmbuild'}", str(spec)], quiet=True)
     repo = root / "repo"
     repo.mkdir()
     for rpm in (root / "rpmbuild" / "RPMS").rglob("*.rpm"):
@@ -125,11 +141,15 @@ def test_redhat_family_packages_go_through_dnf_and_the_redhat_pkg_map(
     """distro: fedora on an upstream base: install-packages runs dnf (KILN_PACKAGE_FAMILY=redhat) and
     package-installs names go through pkg-map's redhat family. The base is this session's Debian image
     (no Fedora mirror is reachable here), so an earlier hook puts Debian's own dnf and rpm into it and
-    points dnf at a repository served on 127.0.0.1; what installs the package is a real dnf."""
+    points dnf at a repository served on 127.0.0.1; what installs the packages is a real dnf. Besides the
+    test's own package, the repository has an empty stand-in for every package diskimage-builder's `fedora`
+    installs (derived from DIB's files): kiln's `fedora` and `redhat-common` ask dnf for each of them."""
     server, key, _, _ = published
-    repo = FixtureServer(rpm_repository(tmp_path / "rpm"))
+    dib_packages = dib_parity.dib_side("fedora", "fedora", "41")[1]
+    repo = FixtureServer(rpm_repository(tmp_path / "rpm", dib_packages))
     try:
-        make_element("dnf-from-debian", hooks={"pre-install.d/10-dnf": (
+        # before package-installs' own pre-install.d/01 (redhat-common installs gettext at pre-install)
+        make_element("dnf-from-debian", hooks={"pre-install.d/00-dnf": (
             "set -eu\napt-get update -q\n"
             "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dnf rpm\n"
             # Debian's rpm keeps its database in ~/.rpmdb; a Red Hat family image keeps it here
@@ -157,6 +177,7 @@ def test_redhat_family_packages_go_through_dnf_and_the_redhat_pkg_map(
     installed = {p["name"]: p for p in m["packages"]}
     assert installed["kiln-hello-rpm"]["version"] == "1.0-1" and installed["kiln-hello-rpm"]["arch"] == "noarch"
     assert "hello" not in installed  # the debian family's name was not used
+    assert [p for p in dib_packages if installed.get(p, {}).get("version") != "0-1"] == []
     raw = tmp_path / "out" / "redhat-family.raw"
     assert debugfs_cat(raw, root_offset(raw), "/usr/share/kiln-hello/hello.txt") == "hello from an rpm\n"
     assert debugfs_cat(raw, root_offset(raw), "/etc/os-release") is not None

@@ -120,6 +120,7 @@ def qemu_argv(
     ssh_port: int | None = None,
     agent_socket: Path | None = None,
     control_socket: Path | None = None,
+    qmp_socket: Path | None = None,
 ) -> list[str]:
     """The QEMU command line of a boot test (pure: touches no file).
 
@@ -144,6 +145,8 @@ def qemu_argv(
              "-boot", "strict=on"]
     if control_socket is None:  # no reboot asked for: a reset ends QEMU (and the boot test) at once
         argv += ["-no-reboot"]
+    if qmp_socket is not None:  # a reset from the host, when the firmware stalls after the guest's reboot
+        argv += ["-qmp", f"unix:{_opt(qmp_socket)},server=on,wait=off"]
     if firmware != "bios":
         if firmware_code is None or firmware_vars is None:
             raise ValueError(f"{firmware} needs firmware_code and firmware_vars")
@@ -387,7 +390,8 @@ def boot_test(
                          memory_mib=memory_mib, cpus=cpus, firmware_code=uefi[0] if uefi else None,
                          firmware_vars=vars_copy, name=f"kiln-boot-{firmware}", ssh_port=ssh_port,
                          agent_socket=sockdir / "agent.sock" if agent and suite_boots else None,
-                         control_socket=sockdir / "control.sock" if suite_boots > 1 else None)
+                         control_socket=sockdir / "control.sock" if suite_boots > 1 else None,
+                         qmp_socket=sockdir / "qmp.sock" if suite_boots > 1 else None)
         log.info("boot test %s/%s (%s) of %s, timeout %.0f s", arch, firmware, accel, image.name, timeout)
         start = time.monotonic()
         login = Login(*extra_login) if extra_login else None
@@ -398,7 +402,8 @@ def boot_test(
             console = SerialConsole(sockdir / "serial.sock", marker, login=login, deadline=start + timeout,
                                     ssh_port=ssh_port, criterion=criterion, on_line=note, suite_boots=suite_boots,
                                     agent_socket=sockdir / "agent.sock" if agent and suite_boots else None,
-                                    control_socket=sockdir / "control.sock" if suite_boots > 1 else None)
+                                    control_socket=sockdir / "control.sock" if suite_boots > 1 else None,
+                                    qmp_socket=sockdir / "qmp.sock" if suite_boots > 1 else None)
             console.start()
             try:
                 done = run(with_parent_death_signal(argv), timeout=timeout, check=False, quiet=True,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.boot import guest_agent, guest_ssh
+from kiln.boot import guest_agent, guest_ssh, qmp
 from kiln.boot.conformance import REBOOT_LINE, Reports
 from kiln.boot.seed import DISK_BYTES_PREFIX, FAILED_UNITS_PREFIX, ROOT_BYTES_PREFIX
 from kiln.host.run import redact
@@ -40,6 +40,7 @@ _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 # what a guest may print in all (QEMU writes it to the serial log on disk too): a boot prints a few hundred KiB;
 # a guest flooding its console is failed and stopped, not read (and logged) for the whole timeout
 MAX_CONSOLE_BYTES = 64 * 1024 * 1024
+STALL_SECONDS = 150  # silence on the console after the guest's reboot that means the firmware stalled
 MAX_LINE_CHARS = 64 * 1024  # a "line" that never ends is cut here
 # console lines after which the guest will never reach cloud-init's end: fail at once, not at timeout
 FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -193,7 +194,8 @@ class SerialConsole(threading.Thread):
     def __init__(self, path: Path, marker: str, *, login: Login | None, deadline: float,
                  ssh_port: int | None = None, criterion: str = "cloud-init",
                  on_line: Callable[[str], None] | None = None, suite_boots: int = 0,
-                 agent_socket: Path | None = None, control_socket: Path | None = None) -> None:
+                 agent_socket: Path | None = None, control_socket: Path | None = None,
+                 qmp_socket: Path | None = None) -> None:
         super().__init__(name=f"kiln-serial-{path.parent.name}", daemon=True)
         self.path = path
         self.login = login
@@ -213,6 +215,8 @@ class SerialConsole(threading.Thread):
         self.agent_socket = agent_socket
         self.control_socket = control_socket
         self._control: socket.socket | None = None
+        self.qmp_socket = qmp_socket
+        self._last_data = time.monotonic()  # when the console last said anything
 
     # -- plumbing
     def _connect(self) -> bool:
@@ -252,6 +256,7 @@ class SerialConsole(threading.Thread):
             self._eof = True
             return False
         self._received += len(data)
+        self._last_data = time.monotonic()
         if self._received > MAX_CONSOLE_BYTES:
             self.state.facts.fatal = (f"the guest flooded its serial console (more than "
                                       f"{MAX_CONSOLE_BYTES // 2**20} MiB): stopped")
@@ -379,8 +384,27 @@ class SerialConsole(threading.Thread):
             if self._until_for(lambda: facts.reboot_seen, 5.0):
                 break
         log.info("conformance: rebooting the guest")
-        if self._until(lambda: reports.done(2)):
+        if self._until_rebooted(lambda: reports.done(2)):
             log.info("conformance: boot 2 reported %d checks", len(reports.of_boot(2)))
+
+    def _until_rebooted(self, done: Callable[[], bool]) -> bool:
+        """`_until`, and once: when the console has said nothing for STALL_SECONDS after the guest's reboot
+        (the firmware stalled on the warm reset: kiln.boot.qmp), reset the machine through QMP."""
+        facts = self.state.facts
+        reset = False
+        while not done():
+            if facts.fatal is not None or time.monotonic() >= self.deadline or not self._pump():
+                return False
+            quiet = time.monotonic() - self._last_data
+            if not reset and self.qmp_socket is not None and quiet >= STALL_SECONDS:
+                reset = True
+                log.warning("conformance: nothing on the console for %.0f s after the guest's reboot (the firmware "
+                            "stalled on the warm reset); resetting the machine once", quiet)
+                try:
+                    qmp.execute(self.qmp_socket, "system_reset")
+                except (OSError, ValueError, BootTestError) as exc:
+                    log.warning("conformance: the reset failed: %s", exc)
+        return True
 
     def _until_for(self, done: Callable[[], bool], seconds: float) -> bool:
         until = time.monotonic() + seconds
