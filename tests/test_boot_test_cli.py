@@ -26,7 +26,7 @@ def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> 
     # the output directory is a stranger's: a link where the console log goes must not be written through
     victim = tmp_path.parent / f"{tmp_path.name}-victim"
     victim.write_text("host file\n")
-    (tmp_path / "boot-qemu-bios-console.log").symlink_to(victim)
+    (tmp_path / "boot-test-qemu-bios-console.log").symlink_to(victim)
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", "boot-test", str(tmp_path)], cwd=REPO,
                           env=kiln_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
@@ -37,7 +37,7 @@ def test_unbootable_output_is_rejected_with_the_console_tail(tmp_path: Path) -> 
     assert "No bootable device" in err or "not a bootable disk" in err, err
     assert leftovers(str(tmp_path)) == []
     # nothing of the boot is left in the output but its console log, which the error names
-    kept = tmp_path / "boot-qemu-bios-console.log"
+    kept = tmp_path / "boot-test-qemu-bios-console.log"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["broken.qcow2", "manifest.json", "SHA256SUMS", kept.name]), list(tmp_path.iterdir())
     assert str(kept) in err and not kept.is_symlink() and kept.stat().st_size > 0

@@ -172,7 +172,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
     try:
         for fw in boot_firmware(spec, firmware):
             serial = workdir / f"boot-{fw}" / f"serial-{fw}.log"
-            kept = build.output / f"boot-qemu-{fw}-console.log"
+            kept = build.output / f"boot-test-qemu-{fw}-console.log"  # the build's own boot logs stay as they are
             try:
                 outcome = boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir,
                                     accel=accel, suite=suite)
