@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from kiln.boot import nova
 from kiln.boot.conformance import Suite, summary
-from kiln.boot.local import boot_checked, boot_key
+from kiln.boot.local import boot_checked, boot_key, console_kept, serial_log_of
 from kiln.build.customize import BuildContext
 from kiln.host.state import state_dir
 from kiln.image.convert import ImageOutput
@@ -39,12 +38,10 @@ def boot_test(ctx: BuildContext, image: ImageOutput, firmware: str, kernel: Path
     except BootTestError as exc:
         # the console the error names is in the build's work directory, which goes when the build ends: keep
         # a copy where the operator can read it, and name that one
-        serial = ctx.workdir / f"boot-{firmware}" / f"serial-{firmware}.log"
+        serial = serial_log_of(ctx.workdir, firmware)
         if serial.is_file() and str(serial) in str(exc):
-            kept = ctx.store.root / FAILED_BOOTS / f"{ctx.workdir.name}-{firmware}.log"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(serial, kept)
-            raise BootTestError(str(exc).replace(str(serial), str(kept))) from None
+            raise console_kept(exc, serial, ctx.store.root / FAILED_BOOTS / f"{ctx.workdir.name}-{firmware}.log") \
+                from None
         raise
     get_run_logger().info("boot test %s: passed in %.0f s (%s; judged by %s%s)%s", firmware, outcome.seconds,
                           outcome.accel, outcome.criterion,

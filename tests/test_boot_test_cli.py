@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kiln.boot.local import console_kept, serial_log_of
+from kiln.model.errors import BootTestError
 from tests.e2e import REPO, kiln_env, leftovers
 
 
@@ -49,3 +51,20 @@ def test_not_a_build_output(tmp_path: Path) -> None:
                           env=kiln_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "manifest.json: not a kiln build output" in proc.stderr
+
+
+def test_a_failed_boots_console_is_kept_and_named_instead_of_the_scratch_copy(tmp_path: Path) -> None:
+    """console_kept (the flow's failed-boots/ copy and `kiln boot-test`'s): the error names the copy, whose
+    content is the console's, and a link planted at the copy's name is replaced, not written through."""
+    serial = serial_log_of(tmp_path / "scratch", "uefi")
+    serial.parent.mkdir(parents=True)
+    serial.write_text("BdsDxe: starting Boot0001\n")
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    kept = tmp_path / "kept" / "uefi.log"
+    kept.parent.mkdir()
+    kept.symlink_to(victim)
+    exc = console_kept(BootTestError(f"boot test (uefi): stuck; console log: {serial}"), serial, kept)
+    assert str(exc) == f"boot test (uefi): stuck; console log: {kept}"
+    assert not kept.is_symlink() and kept.read_text() == "BdsDxe: starting Boot0001\n"
+    assert victim.read_text() == "host file\n"

@@ -260,6 +260,17 @@ start_daemon() {
     pid_of "$name" >/dev/null || die "$name exited at once; see $LOGS/$name.log"
 }
 
+# wait_healthy COMPONENT DAEMON SECONDS: until COMPONENT_healthy answers (0), or DAEMON died or the time ran out (1)
+wait_healthy() {
+    local c=$1 daemon=$2 seconds=$3 _
+    for _ in $(seq 1 $((seconds * 5))); do
+        "${c}_healthy" && return 0
+        pid_of "$daemon" >/dev/null || return 1
+        sleep 0.2
+    done
+    return 1
+}
+
 # wait_port PORT SECONDS [DAEMON]: until something listens on 127.0.0.1:PORT (fail early when DAEMON died)
 wait_port() {
     local port=$1 seconds=$2 daemon=${3:-} i

@@ -84,7 +84,7 @@ def boot_once(image: Path, *, firmware: str, arch: str, settings: BootTestSpec, 
                             "cloud-init's user-data, and the image has no cloud-init")
     marker = "KILN-BOOT-" + secrets.token_hex(8)
     password = secrets.token_urlsafe(12) if settings.root_login else None
-    boot_dir = workdir / f"boot-{firmware}"
+    boot_dir = serial_log_of(workdir, firmware).parent
     iso = seed.make_nocloud_seed(boot_dir / "seed.iso",
                                  user_data=user_data(marker, root_password=password, suite=suite, firmware=firmware),
                                  meta_data=seed.boot_test_meta_data())
@@ -147,6 +147,19 @@ def boot_checked(store: Store, image: Path, image_sha256: str, *, firmware: str,
         return replace(outcome, serial_log=str(store.data(key) / "serial.log"))
 
 
+def serial_log_of(workdir: Path, firmware: str) -> Path:
+    """Where boot_once's QEMU writes the console of a boot under `firmware` in `workdir`."""
+    return workdir / f"boot-{firmware}" / f"serial-{firmware}.log"
+
+
+def console_kept(exc: BootTestError, serial: Path, kept: Path) -> BootTestError:
+    """`exc`, naming `kept` instead of `serial`: a copy of that console where it outlives the scratch it is in
+    (written whole into a new file renamed over `kept`, never through a link planted there)."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    write_replacing(kept, serial.read_text(errors="replace"))
+    return BootTestError(str(exc).replace(str(serial), str(kept)))
+
+
 def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmware: list[str] | None = None,
                             timeout: int | None = None) -> list[BootOutcome]:
     """Boot the image of a finished build (read from its output directory) under each firmware, uncached."""
@@ -171,7 +184,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
     workdir = Path(tempfile.mkdtemp(prefix="kiln-boot-", dir=scratch_root))
     try:
         for fw in boot_firmware(spec, firmware):
-            serial = workdir / f"boot-{fw}" / f"serial-{fw}.log"
+            serial = serial_log_of(workdir, fw)
             kept = build.output / f"boot-test-qemu-{fw}-console.log"  # the build's own boot logs stay as they are
             try:
                 outcome = boot_once(image, firmware=fw, arch=spec.arch.value, settings=settings, workdir=workdir,
@@ -179,8 +192,7 @@ def run_boot_test_of_output(build: BuildRecord, *, backend: str = "qemu", firmwa
             except BootTestError as exc:
                 if not serial.is_file():
                     raise
-                write_replacing(kept, serial.read_text(errors="replace"))
-                raise BootTestError(str(exc).replace(str(serial), str(kept))) from None
+                raise console_kept(exc, serial, kept) from None
             write_replacing(kept, Path(outcome.serial_log).read_text(errors="replace"))
             outcomes.append(replace(outcome, serial_log=str(kept)))
     finally:

@@ -104,14 +104,17 @@ def with_default_user_password(user_data: str, password: str) -> str:
     """`user_data` (#cloud-config) that also gives cloud-init's default user `password` and turns on SSH
     password logins: the seed document's way, where the cloud-init-cfg element makes root the default user,
     so an injected password is root's."""
-    config = yaml.safe_load(user_data)
-    config.update({"password": password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
-    return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    return _amended(user_data, {"password": password, "chpasswd": {"expire": False}, "ssh_pwauth": True})
 
 
 def with_host_key(user_data: str, private_key: str, public_key: str) -> str:
     """`user_data` (#cloud-config) that gives the guest this ed25519 host key (cloud-init's `ssh_keys`,
     replacing any it has), so that an SSH client can tell it from anything else answering at its address."""
+    return _amended(user_data, {"ssh_keys": {"ed25519_private": private_key, "ed25519_public": public_key}})
+
+
+def _amended(user_data: str, changes: Mapping[str, Any]) -> str:
+    """#cloud-config `user_data` with these top-level keys set."""
     config = yaml.safe_load(user_data)
-    config["ssh_keys"] = {"ed25519_private": private_key, "ed25519_public": public_key}
+    config.update(changes)
     return "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False, width=1000)

@@ -338,12 +338,24 @@ class SerialConsole(threading.Thread):
             if self.suite_boots:
                 self._suite()
 
-    def _until(self, done: Callable[[], bool]) -> bool:
-        """Keep draining the console until done() (True), or a fatal line, EOF or the deadline (False)."""
+    def _until(self, done: Callable[[], bool], *, after_reboot: bool = False) -> bool:
+        """Keep draining the console until done() (True), or a fatal line, EOF or the deadline (False). After
+        the guest's reboot, once: when the console has said nothing for STALL_SECONDS (the firmware stalled on
+        the warm reset: kiln.boot.qmp), reset the machine through QMP."""
         facts = self.state.facts
+        reset = not after_reboot or self.qmp_socket is None
         while not done():
             if facts.fatal is not None or time.monotonic() >= self.deadline or not self._pump():
                 return False
+            quiet = time.monotonic() - self._last_data
+            if not reset and self.qmp_socket is not None and quiet >= STALL_SECONDS:
+                reset = True
+                log.warning("conformance: nothing on the console for %.0f s after the guest's reboot (the firmware "
+                            "stalled on the warm reset); resetting the machine once", quiet)
+                try:
+                    qmp.execute(self.qmp_socket, "system_reset")
+                except (OSError, ValueError, BootTestError) as exc:
+                    log.warning("conformance: the reset failed: %s", exc)
         return True
 
     def _in_background(self, work: Callable[[threading.Event], None], name: str) -> None:
@@ -384,27 +396,8 @@ class SerialConsole(threading.Thread):
             if self._until_for(lambda: facts.reboot_seen, 5.0):
                 break
         log.info("conformance: rebooting the guest")
-        if self._until_rebooted(lambda: reports.done(2)):
+        if self._until(lambda: reports.done(2), after_reboot=True):
             log.info("conformance: boot 2 reported %d checks", len(reports.of_boot(2)))
-
-    def _until_rebooted(self, done: Callable[[], bool]) -> bool:
-        """`_until`, and once: when the console has said nothing for STALL_SECONDS after the guest's reboot
-        (the firmware stalled on the warm reset: kiln.boot.qmp), reset the machine through QMP."""
-        facts = self.state.facts
-        reset = False
-        while not done():
-            if facts.fatal is not None or time.monotonic() >= self.deadline or not self._pump():
-                return False
-            quiet = time.monotonic() - self._last_data
-            if not reset and self.qmp_socket is not None and quiet >= STALL_SECONDS:
-                reset = True
-                log.warning("conformance: nothing on the console for %.0f s after the guest's reboot (the firmware "
-                            "stalled on the warm reset); resetting the machine once", quiet)
-                try:
-                    qmp.execute(self.qmp_socket, "system_reset")
-                except (OSError, ValueError, BootTestError) as exc:
-                    log.warning("conformance: the reset failed: %s", exc)
-        return True
 
     def _until_for(self, done: Callable[[], bool], seconds: float) -> bool:
         until = time.monotonic() + seconds

@@ -25,13 +25,8 @@ guestnet_start() {
     KILN_KEYSTONE_URL="http://$KILN_HOST:$KILN_KEYSTONE_PORT/v3" \
         start_daemon guestnet "$VENV/bin/python" "$INFRA_DIR/guestnet.py" --netns "$KILN_GUEST_NETNS" \
         --gateway "$KILN_GUEST_GATEWAY/${KILN_GUEST_CIDR#*/}" --physnet "$KILN_GUEST_NETWORK"
-    local _
-    for _ in $(seq 1 50); do
-        guestnet_healthy && return 0
-        pid_of guestnet >/dev/null || break
-        sleep 0.2
-    done
-    die "guestnet did not make its namespace $KILN_GUEST_NETNS; see $LOGS/guestnet.log"
+    wait_healthy guestnet guestnet 10 \
+        || die "guestnet did not make its namespace $KILN_GUEST_NETNS; see $LOGS/guestnet.log"
 }
 
 guestnet_healthy() {

@@ -71,12 +71,7 @@ libvirt_start() {
     [[ -S $RUN/libvirt/virtlogd-sock ]] || die "virtlogd did not start; see $LOGS/virtlogd.log"
     libvirt_ns_start libvirtd /usr/sbin/libvirtd --config /etc/libvirt/libvirtd.conf \
         --pid-file /run/libvirt/libvirtd.pid
-    for _ in $(seq 1 150); do
-        libvirt_healthy && return 0
-        pid_of libvirtd >/dev/null || break
-        sleep 0.2
-    done
-    die "libvirtd did not answer within 30 s; see $LOGS/libvirtd.log"
+    wait_healthy libvirt libvirtd 30 || die "libvirtd did not answer within 30 s; see $LOGS/libvirtd.log"
 }
 
 libvirt_healthy() {
